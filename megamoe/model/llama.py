@@ -1,0 +1,188 @@
+"""LLaMA and LLaMA-MoE as megatron-core GPTModels built from a layer spec.
+
+LLaMA: RMSNorm (eps from the config, computed in fp32 as HF does), SwiGLU FFN, RoPE (HF's
+rotate-half convention, which is megatron-core's non-interleaved RoPE), no biases, untied
+embeddings, grouped-query attention when num_key_value_heads < num_attention_heads.
+Core attention is torch's scaled_dot_product_attention (flash/cuDNN kernels on GPUs).
+LLaMA-MoE: the same, with every layer's mlp our LlamaMoEMLP (moe/layer.py).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import parallel
+from ..config import ModelConfig, MoEConfig
+from ..parallel.mcore import (
+    MLP,
+    AttnMaskType,
+    ColumnParallelLinear,
+    GPTModel,
+    IdentityOp,
+    MegatronModule,
+    MLPSubmodules,
+    ModuleSpec,
+    RowParallelLinear,
+    SelfAttention,
+    SelfAttentionSubmodules,
+    TransformerBlockSubmodules,
+    TransformerConfig,
+    TransformerLayer,
+    TransformerLayerSubmodules,
+    get_bias_dropout_add,
+    get_num_layers_to_build,
+    get_transformer_layer_offset,
+)
+from .moe import layer as moe_layer
+
+
+class RMSNorm(nn.Module):
+    """LLaMA's RMSNorm: normalise in fp32, cast back, then scale (HF LlamaRMSNorm's order)."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6, **unused):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        # Under sequence parallelism each TP rank sees other tokens: megatron-core all-reduces
+        # the gradients of parameters marked so over the TP group.
+        self.weight.sequence_parallel = config.sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * y.to(x.dtype)
+
+
+class SDPAttention(MegatronModule):
+    """Causal core attention on torch.nn.functional.scaled_dot_product_attention."""
+
+    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type,
+                 attention_type: str = "self", attention_dropout: Optional[float] = None,
+                 softmax_scale: Optional[float] = None, **unused):
+        super().__init__(config=config)
+        self.softmax_scale = softmax_scale
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        if packed_seq_params is not None or attention_bias is not None:
+            raise NotImplementedError("packed sequences and attention bias are not supported")
+        sq, b = query.shape[0], query.shape[1]
+        # [s, b, heads, dim] -> [b, heads, s, dim]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        out = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=self.softmax_scale,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=k.shape[1] != q.shape[1])
+        return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
+
+
+def transformer_config(model: ModelConfig, layout: parallel.ParallelLayout,
+                       dtype: torch.dtype = torch.float32, recompute: bool = False) -> TransformerConfig:
+    model.validate()
+    return TransformerConfig(
+        num_layers=model.num_hidden_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.kv_heads,
+        kv_channels=model.head_dim,
+        ffn_hidden_size=model.intermediate_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_dropout_fusion=False,
+        bias_activation_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        tensor_model_parallel_size=layout.tensor_model_parallel_size,
+        pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
+        sequence_parallel=layout.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        init_method_std=0.02,
+        recompute_granularity="full" if recompute else None,
+        recompute_method="uniform" if recompute else None,
+        recompute_num_layers=1 if recompute else None,
+    )
+
+
+def _layer_spec(mlp: ModuleSpec) -> ModuleSpec:
+    attention = ModuleSpec(
+        module=SelfAttention,
+        params={"attn_mask_type": AttnMaskType.causal},
+        submodules=SelfAttentionSubmodules(
+            linear_qkv=ColumnParallelLinear, core_attention=SDPAttention,
+            linear_proj=RowParallelLinear, q_layernorm=IdentityOp, k_layernorm=IdentityOp))
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=RMSNorm, self_attention=attention, self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=RMSNorm, mlp=mlp, mlp_bda=get_bias_dropout_add))
+
+
+def block_spec(config: TransformerConfig, model: ModelConfig,
+               moe: Optional[MoEConfig]) -> TransformerBlockSubmodules:
+    """The layer specs of this pipeline stage (each MoE layer knows its global index)."""
+    offset = get_transformer_layer_offset(config)
+    specs = []
+    for i in range(offset, offset + get_num_layers_to_build(config)):
+        if moe is None:
+            mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(
+                linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear))
+        else:
+            mlp = ModuleSpec(module=moe_layer.LlamaMoEMLP, params={
+                "moe": moe, "layer_index": i, "intermediate_size": model.intermediate_size})
+        specs.append(_layer_spec(mlp))
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=RMSNorm)
+
+
+def build_model(model: ModelConfig, moe: Optional[MoEConfig] = None,
+                layout: Optional[parallel.ParallelLayout] = None,
+                dtype: torch.dtype = torch.float32, recompute: bool = False) -> GPTModel:
+    """This rank's part of a LLaMA (moe=None) or LLaMA-MoE model. parallel.initialize() first."""
+    layout = layout or parallel.ParallelLayout()
+    if moe is not None:
+        moe.validate(model)
+    if model.vocab_size % layout.tensor_model_parallel_size:
+        raise ValueError(f"vocab_size {model.vocab_size} is not divisible by "
+                         f"tensor_model_parallel_size {layout.tensor_model_parallel_size}")
+    config = transformer_config(model, layout, dtype, recompute)
+    gpt = GPTModel(
+        config=config,
+        transformer_layer_spec=block_spec(config, model, moe),
+        vocab_size=model.vocab_size,
+        max_sequence_length=model.max_position_embeddings,
+        pre_process=parallel.is_first_stage(),
+        post_process=parallel.is_last_stage(),
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+        rotary_base=int(model.rope_theta),
+        parallel_output=True,
+    )
+    if torch.cuda.is_available():
+        gpt.cuda()
+    gpt.megamoe_model_config = model
+    gpt.megamoe_moe_config = moe
+    return gpt
+
+
+def lm_inputs(tokens: torch.Tensor):
+    """Position ids, next-token labels and loss mask for a block of `tokens` [b, s]: block t
+    predicts t[1:] from t[:-1] (the last position has no label)."""
+    b, s = tokens.shape
+    position_ids = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
+    labels = torch.roll(tokens, -1, dims=1)
+    loss_mask = torch.ones(b, s, device=tokens.device, dtype=torch.float32)
+    loss_mask[:, -1] = 0
+    return position_ids, labels, loss_mask

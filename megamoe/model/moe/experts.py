@@ -1,0 +1,71 @@
+"""The local experts of one MoE layer as one grouped SwiGLU.
+
+Expert j: E_j(x) = W_down_j (silu(W_gate_j x) * (W_up_j x)). The local experts' weights are stored
+concatenated along the neuron dimension, in expert order:
+
+    weight_gate, weight_up: [S, d]   rows  s_0..s_0+size_0-1 belong to expert 0, ...
+    weight_down:            [d, S]   columns likewise
+
+so that slicing a dense FFN into experts is a row/column gather, equal and unequal sizes share one
+layout, and with equal sizes the weights are views [E, size, d] that one grouped GEMM consumes.
+Inputs arrive expert-contiguous (see dispatch.py) with `tokens_per_expert` rows each.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _grouped_mm_available(x: torch.Tensor) -> bool:
+    return (x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(x.device)[0] >= 9)
+
+
+class GroupedSwiGLUExperts(nn.Module):
+    def __init__(self, hidden: int, sizes: list[int], dtype=torch.float32, device=None):
+        super().__init__()
+        self.sizes = list(sizes)
+        self.equal = len(set(self.sizes)) == 1
+        total = sum(self.sizes)
+        kw = dict(dtype=dtype, device=device)
+        self.weight_gate = nn.Parameter(torch.empty(total, hidden, **kw))
+        self.weight_up = nn.Parameter(torch.empty(total, hidden, **kw))
+        self.weight_down = nn.Parameter(torch.empty(hidden, total, **kw))
+        for w in (self.weight_gate, self.weight_up, self.weight_down):
+            nn.init.normal_(w, std=0.02)
+            # Experts are sharded over the expert-parallel group and replicated over the
+            # expert-data-parallel group: megatron-core's DDP reduces them there.
+            w.allreduce = False
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.sizes)
+
+    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """x: [M, d] expert-contiguous rows; tokens_per_expert: [E_local] int64."""
+        if self.equal and _grouped_mm_available(x):
+            return self._forward_grouped(x, tokens_per_expert)
+        return self._forward_loop(x, tokens_per_expert)
+
+    def _forward_grouped(self, x, tokens_per_expert):
+        e, s, d = self.num_experts, self.sizes[0], x.shape[1]
+        offs = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
+        # [E, s, d] viewed as [E, d, s]: the column-major operand grouped_mm wants, no copy.
+        wg = self.weight_gate.view(e, s, d).transpose(1, 2)
+        wu = self.weight_up.view(e, s, d).transpose(1, 2)
+        wd = self.weight_down.view(d, e, s).permute(1, 2, 0)  # [E, s, d]
+        h = F.silu(torch._grouped_mm(x, wg, offs=offs)) * torch._grouped_mm(x, wu, offs=offs)
+        return torch._grouped_mm(h, wd, offs=offs)
+
+    def _forward_loop(self, x, tokens_per_expert):
+        counts = tokens_per_expert.tolist()  # CPU path: the host needs the counts anyway
+        outs, row, col = [], 0, 0
+        for n, s in zip(counts, self.sizes):
+            xe = x[row:row + n]
+            h = F.silu(F.linear(xe, self.weight_gate[col:col + s])) * F.linear(xe, self.weight_up[col:col + s])
+            outs.append(F.linear(h, self.weight_down[:, col:col + s]))
+            row, col = row + n, col + s
+        if not outs:
+            return x.new_zeros(0, self.weight_down.shape[0])
+        return torch.cat(outs, 0)

@@ -1,0 +1,52 @@
+"""The one module that imports megatron-core (pinned 0.16.1).
+
+Everything else in megamoe imports megatron-core's names from here, so that an upgrade of
+megatron-core means reading and fixing this file (and cpu_compat.py, its CPU shim) only.
+Importing this module applies the CPU shim when CUDA is absent.
+"""
+from __future__ import annotations
+
+import warnings
+
+# megatron-core warns about missing apex/TE/flash-attn at import; those are optional for us.
+warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
+warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
+
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel  # noqa: E402
+from megatron.core.dist_checkpointing.mapping import ShardedTensor  # noqa: E402,F401
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig  # noqa: E402,F401
+from megatron.core.distributed import finalize_model_grads  # noqa: E402,F401
+from megatron.core.models.gpt import GPTModel  # noqa: E402,F401
+from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402,F401
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear  # noqa: E402,F401
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: E402,F401
+from megatron.core.transformer import TransformerConfig  # noqa: E402,F401
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules  # noqa: E402,F401
+from megatron.core.transformer.enums import AttnMaskType  # noqa: E402,F401
+from megatron.core.transformer.identity_op import IdentityOp  # noqa: E402,F401
+from megatron.core.transformer.mlp import MLP, MLPSubmodules  # noqa: E402,F401
+from megatron.core.transformer.module import MegatronModule  # noqa: E402,F401
+from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402,F401
+from megatron.core.transformer.transformer_layer import (  # noqa: E402,F401
+    TransformerLayer,
+    TransformerLayerSubmodules,
+)
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add  # noqa: E402,F401
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint  # noqa: E402,F401
+from megatron.core.transformer.transformer_block import (  # noqa: E402,F401
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset  # noqa: E402,F401
+from megatron.core.tensor_parallel.mappings import (  # noqa: E402,F401
+    all_to_all,
+    reduce_from_tensor_model_parallel_region,
+)
+
+from . import cpu_compat  # noqa: E402
+
+CPU_SHIM_ACTIVE = cpu_compat.apply()
+
+ps = parallel_state
+
+__all__ = [name for name in dir() if not name.startswith("_")]
