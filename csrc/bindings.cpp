@@ -1,0 +1,40 @@
+// Registers the megamoe:: operators once, with one implementation per device, so that
+// torch.ops.megamoe.permute(...) runs the CPU or CUDA kernel according to its inputs' device.
+// Importing the Python module megamoe._C loads this library, which runs the registrations.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "dispatch.h"
+
+TORCH_LIBRARY(megamoe, m) {
+  m.def("permute(Tensor x, Tensor row_id_map, int topk) -> Tensor");
+  m.def("unpermute(Tensor y, Tensor row_id_map, Tensor? scores, int topk, float scale) -> Tensor");
+  m.def(
+      "unpermute_backward(Tensor grad_out, Tensor y, Tensor row_id_map, Tensor scores, int topk, "
+      "float scale) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(megamoe, CPU, m) {
+  m.impl("permute", &megamoe::permute_cpu);
+  m.impl("unpermute", &megamoe::unpermute_cpu);
+  m.impl("unpermute_backward", &megamoe::unpermute_backward_cpu);
+}
+
+#ifdef MEGAMOE_WITH_CUDA
+TORCH_LIBRARY_IMPL(megamoe, CUDA, m) {
+  m.impl("permute", &megamoe::permute_cuda);
+  m.impl("unpermute", &megamoe::unpermute_cuda);
+  m.impl("unpermute_backward", &megamoe::unpermute_backward_cuda);
+}
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() =
+      "megamoe token dispatch/combine kernels. Importing this module registers "
+      "torch.ops.megamoe.{permute, unpermute, unpermute_backward}; use megamoe.model.moe.dispatch.";
+#ifdef MEGAMOE_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}

@@ -1,0 +1,80 @@
+// Token dispatch (permute) and combine (weighted unpermute) for MoE layers.
+//
+// Shapes: T tokens, hidden size d, each token routed to k experts. Copy (t, j) of token t has
+// flat index i = t*k + j; row_id_map[i] (int32) is its row in the expert-sorted buffer of T*k rows.
+//
+//   permute(x[T,d], map, k)                -> out[T*k,d],  out[map[t*k+j]] = x[t]
+//   unpermute(y[T*k,d], map, scores?, k, s) -> out[T,d],    out[t] = sum_j s*scores[t,j]*y[map[t*k+j]]
+//                                                           (plain sum when scores is absent)
+//   unpermute_backward(g[T,d], y, map, scores, k, s)
+//        -> grad_y[map[t*k+j]] = s*scores[t,j]*g[t],  grad_scores[t,j] = s*dot(g[t], y[map[t*k+j]])
+//
+// The backward of permute is unpermute without scores; the backward of unpermute without scores
+// is permute. All sums are accumulated in at::opmath_type (fp32 for 16-bit types, double for double).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace megamoe {
+
+// --- argument checks shared by the CPU and CUDA implementations -------------------------------
+
+inline void check_row_id_map(const at::Tensor& row_id_map, int64_t topk) {
+  TORCH_CHECK(topk >= 1, "megamoe: topk must be >= 1, got ", topk);
+  TORCH_CHECK(row_id_map.dim() == 1, "megamoe: row_id_map must be 1-D, got shape ", row_id_map.sizes());
+  TORCH_CHECK(row_id_map.scalar_type() == at::kInt, "megamoe: row_id_map must be int32, got ",
+              row_id_map.scalar_type());
+  TORCH_CHECK(row_id_map.numel() % topk == 0, "megamoe: row_id_map has ", row_id_map.numel(),
+              " entries, not a multiple of topk=", topk);
+}
+
+inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* name) {
+  TORCH_CHECK(a.device() == b.device(), "megamoe: ", name, " is on ", b.device(), " but the input is on ",
+              a.device());
+}
+
+inline void check_rows(const at::Tensor& t, int64_t rows, const char* name) {
+  TORCH_CHECK(t.dim() == 2, "megamoe: ", name, " must be 2-D [rows, hidden], got shape ", t.sizes());
+  TORCH_CHECK(t.size(0) == rows, "megamoe: ", name, " has ", t.size(0), " rows, expected ", rows);
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "megamoe: ", name, " must be floating point, got ",
+              t.scalar_type());
+}
+
+inline void check_scores(const at::Tensor& scores, int64_t num_tokens, int64_t topk) {
+  TORCH_CHECK(scores.dim() == 2 && scores.size(0) == num_tokens && scores.size(1) == topk,
+              "megamoe: scores must have shape [", num_tokens, ", ", topk, "], got ", scores.sizes());
+  TORCH_CHECK(at::isFloatingType(scores.scalar_type()), "megamoe: scores must be floating point, got ",
+              scores.scalar_type());
+}
+
+// The dtype in which sums are accumulated (and scores are read) for inputs of dtype `t`.
+inline at::ScalarType acc_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// --- CPU (dispatch_cpu.cpp) -------------------------------------------------------------------
+
+at::Tensor permute_cpu(const at::Tensor& x, const at::Tensor& row_id_map, int64_t topk);
+at::Tensor unpermute_cpu(const at::Tensor& y, const at::Tensor& row_id_map,
+                         const std::optional<at::Tensor>& scores, int64_t topk, double scale);
+std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(const at::Tensor& grad_out, const at::Tensor& y,
+                                                          const at::Tensor& row_id_map,
+                                                          const at::Tensor& scores, int64_t topk,
+                                                          double scale);
+
+// --- CUDA (dispatch_cuda.cu), built only with -DMEGAMOE_WITH_CUDA -----------------------------
+
+#ifdef MEGAMOE_WITH_CUDA
+at::Tensor permute_cuda(const at::Tensor& x, const at::Tensor& row_id_map, int64_t topk);
+at::Tensor unpermute_cuda(const at::Tensor& y, const at::Tensor& row_id_map,
+                          const std::optional<at::Tensor>& scores, int64_t topk, double scale);
+std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(const at::Tensor& grad_out, const at::Tensor& y,
+                                                           const at::Tensor& row_id_map,
+                                                           const at::Tensor& scores, int64_t topk,
+                                                           double scale);
+#endif
+
+}  // namespace megamoe

@@ -1,0 +1,162 @@
+// CPU kernels for token dispatch/combine (see dispatch.h for the semantics).
+// Parallel over tokens: each token's k copies touch disjoint output rows, so no two threads write
+// the same memory. These are the reference-speed path for tests and CPU runs, not tuned further.
+#include "dispatch.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <cstring>
+#include <vector>
+
+namespace megamoe {
+namespace {
+
+// Tokens per parallel chunk, so that one chunk moves roughly at::internal::GRAIN_SIZE elements.
+int64_t token_grain(int64_t d, int64_t topk) {
+  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, d * topk));
+}
+
+// The map comes from make_routing, but a bad one would write out of bounds: checking costs nothing
+// next to copying a row.
+inline int64_t checked_row(const int32_t* map, int64_t i, int64_t num_rows) {
+  const int64_t row = map[i];
+  TORCH_CHECK(row >= 0 && row < num_rows, "megamoe: row_id_map[", i, "] = ", row, " is out of range [0, ",
+              num_rows, ")");
+  return row;
+}
+
+}  // namespace
+
+at::Tensor permute_cpu(const at::Tensor& x_in, const at::Tensor& map_in, int64_t topk) {
+  check_row_id_map(map_in, topk);
+  check_same_device(x_in, map_in, "row_id_map");
+  const int64_t T = map_in.numel() / topk;
+  check_rows(x_in, T, "x");
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor map = map_in.contiguous();
+  const int64_t d = x.size(1);
+  const int64_t num_rows = T * topk;
+  at::Tensor out = at::empty({num_rows, d}, x.options());
+  if (out.numel() == 0) return out;
+
+  const int32_t* m = map.const_data_ptr<int32_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "megamoe_permute_cpu", [&] {
+    const scalar_t* src = x.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, T, token_grain(d, topk), [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        for (int64_t j = 0; j < topk; ++j) {
+          const int64_t row = checked_row(m, t * topk + j, num_rows);
+          std::memcpy(dst + row * d, src + t * d, d * sizeof(scalar_t));
+        }
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor unpermute_cpu(const at::Tensor& y_in, const at::Tensor& map_in,
+                         const std::optional<at::Tensor>& scores_in, int64_t topk, double scale) {
+  check_row_id_map(map_in, topk);
+  check_same_device(y_in, map_in, "row_id_map");
+  const int64_t T = map_in.numel() / topk;
+  const int64_t num_rows = T * topk;
+  check_rows(y_in, num_rows, "y");
+  const at::Tensor y = y_in.contiguous();
+  const at::Tensor map = map_in.contiguous();
+  const int64_t d = y.size(1);
+  // Scores are read in the accumulation dtype whatever their own dtype (fp32 scores with bf16 y).
+  at::Tensor scores;
+  if (scores_in.has_value()) {
+    check_same_device(y_in, *scores_in, "scores");
+    check_scores(*scores_in, T, topk);
+    scores = scores_in->to(acc_type(y.scalar_type())).contiguous();
+  }
+  at::Tensor out = at::empty({T, d}, y.options());
+  if (out.numel() == 0) return out;
+
+  const int32_t* m = map.const_data_ptr<int32_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "megamoe_unpermute_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* src = y.const_data_ptr<scalar_t>();
+    const acc_t* s = scores.defined() ? scores.const_data_ptr<acc_t>() : nullptr;
+    const acc_t sc = static_cast<acc_t>(scale);
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, T, token_grain(d, topk), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc(d);
+      for (int64_t t = begin; t < end; ++t) {
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t j = 0; j < topk; ++j) {
+          const int64_t i = t * topk + j;
+          const scalar_t* yr = src + checked_row(m, i, num_rows) * d;
+          const acc_t w = s ? sc * s[i] : acc_t(1);
+          for (int64_t c = 0; c < d; ++c) acc[c] += w * static_cast<acc_t>(yr[c]);
+        }
+        scalar_t* o = dst + t * d;
+        for (int64_t c = 0; c < d; ++c) o[c] = static_cast<scalar_t>(acc[c]);
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(const at::Tensor& grad_in, const at::Tensor& y_in,
+                                                          const at::Tensor& map_in,
+                                                          const at::Tensor& scores_in, int64_t topk,
+                                                          double scale) {
+  check_row_id_map(map_in, topk);
+  check_same_device(y_in, map_in, "row_id_map");
+  check_same_device(y_in, grad_in, "grad_out");
+  check_same_device(y_in, scores_in, "scores");
+  const int64_t T = map_in.numel() / topk;
+  const int64_t num_rows = T * topk;
+  check_rows(y_in, num_rows, "y");
+  check_rows(grad_in, T, "grad_out");
+  check_scores(scores_in, T, topk);
+  TORCH_CHECK(grad_in.size(1) == y_in.size(1) && grad_in.scalar_type() == y_in.scalar_type(),
+              "megamoe: grad_out must match y in hidden size and dtype");
+  const at::Tensor g = grad_in.contiguous();
+  const at::Tensor y = y_in.contiguous();
+  const at::Tensor map = map_in.contiguous();
+  const at::ScalarType acc = acc_type(y.scalar_type());
+  const at::Tensor scores = scores_in.to(acc).contiguous();
+  const int64_t d = y.size(1);
+  at::Tensor grad_y = at::empty_like(y);
+  at::Tensor grad_scores = at::empty({T, topk}, scores.options());
+  if (T > 0) {
+    const int32_t* m = map.const_data_ptr<int32_t>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "megamoe_unpermute_bwd_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const scalar_t* gp = g.const_data_ptr<scalar_t>();
+      const scalar_t* yp = y.const_data_ptr<scalar_t>();
+      const acc_t* s = scores.const_data_ptr<acc_t>();
+      const acc_t sc = static_cast<acc_t>(scale);
+      scalar_t* gy = grad_y.mutable_data_ptr<scalar_t>();
+      acc_t* gs = grad_scores.mutable_data_ptr<acc_t>();
+      at::parallel_for(0, T, token_grain(d, topk), [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+          const scalar_t* gr = gp + t * d;
+          for (int64_t j = 0; j < topk; ++j) {
+            const int64_t i = t * topk + j;
+            const int64_t row = checked_row(m, i, num_rows);
+            const scalar_t* yr = yp + row * d;
+            scalar_t* out = gy + row * d;
+            const acc_t w = sc * s[i];
+            acc_t dot = 0;
+            for (int64_t c = 0; c < d; ++c) {
+              const acc_t gc = static_cast<acc_t>(gr[c]);
+              dot += gc * static_cast<acc_t>(yr[c]);
+              out[c] = static_cast<scalar_t>(w * gc);
+            }
+            gs[i] = sc * dot;
+          }
+        }
+      });
+    });
+  }
+  return {grad_y, grad_scores.to(scores_in.scalar_type())};
+}
+
+}  // namespace megamoe
