@@ -1,0 +1,239 @@
+"""Token dispatch (permute) and combine (weighted unpermute) for the MoE layer.
+
+The layer routes T tokens of hidden size d to k experts each (``topk_idx [T, k]``). Copy (t, j) of
+token t has flat index ``i = t*k + j``. :func:`make_routing` sorts the copies by expert (stably, so
+within an expert rows keep token order) and records ``row_id_map[i]``, the row of copy i in the
+expert-contiguous buffer, plus ``tokens_per_expert``. Then
+
+- :func:`dispatch`: ``out[row_id_map[t*k+j]] = x[t]``                                ([T, d] -> [T*k, d])
+- :func:`combine`:  ``out[t] = sum_j scale * scores[t, j] * y[row_id_map[t*k+j]]``  ([T*k, d] -> [T, d])
+  (a plain sum, without ``scale``, when ``scores`` is None: LLaMA-MoE's ``multiply_gate_scores=False``)
+
+Both are differentiable (w.r.t. x; y and scores). Sums are accumulated in fp32 (float64 for float64
+inputs) and written in the input's dtype; score gradients come back in the scores' dtype.
+
+The kernels live in the C++/CUDA extension ``megamoe._C`` (csrc/), registered as
+``torch.ops.megamoe.{permute, unpermute, unpermute_backward}`` for CPU and CUDA tensors. Nothing here
+synchronises with the host on CUDA. :func:`dispatch_reference` and :func:`combine_reference` are a
+slow pure-PyTorch definition of the same maths, used by the tests; they replace the extension only
+when it is missing *and* ``MEGAMOE_ALLOW_REFERENCE_DISPATCH=1`` is set.
+
+Set ``MEGAMOE_DEBUG_DISPATCH=1`` to range-check expert indices on CUDA as well (this synchronises);
+on CPU they are always checked.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+__all__ = ["Routing", "make_routing", "dispatch", "combine", "dispatch_reference", "combine_reference",
+           "HAVE_EXTENSION"]
+
+_ALLOW_REFERENCE_ENV = "MEGAMOE_ALLOW_REFERENCE_DISPATCH"
+_DEBUG_ENV = "MEGAMOE_DEBUG_DISPATCH"
+
+
+def _load_extension() -> bool:
+    try:
+        from ... import _C  # noqa: F401  (loading the library registers torch.ops.megamoe.*)
+    except ImportError as e:
+        if os.environ.get(_ALLOW_REFERENCE_ENV) == "1":
+            warnings.warn(f"megamoe._C is not available ({e}); {_ALLOW_REFERENCE_ENV}=1, so MoE dispatch "
+                          "uses the slow pure-PyTorch reference", RuntimeWarning, stacklevel=3)
+            return False
+        raise ImportError(
+            f"megamoe._C (the MoE token dispatch/combine kernels) is missing or failed to load: {e}. "
+            "Run `make setup` / scripts/setup_env.sh to build megamoe._C, or set "
+            f"{_ALLOW_REFERENCE_ENV}=1 to fall back to the slow pure-PyTorch reference.") from e
+    return True
+
+
+HAVE_EXTENSION = _load_extension()
+
+
+@dataclass
+class Routing:
+    """Everything :func:`dispatch` and :func:`combine` need; tensors stay on the device."""
+
+    row_id_map: torch.Tensor  # [T*k] int32: row of copy t*k+j in the expert-sorted buffer
+    tokens_per_expert: torch.Tensor  # [E] int64, on the device
+    num_tokens: int
+    topk: int
+    num_experts: int
+
+
+def make_routing(topk_idx: torch.Tensor, num_experts: int) -> Routing:
+    """Routing metadata for ``topk_idx [T, k]`` (expert ids in [0, num_experts)), on its device.
+
+    Plain torch ops with no host synchronisation: a stable sort, a scatter and a searchsorted
+    (CUDA's bincount would synchronise, and atomics would make the counts' kernel
+    nondeterministic in deterministic mode).
+    """
+    if topk_idx.dim() != 2:
+        raise ValueError(f"topk_idx must be 2-D [tokens, k], got shape {tuple(topk_idx.shape)}")
+    if topk_idx.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"topk_idx must be int64 (or int32), got {topk_idx.dtype}")
+    if num_experts < 1:
+        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+    T, k = topk_idx.shape
+    if k < 1:
+        raise ValueError("topk_idx has k = 0 experts per token")
+    if T * k >= 2**31:
+        raise ValueError(f"{T} tokens x k={k} rows do not fit the int32 row_id_map")
+    if topk_idx.device.type == "cpu" or os.environ.get(_DEBUG_ENV) == "1":
+        _check_expert_range(topk_idx, num_experts)
+
+    flat = topk_idx.reshape(-1)
+    n, dev = flat.numel(), flat.device
+    sorted_experts, order = torch.sort(flat, stable=True)  # order[p] = copy placed at row p
+    row_id_map = torch.empty(n, dtype=torch.int32, device=dev)
+    row_id_map.scatter_(0, order, torch.arange(n, dtype=torch.int32, device=dev))  # inverse permutation
+    ends = torch.searchsorted(sorted_experts, torch.arange(num_experts, dtype=flat.dtype, device=dev), right=True)
+    tokens_per_expert = torch.diff(ends, prepend=ends.new_zeros(1))
+    return Routing(row_id_map, tokens_per_expert, T, k, num_experts)
+
+
+def _check_expert_range(topk_idx: torch.Tensor, num_experts: int) -> None:
+    if topk_idx.numel() == 0:
+        return
+    lo, hi = topk_idx.min().item(), topk_idx.max().item()  # syncs on CUDA: CPU or debug flag only
+    bad = lo if lo < 0 else hi if hi >= num_experts else None
+    if bad is not None:
+        raise ValueError(f"topk_idx holds expert index {bad}, outside [0, {num_experts})")
+
+
+def _check_rows(name: str, t: torch.Tensor, rows: int, routing: Routing) -> None:
+    if t.dim() != 2 or t.shape[0] != rows:
+        raise ValueError(f"{name} must have shape [{rows}, hidden] for this routing "
+                         f"(T={routing.num_tokens}, k={routing.topk}), got {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be floating point, got {t.dtype}")
+    if t.device != routing.row_id_map.device:
+        raise ValueError(f"{name} is on {t.device} but the routing is on {routing.row_id_map.device}")
+
+
+def _check_scores(scores: torch.Tensor, routing: Routing) -> None:
+    want = (routing.num_tokens, routing.topk)
+    if tuple(scores.shape) != want:
+        raise ValueError(f"scores must have shape {list(want)}, got {tuple(scores.shape)}")
+    if not scores.is_floating_point():
+        raise ValueError(f"scores must be floating point, got {scores.dtype}")
+    if scores.device != routing.row_id_map.device:
+        raise ValueError(f"scores are on {scores.device} but the routing is on {routing.row_id_map.device}")
+
+
+class _Permute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, row_id_map, topk):
+        ctx.save_for_backward(row_id_map)
+        ctx.topk = topk
+        return torch.ops.megamoe.permute(x, row_id_map, topk)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        (row_id_map,) = ctx.saved_tensors
+        # grad_x[t] = sum_j grad_out[row_id_map[t*k+j]]: an unweighted unpermute
+        grad_x = torch.ops.megamoe.unpermute(grad_out.contiguous(), row_id_map, None, ctx.topk, 1.0)
+        return grad_x, None, None
+
+
+class _Unpermute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, row_id_map, scores, topk, scale):
+        if scores is None:
+            ctx.save_for_backward(row_id_map)
+        else:
+            ctx.save_for_backward(row_id_map, y, scores)  # y is needed for the scores' gradient
+        ctx.topk, ctx.scale, ctx.weighted = topk, scale, scores is not None
+        return torch.ops.megamoe.unpermute(y, row_id_map, scores, topk, scale)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        grad_out = grad_out.contiguous()
+        if not ctx.weighted:
+            (row_id_map,) = ctx.saved_tensors
+            # grad_y[row_id_map[t*k+j]] = grad_out[t]: a permute
+            return torch.ops.megamoe.permute(grad_out, row_id_map, ctx.topk), None, None, None, None
+        row_id_map, y, scores = ctx.saved_tensors
+        grad_y, grad_scores = torch.ops.megamoe.unpermute_backward(grad_out, y, row_id_map, scores, ctx.topk,
+                                                                   ctx.scale)
+        return grad_y, None, (grad_scores if ctx.needs_input_grad[2] else None), None, None
+
+
+def dispatch(x: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """[T, d] -> [T*k, d] expert-contiguous rows: ``out[row_id_map[t*k+j]] = x[t]``. Differentiable."""
+    _check_rows("x", x, routing.num_tokens, routing)
+    if not HAVE_EXTENSION:
+        return dispatch_reference(x, routing)
+    return _Permute.apply(x, routing.row_id_map, routing.topk)
+
+
+def combine(y: torch.Tensor, routing: Routing, scores: Optional[torch.Tensor] = None,
+            scale: float = 1.0) -> torch.Tensor:
+    """[T*k, d] -> [T, d]: ``out[t] = sum_j scale * scores[t, j] * y[row_id_map[t*k+j]]``.
+
+    With ``scores=None`` a plain sum and ``scale`` is not applied (as LLaMA-MoE does with
+    multiply_gate_scores=False). Differentiable w.r.t. y and scores; the output has y's dtype.
+    """
+    _check_rows("y", y, routing.num_tokens * routing.topk, routing)
+    if scores is not None:
+        _check_scores(scores, routing)
+    if not HAVE_EXTENSION:
+        return combine_reference(y, routing, scores, scale)
+    return _Unpermute.apply(y, routing.row_id_map, scores, routing.topk, float(scale))
+
+
+# --- pure-PyTorch reference (tests; fallback with MEGAMOE_ALLOW_REFERENCE_DISPATCH=1) ------------
+
+def _token_of_copy(routing: Routing, device: torch.device) -> torch.Tensor:
+    """[T*k] int64: the token t of copy i = t*k + j."""
+    return torch.arange(routing.num_tokens, device=device).repeat_interleave(routing.topk)
+
+
+def dispatch_reference(x: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """:func:`dispatch` as index_select + index_copy (differentiable through autograd)."""
+    rows = x.index_select(0, _token_of_copy(routing, x.device))  # [T*k, d] in copy order
+    return torch.zeros_like(rows).index_copy(0, routing.row_id_map.long(), rows)
+
+
+def combine_reference(y: torch.Tensor, routing: Routing, scores: Optional[torch.Tensor] = None,
+                      scale: float = 1.0) -> torch.Tensor:
+    """:func:`combine` as index_select + index_add, accumulated in fp32 (float64 for float64 y)."""
+    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+    rows = y.index_select(0, routing.row_id_map.long()).to(acc)  # [T*k, d] in copy order
+    if scores is not None:
+        rows = rows * (scale * scores.to(acc)).reshape(-1, 1)
+    out = torch.zeros(routing.num_tokens, y.shape[1], dtype=acc, device=y.device)
+    return out.index_add(0, _token_of_copy(routing, y.device), rows).to(y.dtype)
+
+
+# --- shapes for FakeTensor / torch.compile tracing ----------------------------------------------
+
+def _register_fakes() -> None:
+    lib = torch.library
+
+    def permute_fake(x, row_id_map, topk):
+        return x.new_empty(row_id_map.shape[0], x.shape[1])
+
+    def unpermute_fake(y, row_id_map, scores, topk, scale):
+        return y.new_empty(row_id_map.shape[0] // topk, y.shape[1])
+
+    def unpermute_backward_fake(grad_out, y, row_id_map, scores, topk, scale):
+        return torch.empty_like(y), torch.empty_like(scores)
+
+    for name, fn in (("permute", permute_fake), ("unpermute", unpermute_fake),
+                     ("unpermute_backward", unpermute_backward_fake)):
+        try:
+            lib.register_fake(f"megamoe::{name}")(fn)
+        except RuntimeError:  # already registered (module reloaded)
+            pass
+
+
+if HAVE_EXTENSION and hasattr(torch.library, "register_fake"):
+    _register_fakes()
