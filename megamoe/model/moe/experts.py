@@ -22,10 +22,15 @@ def _grouped_mm_available(x: torch.Tensor) -> bool:
             and torch.cuda.get_device_capability(x.device)[0] >= 9)
 
 
+_NAMES = (("weight_gate", 0), ("weight_up", 0), ("weight_down", 1))  # (name, neuron axis)
+
+
 class GroupedSwiGLUExperts(nn.Module):
-    def __init__(self, hidden: int, sizes: list[int], dtype=torch.float32, device=None):
+    def __init__(self, hidden: int, sizes: list[int], dtype=torch.float32, device=None,
+                 first_expert: int = 0):
         super().__init__()
         self.sizes = list(sizes)
+        self.first_expert = first_expert  # global index of local expert 0
         self.equal = len(set(self.sizes)) == 1
         total = sum(self.sizes)
         kw = dict(dtype=dtype, device=device)
@@ -37,6 +42,40 @@ class GroupedSwiGLUExperts(nn.Module):
             # Experts are sharded over the expert-parallel group and replicated over the
             # expert-data-parallel group: megatron-core's DDP reduces them there.
             w.allreduce = False
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """One checkpoint tensor per global expert (`weight_gate.<j>`, as in HF LLaMA-MoE), so
+        checkpoints reshard across expert-parallel sizes and unequal expert sizes need no
+        padding. Each is written by the first rank of the expert-data-parallel group."""
+        from ... import parallel
+        from ...parallel.mcore import ShardedTensor
+
+        replica_id = (0, 0, parallel.expert_dp_rank())
+        layer_tag = ""
+        if sharded_offsets:
+            # megatron-core stacks layers along a prepended axis, which needs equal shapes in
+            # every layer; expert sizes may differ per layer, so the global layer index goes in
+            # the checkpoint key instead (megatron-core then strips the local "layers.<i>.").
+            (_, layer, _), = sharded_offsets
+            layer_tag = f"layer{layer}."
+        out = {}
+        for name, axis in _NAMES:
+            parts = getattr(self, name).split(self.sizes, dim=axis)
+            for j, part in enumerate(parts):
+                suffix = f"{name}.{self.first_expert + j}"
+                out[prefix + suffix] = ShardedTensor.from_rank_offsets(
+                    prefix + layer_tag + suffix, part, replica_id=replica_id)
+        return out
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Accept per-expert tensors (from sharded checkpoints) as well as the flat ones.
+        for name, axis in _NAMES:
+            keys = [f"{prefix}{name}.{self.first_expert + j}" for j in range(self.num_experts)]
+            if all(k in state_dict for k in keys):
+                state_dict[prefix + name] = torch.cat([state_dict.pop(k) for k in keys], axis)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     @property
     def num_experts(self) -> int:

@@ -73,7 +73,7 @@ class LlamaMoEMLP(MegatronModule):
                 p.sequence_parallel = True
         self.experts = GroupedSwiGLUExperts(
             config.hidden_size, sizes[self.local_start:self.local_start + self.num_local],
-            dtype=config.params_dtype)
+            dtype=config.params_dtype, first_expert=self.local_start)
 
     def forward(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         shape = hidden_states.shape

@@ -1,0 +1,135 @@
+"""megamoe checkpoints: a directory that any parallel layout can load (resharding on load).
+
+    <dir>/megamoe.json   what the checkpoint holds: model_type, model and MoE config, and
+                         whatever the writer adds (step, consumed tokens, sampler state, ...)
+    <dir>/model/         megatron-core dist_checkpointing of the model's sharded state dict
+    <dir>/optimizer/     (training checkpoints) dist_checkpointing of the optimizer state
+
+A checkpoint is written into `<dir>.tmp-<n>` and renamed when complete, so a crash mid-save never
+leaves a half-written directory under the final name; an existing directory is only replaced
+(moved aside, then deleted) once the new one is complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from .config import ModelConfig, MoEConfig, from_dict, to_dict
+from .parallel.mcore import dist_checkpointing
+
+META = "megamoe.json"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / META).is_file()
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    meta_file = Path(path) / META
+    if not meta_file.is_file():
+        raise CheckpointError(f"{path} is not a megamoe checkpoint (no {META}); convert a Hugging "
+                              "Face model with tools/convert_hf_checkpoint.py hf-to-megamoe")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{meta_file}: format_version {meta.get('format_version')} is not "
+                              f"{FORMAT_VERSION}")
+    return meta
+
+
+def configs_from_meta(meta: dict) -> tuple[ModelConfig, Optional[MoEConfig]]:
+    model = from_dict(ModelConfig, meta["model"])
+    moe = from_dict(MoEConfig, meta["moe"]) if meta.get("moe") else None
+    return model, moe
+
+
+def make_meta(model: ModelConfig, moe: Optional[MoEConfig], **extra: Any) -> dict:
+    return {"format_version": FORMAT_VERSION, "model_type": "llama_moe" if moe else "llama",
+            "model": to_dict(model), "moe": to_dict(moe) if moe else None, **extra}
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f"{path.name}.tmp-{os.environ.get('SLURM_JOB_ID', os.getpid())}")
+
+
+def save(path: str | os.PathLike, model: torch.nn.Module, meta: dict,
+         optimizer: Any = None, extra_state: Optional[dict] = None) -> Path:
+    """Collective: every rank calls it. Writes `path` atomically (see module docstring).
+    The temporary name is agreed on rank 0 and broadcast."""
+    path = Path(path)
+    tmp = [str(_tmp_name(path))]
+    if dist.is_initialized():
+        dist.broadcast_object_list(tmp, src=0)
+    tmp = Path(tmp[0])
+    if _rank0():
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        (tmp / "model").mkdir(parents=True)
+        if optimizer is not None:
+            (tmp / "optimizer").mkdir()
+    _barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), str(tmp / "model"))
+    if optimizer is not None:
+        dist_checkpointing.save(optimizer.sharded_state_dict(model.sharded_state_dict()),
+                                str(tmp / "optimizer"))
+    if extra_state is not None:  # per-rank state (RNG): one small file each
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        torch.save(extra_state, tmp / f"rank_state_{rank:05d}.pt")
+    _barrier()
+    if _rank0():
+        (tmp / META).write_text(json.dumps(meta, indent=2))
+        old = None
+        if path.exists():
+            old = path.with_name(path.name + ".old")
+            if old.exists():
+                shutil.rmtree(old)
+            path.rename(old)
+        tmp.rename(path)
+        if old is not None:
+            shutil.rmtree(old)
+    _barrier()
+    return path
+
+
+def load_model(path: str | os.PathLike, model: torch.nn.Module) -> dict:
+    """Collective: load the model weights of checkpoint `path` into this rank's part of `model`
+    (any TP/PP/EP layout). Returns the checkpoint's metadata."""
+    meta = read_meta(path)
+    state = dist_checkpointing.load(model.sharded_state_dict(), str(Path(path) / "model"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not match the model (missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}): was it written for another model type?")
+    return meta
+
+
+def load_optimizer(path: str | os.PathLike, model: torch.nn.Module, optimizer: Any) -> None:
+    state = dist_checkpointing.load(optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=True),
+                                    str(Path(path) / "optimizer"))
+    optimizer.load_state_dict(state)
+
+
+def load_rank_state(path: str | os.PathLike) -> Optional[dict]:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    f = Path(path) / f"rank_state_{rank:05d}.pt"
+    return torch.load(f, weights_only=False) if f.exists() else None
