@@ -1,0 +1,92 @@
+"""One domain's documents, concatenated and cut into blocks of exactly `block_size` tokens.
+
+Files written by Megatron's or our preprocess tool store the documents back to back, so a
+domain's token stream is simply its .bin files one after another (sorted by name); block b is
+stream[b * block_size : (b + 1) * block_size], read lazily from the memory maps. The tail that
+does not fill a block is not used. With `eod_id` set, one EOD token is inserted after every
+document (for data preprocessed without --append-eod whose model wants a separator).
+"""
+from __future__ import annotations
+
+import glob
+import os
+
+import numpy as np
+
+from .indexed import IndexedDataset, IndexedDatasetError
+
+SUFFIX = "_document.idx"
+
+
+def find_prefixes(folder: str) -> list[str]:
+    """Sorted `<folder>/*_document` prefixes that have both a .bin and an .idx."""
+    out = []
+    for idx in sorted(glob.glob(os.path.join(glob.escape(folder), "*" + SUFFIX))):
+        prefix = idx[: -len(".idx")]
+        if not os.path.isfile(prefix + ".bin"):
+            raise IndexedDatasetError(f"{idx}: the matching data file {prefix}.bin is missing")
+        out.append(prefix)
+    return out
+
+
+class _File:
+    """One indexed dataset as a segment of the domain stream (virtual length includes EODs)."""
+
+    def __init__(self, prefix: str, eod_id: int | None):
+        ds = IndexedDataset(prefix)
+        ds.check_contiguous()
+        self.tokens = ds.tokens
+        self.eod_id = eod_id
+        if eod_id is None:
+            self.length = len(self.tokens)
+        else:
+            starts = ds.document_token_starts()  # token offset of each document, plus the end
+            self.doc_len = np.diff(starts)
+            self.doc_tok = starts[:-1]
+            self.doc_virt = starts[:-1] + np.arange(len(self.doc_len))  # start with EODs counted
+            self.length = int(starts[-1]) + len(self.doc_len)
+
+    def read(self, s: int, e: int) -> np.ndarray:
+        if self.eod_id is None:
+            return np.asarray(self.tokens[s:e], np.int64)
+        p = np.arange(s, e, dtype=np.int64)
+        d = np.searchsorted(self.doc_virt, p, side="right") - 1
+        off = p - self.doc_virt[d]
+        inside = off < self.doc_len[d]
+        out = np.full(e - s, self.eod_id, np.int64)
+        out[inside] = self.tokens[(self.doc_tok[d] + off)[inside]]
+        return out
+
+
+class DomainStream:
+    """Blocks of one domain over one or more indexed datasets."""
+
+    def __init__(self, name: str, prefixes: list[str], block_size: int,
+                 eod_id: int | None = None):
+        if block_size < 2:
+            raise ValueError(f"block_size must be >= 2, got {block_size}")
+        if not prefixes:
+            raise ValueError(f"domain {name!r} has no *_document.bin/.idx datasets")
+        self.name, self.prefixes, self.block_size = name, list(prefixes), int(block_size)
+        self.files = [_File(p, eod_id) for p in self.prefixes]
+        self.bounds = np.cumsum([0] + [f.length for f in self.files])
+        self.num_tokens = int(self.bounds[-1])
+        self.num_blocks = self.num_tokens // self.block_size
+        if self.num_blocks == 0:
+            raise ValueError(f"domain {name!r} is empty or too small: {self.num_tokens} tokens "
+                             f"in {self.prefixes}, fewer than one block of {block_size}")
+
+    def block(self, b: int) -> np.ndarray:
+        """Tokens of block b as int64 [block_size]."""
+        if not 0 <= b < self.num_blocks:
+            raise IndexError(f"block {b} out of range for domain {self.name!r} "
+                             f"({self.num_blocks} blocks)")
+        s, e = b * self.block_size, (b + 1) * self.block_size
+        f = int(np.searchsorted(self.bounds, s, side="right")) - 1
+        parts = []
+        while s < e:  # a block may span the end of one file and the start of the next
+            lo = int(self.bounds[f])
+            take = min(e, int(self.bounds[f + 1]))
+            parts.append(self.files[f].read(s - lo, take - lo))
+            s, f = take, f + 1
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
