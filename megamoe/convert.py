@@ -1,0 +1,739 @@
+"""Checkpoint conversion between Hugging Face LLaMA / LLaMA-MoE and megamoe (docs/convert.md).
+
+    hf-to-megamoe   HF LLaMA (dense) -> megamoe llama, or -> megamoe llama_moe by expert
+                    construction (moefy/: random | clustering | graph | gradient split);
+                    HF LLaMA-MoE (config model_type llama_moe) -> megamoe llama_moe
+    megamoe-to-hf   megamoe llama -> HF LlamaForCausalLM; megamoe llama_moe -> HF LLaMA-MoE
+
+Everything runs in one process on CPU: a world of one (gloo) with megatron-core's groups of size
+one, the model built by model/llama.py, HF tensors streamed into it one layer at a time (the
+model plus about one layer of source tensors in memory), saved with megamoe.checkpoint.save.
+Loading a megamoe checkpoint at any TP/PP/EP layout reshards it, so one converted checkpoint
+serves every layout; the layout flags of hf-to-megamoe only check that the model can be split
+that way. Outputs are written under a temporary name and renamed when complete.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .config import ModelConfig, MoEConfig
+from .formats import hf_config as hfc
+from .formats.hf_config import HFFormatError
+from .formats.hf_files import HFWeights, ShardedSafetensorsWriter, parse_size
+from .formats.hf_llama import hf_to_megamoe as _hf_to_mg
+from .formats.hf_llama import megamoe_to_hf as _mg_to_hf
+from .moefy import io as split_io
+from .moefy.split import SplitError, random_split, resolve_sizes, slice_ffn
+
+SPLIT_METHODS = ("random", "clustering", "graph", "gradient")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ConvertError(ValueError):
+    """Bad input for a conversion; the message names the file/flag/value and what to do."""
+
+
+# --------------------------------------------------------------------------------------------
+# output directories: refuse to clobber, never half-write
+
+
+def _check_output(output: Path, overwrite: bool, flag: str = "--output") -> None:
+    if output.exists() and not output.is_dir():
+        raise ConvertError(f"{flag} {output} exists and is not a directory")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        what = "a megamoe checkpoint" if (output / "megamoe.json").exists() else "files"
+        raise ConvertError(f"{flag} {output} already holds {what}; pass --overwrite to replace "
+                           "it, or choose another directory")
+    if not output.parent.exists():
+        output.parent.mkdir(parents=True)
+
+
+def _staging(output: Path) -> Path:
+    tmp = output.with_name(f".{output.name}.converting-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    return tmp
+
+
+def _commit(staging: Path, output: Path) -> None:
+    """Move the finished `staging` to `output`; an old output is removed only afterwards."""
+    old = None
+    if output.exists():
+        if output.is_dir() and not any(output.iterdir()):
+            output.rmdir()
+        else:
+            old = output.with_name(f".{output.name}.old-{os.getpid()}")
+            if old.exists():
+                shutil.rmtree(old)
+            output.rename(old)
+    staging.rename(output)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+# --------------------------------------------------------------------------------------------
+# process setup
+
+
+def _world1(seed: int) -> None:
+    import torch.distributed as dist
+
+    from . import parallel
+
+    if dist.is_initialized() and dist.get_world_size() != 1:
+        raise ConvertError("convert runs on one process: start it with python, not torchrun "
+                           "(loading the result at any TP/PP/EP layout reshards it)")
+    parallel.initialize(parallel.ParallelLayout(), seed)
+
+
+class _Progress:
+    """A tqdm bar advancing by one for each layer seen in a stream of names."""
+
+    _layer = re.compile(r"layers\.(\d+)\.")
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="layer", file=sys.stderr)
+        self.last = None
+
+    def wrap(self, items: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, t in items:
+            m = self._layer.search(name)
+            if m and m.group(1) != self.last:
+                if self.last is not None:
+                    self.update()
+                self.last = m.group(1)
+            yield name, t
+        if self.last is not None:
+            self.update()
+
+    def update(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# --------------------------------------------------------------------------------------------
+# HF shapes and streaming into a model
+
+
+def hf_shapes(m: ModelConfig, moe: Optional[MoEConfig]) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor name of the model and its shape implied by the config."""
+    d, v, f = m.hidden_size, m.vocab_size, m.intermediate_size
+    q, kv = m.num_attention_heads * m.head_dim, m.kv_heads * m.head_dim
+    s = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,), "lm_head.weight": (v, d)}
+    for i in range(m.num_hidden_layers):
+        p = f"model.layers.{i}."
+        s.update({p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
+                  p + "self_attn.q_proj.weight": (q, d), p + "self_attn.k_proj.weight": (kv, d),
+                  p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, q)})
+        if moe is None:
+            s.update({p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d),
+                      p + "mlp.down_proj.weight": (d, f)})
+            continue
+        e = moe.num_experts
+        if moe.gate_network == "mlp":
+            s[p + "mlp.gate.gate_network.0.weight"] = (e, d)
+            s[p + "mlp.gate.gate_network.2.weight"] = (e, e)
+        else:
+            s[p + "mlp.gate.gate_network.weight"] = (e, d)
+        if moe.gate_type == "TopKBalancedNoisyGate":
+            s[p + "mlp.gate.weight_noise.weight"] = (e, d)
+        for j, size in enumerate(moe.expert_sizes(i, f)):
+            ex = p + "mlp.calculator.experts."
+            s[f"{ex}weight_gate.{j}"] = (size, d)
+            s[f"{ex}weight_up.{j}"] = (size, d)
+            s[f"{ex}weight_down.{j}"] = (d, size)
+    return s
+
+
+def _checked_getter(weights: HFWeights, shapes: dict, tie_embeddings: bool,
+                    config_path: str) -> Callable[[str], torch.Tensor]:
+    def get(name: str) -> torch.Tensor:
+        src = name
+        if name == "lm_head.weight" and name not in weights and tie_embeddings:
+            src = "model.embed_tokens.weight"  # tied: the untied megamoe model gets a copy
+        if src not in weights:
+            raise ConvertError(f"{weights.dir}: tensor {src} is missing from the {weights.kind} "
+                               f"weights, but {config_path} implies it; are the files complete "
+                               "and of the model_type in config.json?")
+        t = weights.get(src)
+        want = shapes.get(name)
+        if want is not None and tuple(t.shape) != want:
+            raise ConvertError(f"{weights.file_of(src)}: tensor {src} has shape {list(t.shape)}, "
+                               f"but {config_path} implies {list(want)}; the config and the "
+                               "weights disagree")
+        if not t.is_floating_point():
+            raise ConvertError(f"{weights.file_of(src)}: tensor {src} has dtype {t.dtype}")
+        return t
+    return get
+
+
+def _load_stream(model: torch.nn.Module, items: Iterable[tuple[str, torch.Tensor]],
+                 skip: Callable[[str], bool] = lambda n: False) -> None:
+    """Copy (megamoe name, tensor) pairs into the model's parameters; every parameter not
+    skipped must be set exactly once."""
+    params = dict(model.named_parameters())
+    seen = set()
+    with torch.no_grad():
+        for name, t in items:
+            p = params.get(name)
+            if p is None:
+                raise ConvertError(f"internal: no parameter {name} in the megamoe model")
+            if tuple(p.shape) != tuple(t.shape):
+                raise ConvertError(f"{name}: shape {list(t.shape)} does not fit the model's "
+                                   f"{list(p.shape)}")
+            p.copy_(t)
+            seen.add(name)
+    unset = [n for n in params if n not in seen and not skip(n)]
+    if unset:
+        raise ConvertError(f"internal: parameters not set from the source: {unset[:5]}")
+
+
+# --------------------------------------------------------------------------------------------
+# splits
+
+
+@dataclass
+class SplitOptions:
+    method: str = "random"
+    seed: int = 0
+    expert_sizes: Optional[list[int]] = None  # per expert, same for every layer
+    split_file: Optional[str] = None  # reuse a split directory (or checkpoint with split/)
+    # clustering
+    metric: str = "l2"
+    key: str = "up"  # rows of up_proj or gate_proj
+    # graph / gradient: sample text
+    data: list[str] = field(default_factory=list)  # indexed dataset prefixes
+    tokens: Optional[torch.Tensor] = None  # API alternative to `data`: int64 [N, L]
+    samples: int = 64
+    seq_length: int = 256
+    batch_size: int = 8
+    graph_active_fraction: float = 0.1
+    graph_threshold: float = 0.0
+    gradient_variant: str = "non-sharing"
+
+
+def compute_splits(opts: SplitOptions, m: ModelConfig, num_experts: Optional[int],
+                   get: Callable[[str], torch.Tensor],
+                   dense_model: Callable[[], torch.nn.Module],
+                   progress: bool = True) -> tuple[list[list[np.ndarray]], list[dict]]:
+    """Per layer: the experts' neuron ids and the info recorded in the split file."""
+    f, layers = m.intermediate_size, m.num_hidden_layers
+    if opts.split_file:
+        return split_io.read_splits(opts.split_file, layers, f, num_experts)
+    if opts.method not in SPLIT_METHODS:
+        raise ConvertError(f"--split {opts.method!r}: choose one of {SPLIT_METHODS}")
+    e = num_experts
+    partition = not (opts.method == "gradient" and opts.gradient_variant == "sharing-inner")
+    sizes = resolve_sizes(f, e, opts.expert_sizes, partition=partition)
+    info = {"method": opts.method, "seed": opts.seed}
+    bar = _Progress(layers, f"split ({opts.method})", progress)
+    splits: list[list[np.ndarray]] = []
+    if opts.method == "random":
+        for i in range(layers):
+            splits.append(random_split(f, e, opts.seed + i, sizes))
+            bar.update()
+    elif opts.method == "clustering":
+        from .moefy.clustering import clustering_split
+
+        if opts.key not in ("up", "gate"):
+            raise ConvertError(f"--split-key {opts.key!r}: choose up or gate")
+        info.update(metric=opts.metric, key=f"{opts.key}_proj")
+        for i in range(layers):
+            w = get(f"model.layers.{i}.mlp.{opts.key}_proj.weight")
+            splits.append(clustering_split(w, e, opts.metric, opts.seed + i, sizes))
+            bar.update()
+    else:
+        from .moefy import stats
+
+        model = dense_model()
+        tokens = opts.tokens
+        if tokens is None:
+            tokens = stats.sample_token_windows(opts.data, opts.samples, opts.seq_length,
+                                                opts.seed, m.vocab_size)
+        elif int(tokens.max()) >= m.vocab_size or int(tokens.min()) < 0:
+            raise ConvertError(f"sample tokens outside the vocabulary [0, {m.vocab_size})")
+        info.update(samples=int(tokens.shape[0]), seq_length=int(tokens.shape[1]),
+                    data=list(opts.data))
+        if opts.method == "graph":
+            from .moefy.graph import graph_split
+
+            info.update(active_fraction=opts.graph_active_fraction, threshold=opts.graph_threshold)
+            counters = stats.coactivation_counters(model, tokens, opts.batch_size,
+                                                   opts.graph_active_fraction)
+            del model
+            for i in range(layers):
+                a = counters[i].matrix()
+                counters[i] = None
+                splits.append(graph_split(a, e, opts.seed + i, opts.graph_threshold, sizes))
+                bar.update()
+        else:
+            from .moefy.gradient import gradient_split
+
+            info.update(variant=opts.gradient_variant)
+            clusters = stats.cluster_sequences(model, tokens, e, opts.seed)
+            scores = stats.gradient_importance(model, tokens, clusters, e, opts.batch_size)
+            del model
+            for i in range(layers):
+                splits.append(gradient_split(scores[i], opts.gradient_variant, sizes))
+                bar.update()
+    bar.close()
+    return splits, [dict(info) for _ in range(layers)]
+
+
+# --------------------------------------------------------------------------------------------
+# hf-to-megamoe
+
+
+def validate_layout(m: ModelConfig, moe: Optional[MoEConfig], tp: int = 1, pp: int = 1,
+                    ep: int = 1) -> None:
+    """Check that the model can be split at this TP/PP/EP layout (the checkpoint itself is
+    layout-free: loading reshards)."""
+    for flag, v in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp),
+                    ("--expert-model-parallel-size", ep)):
+        if v < 1:
+            raise ConvertError(f"{flag} {v} must be at least 1")
+    checks = [("num_attention_heads", m.num_attention_heads, tp, "--tensor-model-parallel-size"),
+              ("num_key_value_heads", m.kv_heads, tp, "--tensor-model-parallel-size"),
+              ("vocab_size", m.vocab_size, tp, "--tensor-model-parallel-size"),
+              ("num_hidden_layers", m.num_hidden_layers, pp, "--pipeline-model-parallel-size")]
+    if moe is None:
+        checks.append(("intermediate_size", m.intermediate_size, tp, "--tensor-model-parallel-size"))
+        if ep != 1:
+            raise ConvertError("--expert-model-parallel-size applies to llama_moe models only")
+    else:
+        checks.append(("num_experts", moe.num_experts, ep, "--expert-model-parallel-size"))
+    for what, n, size, flag in checks:
+        if n % size:
+            raise ConvertError(f"{flag} {size} does not divide {what} {n}")
+
+
+def _parse_sf(value) -> Optional[float | list]:
+    if value is None or isinstance(value, (float, int, list)):
+        return value if not isinstance(value, int) else float(value)
+    parts = [p for p in str(value).split(",") if p.strip()]
+    try:
+        vals = [float(p) for p in parts]
+    except ValueError:
+        raise ConvertError(f"--score-scale-factor {value!r}: give a number or one number per "
+                           "layer separated by commas") from None
+    return vals[0] if len(vals) == 1 else vals
+
+
+def hf_to_megamoe(hf_dir: str | os.PathLike, output: str | os.PathLike,
+                  model_type: Optional[str] = None, num_experts: Optional[int] = None,
+                  num_selects: Optional[int] = None, gate_network: Optional[str] = None,
+                  gate_type: Optional[str] = None, score_scale_factor=None,
+                  split: Optional[SplitOptions] = None, tensor_model_parallel_size: int = 1,
+                  pipeline_model_parallel_size: int = 1, expert_model_parallel_size: int = 1,
+                  dtype: str = "float32", overwrite: bool = False, progress: bool = True) -> Path:
+    """Convert an HF LLaMA or LLaMA-MoE directory into a megamoe checkpoint at `output`."""
+    from . import checkpoint
+    from .model.llama import build_model
+
+    split = split or SplitOptions()
+    hf_dir, output = Path(hf_dir), Path(output)
+    cfg = hfc.read_config_json(hf_dir)
+    cfg_path = str(hf_dir / hfc.CONFIG)
+    m = hfc.model_config_from_hf(cfg, cfg_path)
+    src_type = cfg["model_type"]
+    model_type = model_type or src_type
+    if model_type not in ("llama", "llama_moe"):
+        raise ConvertError(f"--model-type {model_type!r}: choose llama or llama_moe")
+    if dtype not in DTYPES:
+        raise ConvertError(f"--dtype {dtype!r}: choose one of {list(DTYPES)}")
+    sf = _parse_sf(score_scale_factor)
+    if src_type == "llama_moe" and model_type == "llama":
+        raise ConvertError(f"{cfg_path} is a LLaMA-MoE model; convert it with --model-type "
+                           "llama_moe (merging experts back into a dense FFN is not supported)")
+    moe: Optional[MoEConfig] = None
+    src_moe: Optional[MoEConfig] = None
+    if src_type == "llama_moe":
+        src_moe = hfc.moe_config_from_hf(cfg, m, cfg_path)
+        moe = dataclasses.replace(src_moe)
+        if num_experts is not None and num_experts != moe.num_experts:
+            raise ConvertError(f"--num-experts {num_experts}: {cfg_path} has num_experts "
+                               f"{moe.num_experts}; the number of experts of a LLaMA-MoE model "
+                               "cannot change in conversion")
+        if gate_network is not None and gate_network != moe.gate_network:
+            raise ConvertError(f"--gate-network {gate_network}: {cfg_path} has gate_network "
+                               f"{moe.gate_network!r} (its weights are of that kind)")
+        if gate_type is not None and gate_type != moe.gate_type:
+            raise ConvertError(f"--gate-type {gate_type}: {cfg_path} has gate_type {moe.gate_type!r}")
+        if split.split_file or split.method != "random" or split.expert_sizes:
+            raise ConvertError("--split, --split-file and --expert-sizes construct experts from a "
+                               f"dense LLaMA; {hf_dir} already is a LLaMA-MoE model")
+        if num_selects is not None:
+            moe.num_selects = num_selects
+        if sf is not None:  # the flag overrides the checkpoint's value
+            moe.score_scale_factor = sf
+    elif model_type == "llama_moe":
+        if num_experts is None and not split.split_file:
+            raise ConvertError("--num-experts is required to construct a LLaMA-MoE from a dense "
+                               "LLaMA (or give --split-file)")
+        if num_selects is None:
+            raise ConvertError("--num-selects (top-k) is required to construct a LLaMA-MoE")
+    else:
+        flags = [n for n, v in (("--num-experts", num_experts), ("--num-selects", num_selects),
+                                ("--gate-network", gate_network), ("--gate-type", gate_type),
+                                ("--score-scale-factor", sf),
+                                ("--split-file", split.split_file)) if v is not None]
+        if flags:
+            raise ConvertError(f"{flags} apply to --model-type llama_moe only")
+
+    if model_type == "llama_moe" and src_type == "llama":
+        # validate E and K before any expensive work
+        e = num_experts
+        if e is not None and (num_selects < 1 or num_selects > e):
+            raise ConvertError(f"--num-selects {num_selects} must be between 1 and --num-experts "
+                               f"{e} (E >= K)")
+    early = moe
+    if model_type == "llama_moe" and moe is None:  # experts to be constructed
+        early = MoEConfig(num_experts=num_experts or expert_model_parallel_size, num_selects=1)
+    validate_layout(m, early, tensor_model_parallel_size, pipeline_model_parallel_size,
+                    expert_model_parallel_size)
+    _check_output(output, overwrite)
+
+    weights = HFWeights(hf_dir)
+    tie = bool(cfg.get("tie_word_embeddings", False))
+    seed = split.seed
+    _world1(seed)
+    torch_dtype = DTYPES[dtype]
+    extra = {"source": str(hf_dir.resolve()), "source_model_type": src_type,
+             "layout_checked": {"tensor_model_parallel_size": tensor_model_parallel_size,
+                                "pipeline_model_parallel_size": pipeline_model_parallel_size,
+                                "expert_model_parallel_size": expert_model_parallel_size}}
+    dense_get = _checked_getter(weights, hf_shapes(m, None), tie, cfg_path)
+    splits = infos = None
+
+    if model_type == "llama_moe" and src_type == "llama":
+        def dense_model():
+            model = build_model(m)
+            _load_stream(model, _hf_to_mg(dense_get, m))
+            return model
+
+        try:
+            splits, infos = compute_splits(split, m, num_experts, dense_get, dense_model, progress)
+        except SplitError as err:
+            raise ConvertError(str(err)) from None
+        e = len(splits[0])
+        if num_experts is not None and e != num_experts:
+            raise ConvertError(f"--split-file has {e} experts per layer, --num-experts {num_experts}")
+        if num_selects < 1 or num_selects > e:
+            raise ConvertError(f"--num-selects {num_selects} must be between 1 and the number of "
+                               f"experts {e} (E >= K)")
+        sizes = [[len(s) for s in layer] for layer in splits]
+        equal = m.intermediate_size % e == 0 and all(
+            s == m.intermediate_size // e for layer in sizes for s in layer)
+        kw = {}
+        if gate_type is not None:
+            kw["gate_type"] = gate_type
+        moe = MoEConfig(num_experts=e, num_selects=num_selects,
+                        gate_network=gate_network or "mlp", score_scale_factor=sf,
+                        size_experts=None if equal else sizes, **kw)
+        extra.update(split=infos[0].get("method", split.method),
+                     split_seed=infos[0].get("seed", split.seed), split_dir=split_io.SPLIT_DIR)
+        if split.split_file:
+            extra["split_file"] = str(Path(split.split_file).resolve())
+    if moe is not None:
+        try:
+            moe.validate(m)
+        except ValueError as err:
+            raise ConvertError(str(err)) from None
+    validate_layout(m, moe, tensor_model_parallel_size, pipeline_model_parallel_size,
+                    expert_model_parallel_size)
+
+    _world1(seed)  # the gate initialisation depends on the seed only
+    model = build_model(m, moe, dtype=torch_dtype)
+    bar = _Progress(m.num_hidden_layers, "hf-to-megamoe", progress)
+    if moe is None:
+        _load_stream(model, bar.wrap(_hf_to_mg(dense_get, m)))
+    elif src_moe is not None:
+        get = _checked_getter(weights, hf_shapes(m, src_moe), tie, cfg_path)
+        _load_stream(model, bar.wrap(_hf_to_mg(get, m, src_moe)))
+    else:
+        _load_stream(model, bar.wrap(_sliced(_hf_to_mg(dense_get, m), splits)),
+                     skip=lambda n: ".mlp.gate." in n)  # gate: initialised (random / zero)
+    bar.close()
+    unread = weights.unread()
+    if unread:
+        raise ConvertError(f"{hf_dir}: tensors in the weights that the {src_type} model does not "
+                           f"use: {unread[:6]}{' ...' if len(unread) > 6 else ''}; refusing to "
+                           "drop weights silently (is config.json right for these files?)")
+    weights.close()
+
+    meta = checkpoint.make_meta(m, moe, **extra)
+    staging = _staging(output)
+    try:
+        checkpoint.save(staging, model, meta)
+        if splits is not None:
+            for i, (s, info) in enumerate(zip(splits, infos)):
+                split_io.write_split(staging / split_io.SPLIT_DIR, i, s, m.intermediate_size, **info)
+        _commit(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output
+
+
+def _sliced(items: Iterable[tuple[str, torch.Tensor]], splits) -> Iterator[tuple[str, torch.Tensor]]:
+    """Turn a dense megamoe stream into an MoE one: each layer's linear_fc1/fc2 -> experts."""
+    fc1 = {}
+    for name, t in items:
+        mm = re.match(r"decoder\.layers\.(\d+)\.mlp\.linear_fc([12])\.weight$", name)
+        if not mm:
+            yield name, t
+            continue
+        i, which = int(mm.group(1)), mm.group(2)
+        if which == "1":
+            fc1[i] = t
+            continue
+        gate, up = fc1.pop(i).chunk(2, 0)
+        wg, wu, wd = slice_ffn(gate, up, t, splits[i])
+        p = f"decoder.layers.{i}.mlp.experts."
+        yield p + "weight_gate", wg
+        yield p + "weight_up", wu
+        yield p + "weight_down", wd
+
+
+# --------------------------------------------------------------------------------------------
+# megamoe-to-hf
+
+TOKENIZER_FILES = re.compile(r"(tokenizer.*|special_tokens_map\.json|added_tokens\.json|"
+                             r".*\.model|vocab\..*|merges\.txt|chat_template\..*)$")
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
+    if src.is_file():
+        shutil.copy2(src, dst / src.name)
+        return [src.name]
+    if not src.is_dir():
+        raise ConvertError(f"--tokenizer {src}: no such file or directory")
+    names = sorted(p.name for p in src.iterdir() if p.is_file() and TOKENIZER_FILES.fullmatch(p.name))
+    if not names:
+        raise ConvertError(f"--tokenizer {src}: no tokenizer files (tokenizer.model, "
+                           "tokenizer.json, tokenizer_config.json, ...) in that directory")
+    for n in names:
+        shutil.copy2(src / n, dst / n)
+    return names
+
+
+def _copy_remote_code(src: Path, dst: Path) -> dict:
+    """Copy the LLaMA-MoE modeling code (*.py) and return the auto_map for config.json."""
+    if not src.is_dir():
+        raise ConvertError(f"--remote-code {src}: not a directory (give the directory holding "
+                           "configuration_llama_moe.py and the modeling file of LLaMA-MoE)")
+    auto = {}
+    wanted = {"LlamaMoEConfig": "AutoConfig", "LlamaMoEModel": "AutoModel",
+              "LlamaMoEForCausalLM": "AutoModelForCausalLM"}
+    for py in sorted(src.glob("*.py")):
+        shutil.copy2(py, dst / py.name)
+        text = py.read_text(errors="replace")
+        for cls, key in wanted.items():
+            if re.search(rf"^class {cls}\b", text, re.M):
+                auto[key] = f"{py.stem}.{cls}"
+    if "AutoConfig" not in auto or "AutoModelForCausalLM" not in auto:
+        raise ConvertError(f"--remote-code {src}: no *.py defining LlamaMoEConfig and "
+                           "LlamaMoEForCausalLM")
+    return auto
+
+
+def megamoe_to_hf(checkpoint_dir: str | os.PathLike, output: str | os.PathLike,
+                  fmt: Optional[str] = None, tokenizer: Optional[str] = None,
+                  max_shard_size: str | int = "5GB", dtype: str = "float32",
+                  remote_code: Optional[str] = None, overwrite: bool = False,
+                  progress: bool = True) -> Path:
+    """Export a megamoe checkpoint as an HF LlamaForCausalLM or LLaMA-MoE directory."""
+    from . import checkpoint
+    from .model.llama import build_model
+
+    checkpoint_dir, output = Path(checkpoint_dir), Path(output)
+    if not checkpoint_dir.is_dir():
+        raise ConvertError(f"--checkpoint {checkpoint_dir}: no such directory")
+    try:
+        meta = checkpoint.read_meta(checkpoint_dir)
+    except checkpoint.CheckpointError as e:
+        raise ConvertError(f"--checkpoint: {e}") from None
+    m, moe = checkpoint.configs_from_meta(meta)
+    kind = meta.get("model_type", "llama_moe" if moe else "llama")
+    fmt = fmt or kind
+    if fmt not in ("llama", "llama_moe"):
+        raise ConvertError(f"--format {fmt!r}: choose llama or llama_moe")
+    if fmt != kind:
+        raise ConvertError(f"--format {fmt}: {checkpoint_dir} holds a {kind} model; export it "
+                           f"with --format {kind}")
+    if dtype not in DTYPES:
+        raise ConvertError(f"--dtype {dtype!r}: choose one of {list(DTYPES)}")
+    max_bytes = parse_size(max_shard_size)
+    if remote_code and fmt != "llama_moe":
+        raise ConvertError("--remote-code applies to --format llama_moe only")
+    _check_output(output, overwrite)
+    if not (checkpoint_dir / "model").is_dir():
+        raise ConvertError(f"--checkpoint {checkpoint_dir}: the model/ directory is missing")
+
+    _world1(0)
+    model = build_model(m, moe)
+    try:
+        checkpoint.load_model(checkpoint_dir, model)
+    except checkpoint.CheckpointError as e:
+        raise ConvertError(str(e)) from None
+    except Exception as e:  # dist_checkpointing's own errors
+        raise ConvertError(f"--checkpoint {checkpoint_dir}: cannot load the weights ({e})") from None
+    state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    torch_dtype = DTYPES[dtype]
+
+    staging = _staging(output)
+    staging.mkdir()
+    try:
+        writer = ShardedSafetensorsWriter(staging, max_bytes)
+        bar = _Progress(m.num_hidden_layers, "megamoe-to-hf", progress)
+        for name, t in bar.wrap(_mg_to_hf(state.__getitem__, m, moe)):
+            writer.add(name, t.to(torch_dtype))
+        bar.close()
+        writer.close()
+        del state, model
+        extra = {}
+        if remote_code:
+            extra["auto_map"] = _copy_remote_code(Path(remote_code), staging)
+        cfg = (hfc.llama_config_dict(m, dtype, extra) if fmt == "llama"
+               else hfc.llama_moe_config_dict(m, moe, dtype, extra))
+        hfc.write_config_json(staging, cfg)
+        if tokenizer:
+            _copy_tokenizer(Path(tokenizer), staging)
+        _commit(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected integers separated by commas") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="convert_hf_checkpoint.py",
+        description="Convert between Hugging Face LLaMA / LLaMA-MoE and megamoe checkpoints.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    a = sub.add_parser("hf-to-megamoe", help="HF LLaMA or LLaMA-MoE -> megamoe checkpoint",
+                       description="HF LLaMA (dense) -> megamoe llama or llama_moe (expert "
+                       "construction); HF LLaMA-MoE -> megamoe llama_moe. The checkpoint loads "
+                       "at any TP/PP/EP layout (loading reshards).")
+    a.add_argument("--hf-dir", required=True, help="HF model directory (config.json + weights)")
+    a.add_argument("--output", required=True, help="megamoe checkpoint directory to write")
+    a.add_argument("--model-type", choices=["llama", "llama_moe"],
+                   help="what to write (default: the HF config's model_type)")
+    g = a.add_argument_group("LLaMA-MoE from a dense LLaMA")
+    g.add_argument("--num-experts", type=int, help="E")
+    g.add_argument("--num-selects", type=int, help="K (top-k); also overrides an HF LLaMA-MoE's")
+    g.add_argument("--split", choices=SPLIT_METHODS, default="random",
+                   help="expert construction method (default random, as the released models)")
+    g.add_argument("--split-seed", type=int, default=0,
+                   help="seed of the split and of the gate initialisation (default 0)")
+    g.add_argument("--split-file", help="reuse a split: a directory of layer_<i>.json (or a "
+                   "converted checkpoint holding split/)")
+    g.add_argument("--expert-sizes", type=_ints, help="unequal expert sizes, comma separated "
+                   "(every layer); must sum to intermediate_size except for gradient "
+                   "sharing-inner")
+    g.add_argument("--gate-network", choices=["mlp", "linear"], help="gate network (default mlp)")
+    g.add_argument("--gate-type", choices=["TopKBalancedNoisyGate", "SwitchBalancedGate"])
+    g.add_argument("--score-scale-factor", help="SF: one number, or one per layer comma "
+                   "separated (default E/K); overrides an HF LLaMA-MoE's value")
+    g.add_argument("--split-metric", choices=["l2", "cosine"], default="l2", help="clustering")
+    g.add_argument("--split-key", choices=["up", "gate"], default="up",
+                   help="clustering: cluster the rows of up_proj (default) or gate_proj")
+    g.add_argument("--split-data", nargs="+", default=[], metavar="PREFIX",
+                   help="graph/gradient: Megatron indexed datasets (PREFIX.bin/.idx) to sample")
+    g.add_argument("--split-samples", type=int, default=64, help="sample sequences (default 64)")
+    g.add_argument("--split-seq-length", type=int, default=256, help="tokens per sample")
+    g.add_argument("--split-batch-size", type=int, default=8)
+    g.add_argument("--graph-active-fraction", type=float, default=0.1,
+                   help="graph: a unit is active on a token when its |h| is in the token's top "
+                   "fraction (default 0.1)")
+    g.add_argument("--graph-threshold", type=float, default=0.0,
+                   help="graph: drop edges co-active on fewer than this fraction of tokens")
+    g.add_argument("--gradient-variant", choices=["non-sharing", "sharing-inner"],
+                   default="non-sharing")
+    L = a.add_argument_group("target layout (checked only: loading reshards to any layout)")
+    L.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    L.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    L.add_argument("--expert-model-parallel-size", type=int, default=1)
+    a.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                   help="parameter dtype of the checkpoint (default float32, lossless)")
+    a.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    a.add_argument("--no-progress", action="store_true")
+
+    b = sub.add_parser("megamoe-to-hf", help="megamoe checkpoint -> HF LLaMA or LLaMA-MoE")
+    b.add_argument("--checkpoint", required=True, help="megamoe checkpoint directory")
+    b.add_argument("--output", required=True, help="HF directory to write")
+    b.add_argument("--format", choices=["llama", "llama_moe"],
+                   help="default: the checkpoint's model_type")
+    b.add_argument("--tokenizer", help="tokenizer file or directory to copy into the output")
+    b.add_argument("--max-shard-size", default="5GB",
+                   help="shard the safetensors above this size (default 5GB)")
+    b.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    b.add_argument("--remote-code", help="llama_moe: directory with LLaMA-MoE's modeling code "
+                   "(*.py) to copy; config.json then gets the matching auto_map")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    b.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def run(argv: Optional[Sequence[str]] = None) -> Path:
+    """Parse and convert; raises on bad input."""
+    args = build_parser().parse_args(argv)
+    if args.command == "hf-to-megamoe":
+        opts = SplitOptions(
+            method=args.split, seed=args.split_seed, expert_sizes=args.expert_sizes,
+            split_file=args.split_file, metric=args.split_metric, key=args.split_key,
+            data=args.split_data, samples=args.split_samples, seq_length=args.split_seq_length,
+            batch_size=args.split_batch_size, graph_active_fraction=args.graph_active_fraction,
+            graph_threshold=args.graph_threshold, gradient_variant=args.gradient_variant)
+        return hf_to_megamoe(
+            args.hf_dir, args.output, args.model_type, args.num_experts, args.num_selects,
+            args.gate_network, args.gate_type, args.score_scale_factor, opts,
+            args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+            args.expert_model_parallel_size, args.dtype, args.overwrite, not args.no_progress)
+    return megamoe_to_hf(args.checkpoint, args.output, args.format, args.tokenizer,
+                         args.max_shard_size, args.dtype, args.remote_code, args.overwrite,
+                         not args.no_progress)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line: 0 on success; 1 with one clear error line on bad input."""
+    from .checkpoint import CheckpointError
+
+    try:
+        out = run(argv)
+    except (ValueError, OSError, CheckpointError) as e:
+        print(f"convert_hf_checkpoint.py: error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,27 @@
+#!/usr/bin/env python
+"""Convert checkpoints between Hugging Face LLaMA / LLaMA-MoE and megamoe (see docs/convert.md).
+
+    # dense LLaMA -> LLaMA-MoE, 16 experts, top-4, random split (as the released models)
+    python tools/convert_hf_checkpoint.py hf-to-megamoe --hf-dir llama-2-7b-hf \
+        --output ckpt/llama2_7B-16Select4 --model-type llama_moe --num-experts 16 \
+        --num-selects 4 --split random --split-seed 0
+    # trained megamoe checkpoint -> HF LLaMA-MoE (safetensors, sharded above 5GB)
+    python tools/convert_hf_checkpoint.py megamoe-to-hf --checkpoint outputs/run/checkpoint-1000 \
+        --output hf/llama-moe-3.5B --format llama_moe --tokenizer llama-2-7b-hf
+
+Runs on one process without a GPU; the checkpoint it writes loads at any TP/PP/EP layout.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv=None) -> int:
+    from megamoe.convert import main as convert_main
+
+    return convert_main(argv)
+
+
+if __name__ == "__main__":  # the guard is required: dist_checkpointing's save spawns a process
+    sys.exit(main())
