@@ -133,3 +133,47 @@ def load_rank_state(path: str | os.PathLike) -> Optional[dict]:
     rank = dist.get_rank() if dist.is_initialized() else 0
     f = Path(path) / f"rank_state_{rank:05d}.pt"
     return torch.load(f, weights_only=False) if f.exists() else None
+
+
+def gather_full_state(model: torch.nn.Module, grads: bool = False) -> dict[str, torch.Tensor]:
+    """Collective: the model's full (unsharded) tensors, keyed by checkpoint key, on every rank.
+
+    Uses the model's own sharded state dict (the checkpoint's sharding metadata), so it works for
+    any TP/PP/EP layout. With `grads=True` it gathers the gradients (megatron-core DDP's
+    main_grad, else .grad) instead of the weights. Meant for tests and small models.
+    """
+    from .parallel.mcore import ShardedTensor, apply_factories
+
+    params = [p for p in model.parameters()]
+    saved = []
+    if grads:
+        for p in params:
+            g = getattr(p, "main_grad", None)
+            g = p.grad if g is None else g
+            saved.append(p.data)
+            p.data = (g if g is not None else torch.zeros_like(p)).detach().to(p.dtype).view_as(p)
+    try:
+        sd = model.sharded_state_dict()
+        apply_factories(sd)
+        pieces = []
+        flat = [x for v in sd.values() for x in (v if isinstance(v, list) else [v])]
+        for v in flat:
+            if isinstance(v, ShardedTensor) and not any(v.replica_id if isinstance(v.replica_id, tuple) else (v.replica_id,)):
+                pieces.append((v.key, tuple(v.global_shape), tuple(v.global_offset),
+                               tuple(v.local_shape), v.data.detach().cpu().clone()))
+    finally:
+        for p, d in zip(params, saved):
+            p.data = d
+    everything = [pieces]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        everything = [None] * dist.get_world_size()
+        dist.all_gather_object(everything, pieces)
+    full: dict[str, torch.Tensor] = {}
+    for rank_pieces in everything:
+        for key, gshape, goff, lshape, data in rank_pieces:
+            t = full.setdefault(key, torch.zeros(gshape, dtype=data.dtype))
+            lshape = (1,) * (len(gshape) - len(lshape)) + lshape  # prepended (layer) axes
+            if data.numel() != t[tuple(slice(o, o + n) for o, n in zip(goff, lshape))].numel():
+                raise RuntimeError(f"{key}: shard {tuple(data.shape)} vs {lshape} at {goff} of {gshape}")
+            t[tuple(slice(o, o + n) for o, n in zip(goff, lshape))] = data.reshape(lshape)
+    return full

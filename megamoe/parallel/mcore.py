@@ -13,7 +13,7 @@ warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
 warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
 
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel  # noqa: E402
-from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor  # noqa: E402,F401
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, apply_factories  # noqa: E402,F401
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig  # noqa: E402,F401
 from megatron.core.distributed import finalize_model_grads  # noqa: E402,F401
 from megatron.core.models.gpt import GPTModel  # noqa: E402,F401
