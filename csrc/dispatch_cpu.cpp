@@ -18,13 +18,14 @@ int64_t token_grain(int64_t d, int64_t topk) {
   return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, d * topk));
 }
 
-// The map comes from make_routing, but a bad one would write out of bounds: checking costs nothing
-// next to copying a row.
-inline int64_t checked_row(const int32_t* map, int64_t i, int64_t num_rows) {
-  const int64_t row = map[i];
-  TORCH_CHECK(row >= 0 && row < num_rows, "megamoe: row_id_map[", i, "] = ", row, " is out of range [0, ",
-              num_rows, ")");
-  return row;
+// The map comes from make_routing, but a bad one would write out of bounds. Checked once up front,
+// O(T*k) next to the O(T*k*d) copy, so that nothing throws inside the parallel loops.
+void check_map_range(const at::Tensor& map, int64_t num_rows) {
+  const int32_t* m = map.const_data_ptr<int32_t>();
+  for (int64_t i = 0; i < map.numel(); ++i) {
+    TORCH_CHECK(m[i] >= 0 && m[i] < num_rows, "megamoe: row_id_map[", i, "] = ", m[i],
+                " is out of range [0, ", num_rows, ")");
+  }
 }
 
 }  // namespace
@@ -38,6 +39,7 @@ at::Tensor permute_cpu(const at::Tensor& x_in, const at::Tensor& map_in, int64_t
   const at::Tensor map = map_in.contiguous();
   const int64_t d = x.size(1);
   const int64_t num_rows = T * topk;
+  check_map_range(map, num_rows);
   at::Tensor out = at::empty({num_rows, d}, x.options());
   if (out.numel() == 0) return out;
 
@@ -48,7 +50,7 @@ at::Tensor permute_cpu(const at::Tensor& x_in, const at::Tensor& map_in, int64_t
     at::parallel_for(0, T, token_grain(d, topk), [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         for (int64_t j = 0; j < topk; ++j) {
-          const int64_t row = checked_row(m, t * topk + j, num_rows);
+          const int64_t row = m[t * topk + j];
           std::memcpy(dst + row * d, src + t * d, d * sizeof(scalar_t));
         }
       }
@@ -66,6 +68,7 @@ at::Tensor unpermute_cpu(const at::Tensor& y_in, const at::Tensor& map_in,
   check_rows(y_in, num_rows, "y");
   const at::Tensor y = y_in.contiguous();
   const at::Tensor map = map_in.contiguous();
+  check_map_range(map, num_rows);
   const int64_t d = y.size(1);
   // Scores are read in the accumulation dtype whatever their own dtype (fp32 scores with bf16 y).
   at::Tensor scores;
@@ -90,7 +93,7 @@ at::Tensor unpermute_cpu(const at::Tensor& y_in, const at::Tensor& map_in,
         std::fill(acc.begin(), acc.end(), acc_t(0));
         for (int64_t j = 0; j < topk; ++j) {
           const int64_t i = t * topk + j;
-          const scalar_t* yr = src + checked_row(m, i, num_rows) * d;
+          const scalar_t* yr = src + static_cast<int64_t>(m[i]) * d;
           const acc_t w = s ? sc * s[i] : acc_t(1);
           for (int64_t c = 0; c < d; ++c) acc[c] += w * static_cast<acc_t>(yr[c]);
         }
@@ -120,6 +123,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(const at::Tensor& grad
   const at::Tensor g = grad_in.contiguous();
   const at::Tensor y = y_in.contiguous();
   const at::Tensor map = map_in.contiguous();
+  check_map_range(map, num_rows);
   const at::ScalarType acc = acc_type(y.scalar_type());
   const at::Tensor scores = scores_in.to(acc).contiguous();
   const int64_t d = y.size(1);
@@ -140,7 +144,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(const at::Tensor& grad
           const scalar_t* gr = gp + t * d;
           for (int64_t j = 0; j < topk; ++j) {
             const int64_t i = t * topk + j;
-            const int64_t row = checked_row(m, i, num_rows);
+            const int64_t row = m[i];
             const scalar_t* yr = yp + row * d;
             scalar_t* out = gy + row * d;
             const acc_t w = sc * s[i];
