@@ -94,7 +94,7 @@ class TopKBalancedNoisyGate(nn.Module):
             prob_out = _normal_cdf((logits_gate - thr_out) / noise_control)
             load = torch.where(is_in, prob_in, prob_out).float().sum(0)
         else:
-            load = torch.bincount(topk_idx.reshape(-1), minlength=e).float()
+            load = _counts(topk_idx, e)
         return _finish(topk_idx, scores, importance, load, reduce_fn,
                        self.balance_loss_weight if self.use_balance else 0.0,
                        lambda imp, ld: cv_squared(imp) + cv_squared(ld))
@@ -124,7 +124,7 @@ class SwitchBalancedGate(nn.Module):
         probs = F.softmax(logits, dim=1)
         top_idx = probs.argmax(dim=1, keepdim=True)
         scores = probs.gather(1, top_idx)
-        counts = torch.bincount(top_idx.reshape(-1), minlength=e).float()
+        counts = _counts(top_idx, e)
         if self.drop_tokens:
             # Tokens past an expert's capacity get no expert output (score 0): the residual
             # stream carries them unchanged, as in the published gate.
@@ -140,6 +140,12 @@ class SwitchBalancedGate(nn.Module):
 
         return _finish(top_idx, scores, importance, counts, reduce_fn,
                        self.balance_loss_weight if self.use_balance else 0.0, switch_loss)
+
+
+def _counts(idx: torch.Tensor, e: int) -> torch.Tensor:
+    """Tokens routed to each expert, as float; index_add (unlike CUDA bincount) needs no host sync."""
+    flat = idx.reshape(-1)
+    return torch.zeros(e, device=idx.device).index_add_(0, flat, torch.ones(flat.numel(), device=idx.device))
 
 
 def _finish(topk_idx, scores, importance, load, reduce_fn, weight, loss_fn) -> GateOutput:
