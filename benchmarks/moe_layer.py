@@ -1,0 +1,91 @@
+"""MoE FFN layer forward+backward at LLaMA-MoE shapes vs dense SwiGLU MLPs (run on a GPU).
+
+    python benchmarks/moe_layer.py [--tokens 4096 8192 16384] [--topk 2 4]
+
+Compares megamoe's LlamaMoEMLP (gate -> dispatch -> grouped experts -> combine) with (a) a dense
+SwiGLU MLP of the same active width (k * d_ff / E) and (b) the full-width dense MLP (d_ff), bf16.
+TFLOP/s counts the expert matmuls only (6 * tokens * k * 3 * d * size, fwd+bwd).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def timed(fn, warmup=3, iters=10):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def dense_mlp(d, width, dev):
+    w = [torch.randn(width, d, device=dev, dtype=torch.bfloat16, requires_grad=True) * 0.02 for _ in range(2)]
+    w.append(torch.randn(d, width, device=dev, dtype=torch.bfloat16, requires_grad=True) * 0.02)
+    w = [t.detach().requires_grad_() for t in w]
+
+    def run(x):
+        return F.linear(F.silu(F.linear(x, w[0])) * F.linear(x, w[1]), w[2])
+    return run
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192, 16384])
+    ap.add_argument("--topk", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--ffn", type=int, default=11008)
+    ap.add_argument("--experts", type=int, default=16)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/moe_layer.py needs a CUDA GPU")
+    from megamoe import parallel
+    from megamoe.config import ModelConfig, MoEConfig
+    from megamoe.model.llama import transformer_config
+    from megamoe.model.moe.layer import LlamaMoEMLP
+
+    parallel.initialize(parallel.ParallelLayout(), seed=0)
+    d, ffn, e = args.hidden, args.ffn, args.experts
+    mc = ModelConfig(hidden_size=d, intermediate_size=ffn, num_hidden_layers=1)
+    cfg = transformer_config(mc, parallel.ParallelLayout(), torch.bfloat16)
+    print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}; hidden {d}, {e} experts x {ffn // e}, bf16, fwd+bwd")
+    print(f"{'tokens':>7} {'k':>2} {'moe ms':>8} {'TFLOP/s':>8} {'dense(active) ms':>17} {'ratio':>6} {'dense(full) ms':>15}")
+    for k in args.topk:
+        moe = MoEConfig(num_experts=e, num_selects=k)
+        layer = LlamaMoEMLP(cfg, moe, layer_index=0, intermediate_size=ffn).cuda().train()
+        active = dense_mlp(d, k * ffn // e, "cuda")
+        full = dense_mlp(d, ffn, "cuda")
+        for t in args.tokens:
+            x = torch.randn(t, 1, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            g = torch.randn_like(x)
+
+            def moe_step():
+                y, _ = layer(x)
+                y.backward(g)
+
+            def dense_step(f):
+                return lambda: f(x.view(t, d)).backward(g.view(t, d))
+            ms = timed(moe_step)
+            ms_a = timed(dense_step(active))
+            ms_f = timed(dense_step(full))
+            flops = 6 * t * k * 3 * d * (ffn // e)
+            print(f"{t:>7} {k:>2} {ms:>8.2f} {flops / ms / 1e9:>8.1f} {ms_a:>17.2f} {ms / ms_a:>6.2f} {ms_f:>15.2f}")
+
+
+if __name__ == "__main__":
+    main()
