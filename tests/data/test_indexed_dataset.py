@@ -138,3 +138,22 @@ def test_optimal_dtype_rule():
     assert optimal_dtype(65499) == np.uint16
     assert optimal_dtype(65500) == np.int32
     assert optimal_dtype(128256) == np.int32
+
+
+def test_writer_memory_does_not_grow_with_input(tmp_path):
+    """Lengths and boundaries are spilled every `chunk` documents: 4x the input, same peak."""
+    import tracemalloc
+
+    def peak(ndocs):
+        doc = np.arange(100, dtype=np.int64)
+        tracemalloc.start()
+        with IndexedDatasetWriter(str(tmp_path / f"m{ndocs}"), np.uint16, chunk=1000) as w:
+            for _ in range(ndocs):
+                w.add_document(doc)
+        p = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return p
+
+    small, large = peak(5_000), peak(20_000)
+    assert large < 1.3 * small, (small, large)
+    assert len(IndexedDataset(str(tmp_path / "m20000"))) == 20_000

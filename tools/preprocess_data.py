@@ -1,0 +1,21 @@
+#!/usr/bin/env python
+"""Tokenize jsonl into Megatron indexed datasets (.bin/.idx); see docs/data.md.
+
+Example (LLaMA-MoE data, one folder of jsonl per domain):
+    python tools/preprocess_data.py --input data/raw/en_arxiv --json-keys content \
+        --tokenizer-model llama/tokenizer.model --output-prefix data/train/en_arxiv/en_arxiv \
+        --workers 8
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megamoe.data.preprocess import main  # noqa: E402
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ValueError, OSError, RuntimeError) as e:  # user errors: one clear line, no traceback
+        print(f"preprocess_data.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
