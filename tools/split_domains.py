@@ -1,0 +1,20 @@
+#!/usr/bin/env python
+"""Split raw SlimPajama jsonl into one folder per domain (en_cc, en_c4, github, en_wikipedia,
+en_book, en_arxiv, en_stack) by meta.redpajama_set_name; see docs/data.md.
+
+Example:
+    python tools/split_domains.py --input SlimPajama-627B/train --output-dir data/raw
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megamoe.data.split import main  # noqa: E402
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ValueError, OSError, RuntimeError) as e:  # user errors: one clear line, no traceback
+        print(f"split_domains.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
