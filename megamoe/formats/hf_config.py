@@ -130,6 +130,9 @@ def moe_config_from_hf(cfg: dict, m: ModelConfig, path: str = CONFIG) -> MoEConf
         if (isinstance(sizes, list) and len(sizes) == e and all(isinstance(s, int) for s in sizes)):
             sizes = [list(sizes) for _ in range(m.num_hidden_layers)]  # one list for all layers
         moe.size_experts = [[int(s) for s in layer] for layer in sizes]
+        if len(sizes) != m.num_hidden_layers or any(len(layer) != e for layer in sizes):
+            raise HFFormatError(f"{path}: size_experts must hold {m.num_hidden_layers} lists "
+                                f"(one per layer) of {e} expert sizes")
         if all(s == m.intermediate_size // e for layer in moe.size_experts for s in layer) \
                 and m.intermediate_size % e == 0:
             moe.size_experts = None  # equal sizes: the canonical form

@@ -28,6 +28,8 @@ import numpy as np
 from .split import SplitError, validate_split
 
 SPLIT_DIR = "split"
+# fields write_split derives from the split itself; the rest describe how it was made
+STRUCTURE = ("layer", "num_experts", "intermediate_size", "sizes", "experts")
 
 
 def layer_file(directory: str | os.PathLike, layer: int) -> Path:
@@ -73,7 +75,7 @@ def read_split(path: str | os.PathLike, intermediate_size: Optional[int] = None,
                          f"{data['intermediate_size']}, the model has {intermediate_size}")
     e = num_experts if num_experts is not None else len(experts)
     experts = validate_split(experts, int(d_ff), e, partition=partition, where=str(path))
-    info = {k: v for k, v in data.items() if k != "experts"}
+    info = {k: v for k, v in data.items() if k not in STRUCTURE}
     return experts, info
 
 
