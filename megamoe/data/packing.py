@@ -8,6 +8,7 @@ document (for data preprocessed without --append-eod whose model wants a separat
 """
 from __future__ import annotations
 
+import bisect
 import glob
 import os
 
@@ -30,32 +31,49 @@ def find_prefixes(folder: str) -> list[str]:
 
 
 class _File:
-    """One indexed dataset as a segment of the domain stream (virtual length includes EODs)."""
+    """One indexed dataset as a segment of the domain stream.
+
+    Without EOD insertion a range of the stream is a slice of the memory-mapped .bin. With it,
+    document i occupies virtual positions [start_i + i, start_i + i + len_i] (its tokens, then
+    one EOD); the document holding a position is found by binary search over the memory-mapped
+    index, so nothing proportional to the number of documents is loaded into memory.
+    Contiguous storage of the sequences is assumed (all Megatron-style writers do this; the
+    reader already checked that the .bin size matches the index).
+    """
 
     def __init__(self, prefix: str, eod_id: int | None):
-        ds = IndexedDataset(prefix)
-        ds.check_contiguous()
-        self.tokens = ds.tokens
+        self.ds = IndexedDataset(prefix)
+        self.tokens = self.ds.tokens
         self.eod_id = eod_id
-        if eod_id is None:
-            self.length = len(self.tokens)
-        else:
-            starts = ds.document_token_starts()  # token offset of each document, plus the end
-            self.doc_len = np.diff(starts)
-            self.doc_tok = starts[:-1]
-            self.doc_virt = starts[:-1] + np.arange(len(self.doc_len))  # start with EODs counted
-            self.length = int(starts[-1]) + len(self.doc_len)
+        self.num_docs = self.ds.num_documents
+        self.length = len(self.tokens) + (self.num_docs if eod_id is not None else 0)
+
+    def _doc_start(self, i: int) -> int:
+        """Token offset of document i in .bin (i == num_docs gives the end)."""
+        seq = int(self.ds.document_indices[i])
+        if seq == len(self.ds):
+            return len(self.tokens)
+        return int(self.ds.sequence_pointers[seq]) // self.ds.dtype.itemsize
 
     def read(self, s: int, e: int) -> np.ndarray:
         if self.eod_id is None:
             return np.asarray(self.tokens[s:e], np.int64)
-        p = np.arange(s, e, dtype=np.int64)
-        d = np.searchsorted(self.doc_virt, p, side="right") - 1
-        off = p - self.doc_virt[d]
-        inside = off < self.doc_len[d]
-        out = np.full(e - s, self.eod_id, np.int64)
-        out[inside] = self.tokens[(self.doc_tok[d] + off)[inside]]
-        return out
+        # last document whose virtual start is <= s
+        i = bisect.bisect_right(range(self.num_docs), s,
+                                key=lambda k: self._doc_start(k) + k) - 1
+        out, p = [], s
+        while p < e:
+            start, end = self._doc_start(i), self._doc_start(i + 1)
+            off = p - (start + i)
+            if off < end - start:  # inside document i's tokens
+                take = min(end - start - off, e - p)
+                out.append(np.asarray(self.tokens[start + off: start + off + take], np.int64))
+                p += take
+            else:  # the EOD after document i
+                out.append(np.array([self.eod_id], np.int64))
+                p += 1
+                i += 1
+        return np.concatenate(out)
 
 
 class DomainStream:

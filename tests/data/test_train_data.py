@@ -133,13 +133,21 @@ def test_resume_checks_the_data_did_not_change(dataset_dir, helpers):
 
 def test_eod_inserted_between_documents(tmp_path, helpers):
     d = tmp_path / "t"
-    helpers.write_stream_dataset(d / "x" / "x_text_document", 10, [3, 5, 20])
-    s = DomainSampler(["x"], [1.0])
-    data = MultiDomainTrainData(str(d), 4, s, seed=0, eod_id=2)
-    expect = [10, 11, 12, 2, 13, 14, 15, 16, 17, 2] + list(range(18, 38)) + [2]
-    assert [s.num_blocks for s in data.streams] == [len(expect) // 4]
-    blocks = sorted(tuple(data.streams[0].block(b).tolist()) for b in range(len(expect) // 4))
-    assert blocks == sorted(tuple(expect[i:i + 4]) for i in range(0, len(expect) - 3, 4))
+    rng = np.random.default_rng(5)
+    lens = [rng.integers(1, 12, 25).tolist(), rng.integers(1, 12, 30).tolist()]
+    expect, first = [], 10
+    for k, part in enumerate(lens):  # reference: every document followed by one EOD (2)
+        stream = helpers.write_stream_dataset(d / "x" / f"p{k}_text_document", first, part)
+        pos = 0
+        for n in part:
+            expect += stream[pos: pos + n].tolist() + [2]
+            pos += n
+        first += len(stream)
+    data = MultiDomainTrainData(str(d), 7, DomainSampler(["x"], [1.0]), seed=0, eod_id=2)
+    st = data.streams[0]
+    assert st.num_tokens == len(expect) and st.num_blocks == len(expect) // 7
+    got = np.concatenate([st.block(b) for b in range(st.num_blocks)])
+    np.testing.assert_array_equal(got, expect[: st.num_blocks * 7])
 
 
 def test_domain_weights_must_match_folders(dataset_dir):
