@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -24,7 +25,7 @@ from concurrent.futures.process import BrokenProcessPool
 import numpy as np
 
 from .indexed import IndexedDatasetWriter, optimal_dtype
-from .jsonl import input_files, iter_lines
+from .jsonl import EXTENSIONS, input_files, iter_lines
 
 
 class PreprocessError(ValueError):
@@ -86,21 +87,14 @@ def _encode_batch(batch):
         for k in keys:
             texts[k].append(rec[k])
     out = {}
+    head = [_W["bos"]] if _W["bos"] >= 0 else []
+    tail = [_W["eos"]] if _W["eos"] >= 0 else []
     for k in keys:
+        # num_threads=1: one core per worker, so --workers alone decides the parallelism
         ids = _W["sp"].encode(texts[k], num_threads=1) if texts[k] else []
-        extra = (_W["bos"] >= 0) + (_W["eos"] >= 0)
-        lengths = np.fromiter((len(t) + extra for t in ids), np.int64, len(ids))
-        tok = np.empty(int(lengths.sum()), np.int32)
-        pos = 0
-        for t in ids:  # [BOS] + ids (+ [EOS])
-            if _W["bos"] >= 0:
-                tok[pos] = _W["bos"]
-                pos += 1
-            tok[pos: pos + len(t)] = t
-            pos += len(t)
-            if _W["eos"] >= 0:
-                tok[pos] = _W["eos"]
-                pos += 1
+        docs = [head + t + tail for t in ids]
+        lengths = np.fromiter(map(len, docs), np.int64, len(docs))
+        tok = np.fromiter(itertools.chain.from_iterable(docs), np.int32, int(lengths.sum()))
         out[k] = (tok, lengths)
     return len(texts[keys[0]]), out, errors, nbytes
 
@@ -145,7 +139,8 @@ class _Progress:
     """tqdm on a terminal; a plain line every `interval` documents otherwise (Slurm logs)."""
 
     def __init__(self, interval: int, enabled: bool, desc: str):
-        self.t0, self.docs, self.tokens, self.interval, self.next_log = time.time(), 0, 0, interval, interval
+        self.t0, self.docs, self.tokens = time.time(), 0, 0
+        self.interval = self.next_log = interval
         self.bar = None
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
@@ -255,7 +250,7 @@ def _domain_jobs(input_dir: str, output_dir: str):
             continue
         if os.path.isdir(path):
             domain = name
-        elif name.endswith((".jsonl", ".json", ".jsonl.gz", ".jsonl.zst")):
+        elif name.endswith(EXTENSIONS):
             domain = name.split(".")[0]
         else:
             continue
