@@ -1,0 +1,624 @@
+"""The launcher behind scripts/launch.sh: sbatch -> srun (one task per node) -> torchrun.
+
+    bash scripts/launch.sh TRAINER_FLAGS...      (what every scripts/cpt/*.sh calls)
+      = python -m megamoe.launch TRAINER_FLAGS...
+
+Three situations, told apart by the SLURM_* variables:
+
+* Inside a Slurm allocation, not in a job step (the sbatch batch script, or an salloc shell):
+  check that the job's shape matches the flags (num_nodes == --nodes, num_gpu_per_node == the
+  GPUs of --gres), pick the rendezvous (first host of SLURM_JOB_NODELIST, a port derived from
+  the job id), then ``srun --nodes N --ntasks N --ntasks-per-node 1 python -m megamoe.launch
+  FLAGS``. Preemption: SIGUSR1 (``sbatch --signal=B:USR1@300``) is forwarded to srun, which
+  delivers it to every process of the step; the trainer checkpoints at the next step boundary and
+  exits 0, and the job is requeued (``scontrol requeue``) so that it resumes from that checkpoint.
+* Inside a job step (each srun task): run torchrun for this node, --node_rank = SLURM_NODEID.
+* Outside Slurm: the same torchrun for one node (so one script serves a workstation).
+
+torchrun runs in this process (``torch.distributed.run.main``, what the ``torchrun`` command
+calls) so that a SIGUSR1 delivered by Slurm to every process of the step does not kill the
+torchrun agent (the default action of SIGUSR1 is to terminate); only the training processes act
+on it.
+
+CPU-only clusters (tests, the local Slurm of scripts/slurm/): a job without --gres has no GPUs;
+with MEGAMOE_ALLOW_CPU=1 the launcher runs num_gpu_per_node CPU processes per node instead of
+refusing.
+
+Environment knobs: MEGAMOE_ALLOW_CPU=1 (see above), MASTER_PORT (override the derived port),
+MEGAMOE_SKIP_CHECK=1 (skip the pre-flight checks), MEGAMOE_NO_REQUEUE=1 (do not requeue after a
+preemption signal), MEGAMOE_PYTHON (the python srun starts; default: this one).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Optional, Sequence
+
+PREFIX = "[megamoe.launch]"
+TRAIN_MODULE = "megamoe.train"
+PORT_BASE = 15000  # below Linux's ephemeral range (32768-60999)
+PORT_SPAN = 15000
+
+
+class LaunchError(RuntimeError):
+    """A refusal to start; the message says what to change."""
+
+
+def log(msg: str) -> None:
+    print(f"{PREFIX} {msg}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Trainer flags (only the few the launcher needs; the trainer parses them all)
+# ------------------------------------------------------------------------------------------------
+
+def flag_value(argv: Sequence[str], name: str) -> Optional[str]:
+    """Value of --name in argv (last one wins; '--name v' or '--name=v'), None if absent."""
+    opt = "--" + name
+    value = None
+    for i, a in enumerate(argv):
+        if a == opt:
+            value = argv[i + 1] if i + 1 < len(argv) else ""
+        elif a.startswith(opt + "="):
+            value = a[len(opt) + 1:]
+    return value
+
+
+def set_flag(argv: Sequence[str], name: str, value: str) -> list[str]:
+    """argv with every --name removed and '--name value' appended."""
+    opt = "--" + name
+    out: list[str] = []
+    skip = False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a == opt:
+            skip = True
+            continue
+        if a.startswith(opt + "="):
+            continue
+        out.append(a)
+    return out + [opt, str(value)]
+
+
+def _config_file_value(argv: Sequence[str], name: str) -> Optional[str]:
+    """A key of the --config YAML/JSON file, if the flags give one."""
+    path = flag_value(argv, "config")
+    if not path or not os.path.isfile(path):
+        return None
+    try:
+        import yaml  # JSON is YAML
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except Exception:
+        return None
+    if isinstance(data, dict) and data.get(name) is not None:
+        return str(data[name])
+    return None
+
+
+def int_option(argv: Sequence[str], name: str) -> Optional[int]:
+    raw = flag_value(argv, name)
+    if raw is None or raw == "":
+        raw = _config_file_value(argv, name)
+    if raw is None or raw == "":
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise LaunchError(f"--{name} {raw!r} is not an integer") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# Slurm environment
+# ------------------------------------------------------------------------------------------------
+
+def in_allocation(env: Mapping[str, str]) -> bool:
+    return bool(env.get("SLURM_JOB_ID"))
+
+
+def in_step(env: Mapping[str, str]) -> bool:
+    """True inside an srun task (the batch script itself has no SLURM_STEP_ID)."""
+    return in_allocation(env) and bool(env.get("SLURM_STEP_ID")) and env.get(
+        "SLURM_STEP_ID") not in ("batch", "extern", "4294967294", "4294967291")
+
+
+def slurm_nnodes(env: Mapping[str, str]) -> Optional[int]:
+    for key in ("SLURM_JOB_NUM_NODES", "SLURM_NNODES"):
+        if env.get(key):
+            return int(env[key])
+    return None
+
+
+def _count_gres(spec: str, all_gpus: bool = False) -> Optional[int]:
+    """'8' | 'gpu:8' | 'gpu:h100:8' | 'gpu:8(IDX:0-7)' | 'gpu:a:4,gpu:b:4' -> number of GPUs.
+    all_gpus: every entry is a GPU count ('h100:4', as in --gpus-per-node)."""
+    total, found = 0, False
+    for part in spec.split(","):
+        part = re.sub(r"\(.*?\)", "", part.strip())
+        if not part:
+            continue
+        fields = part.split(":")
+        if len(fields) >= 2 and fields[0] != "gpu" and not all_gpus:
+            continue  # another gres type
+        try:
+            total += int(fields[-1])
+            found = True
+        except ValueError:
+            if len(fields) >= 2:  # 'gpu:h100' with no count = 1
+                total += 1
+                found = True
+    return total if found else None
+
+
+def slurm_gpus_per_node(env: Mapping[str, str]) -> Optional[int]:
+    """GPUs the job has on each node, or None when the job asked for none (no --gres/--gpus*).
+
+    SLURM_GPUS_ON_NODE (set by recent Slurm for gres jobs), else SLURM_JOB_GPUS / SLURM_STEP_GPUS
+    (comma-separated indices), else SLURM_GPUS_PER_NODE ('8' or 'gpu:8'), else
+    SLURM_JOB_GRES / SLURM_TRES_PER_NODE ('gpu:8' or 'gres/gpu:8')."""
+    if env.get("SLURM_GPUS_ON_NODE"):
+        return int(env["SLURM_GPUS_ON_NODE"])
+    for key in ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS"):
+        if env.get(key):
+            return len([x for x in env[key].split(",") if x.strip()])
+    for key in ("SLURM_GPUS_PER_NODE", "SLURM_JOB_GRES", "SLURM_TRES_PER_NODE"):
+        if env.get(key):
+            n = _count_gres(env[key].replace("gres/", "").replace("gres:", ""),
+                            all_gpus=key == "SLURM_GPUS_PER_NODE")
+            if n is not None:
+                return n
+    return None
+
+
+def _split_top(s: str) -> list[str]:
+    """Split on commas outside brackets."""
+    out, depth, cur = [], 0, ""
+    for ch in s:
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    out.append(cur)
+    return [x for x in (o.strip() for o in out) if x]
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Slurm hostlist expression -> host names ('n[01-03,7],m1' -> n01 n02 n03 n7 m1).
+    Used when `scontrol show hostnames` is not available."""
+    hosts: list[str] = []
+    for item in _split_top(nodelist):
+        m = re.match(r"^([^\[]*)\[([^\]]*)\](.*)$", item)
+        if not m:
+            hosts.append(item)
+            continue
+        prefix, ranges, rest = m.groups()
+        names = []
+        for r in ranges.split(","):
+            if "-" in r:
+                lo, hi = r.split("-", 1)
+                names += [f"{prefix}{i:0{len(lo)}d}" for i in range(int(lo), int(hi) + 1)]
+            else:
+                names.append(prefix + r)
+        tails = expand_nodelist(rest) if rest else [""]
+        hosts += [n + t for n in names for t in tails]
+    return hosts
+
+
+def scontrol_hostnames(nodelist: str) -> list[str]:
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                             text=True, timeout=30, check=True).stdout.split()
+        if out:
+            return out
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return expand_nodelist(nodelist)
+
+
+def first_host(env: Mapping[str, str],
+               hostnames: Callable[[str], list[str]] = scontrol_hostnames) -> str:
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not nodelist:
+        raise LaunchError("SLURM_JOB_NODELIST is not set: cannot find the rendezvous host")
+    return hostnames(nodelist)[0]
+
+
+def port_from_job_id(job_id: str | int) -> int:
+    """A port in [15000, 30000) derived from the job id: concurrent jobs sharing a first node
+    get different ports (ids that differ by less than 15000)."""
+    return PORT_BASE + int(job_id) % PORT_SPAN
+
+
+def port_is_free(port: int, host: str = "") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def pick_port(job_id: str | int, is_free: Callable[[int], bool] = port_is_free,
+              tries: int = 64) -> int:
+    """The job's derived port, or the next free one after it (checked on this host, which in a
+    batch script is the first node of the allocation, where the rendezvous store listens)."""
+    base = port_from_job_id(job_id)
+    for i in range(tries):
+        port = PORT_BASE + (base - PORT_BASE + i) % PORT_SPAN
+        if is_free(port):
+            return port
+    raise LaunchError(f"no free port in {base}..{base + tries - 1} on {socket.gethostname()}; "
+                      "set MASTER_PORT")
+
+
+# ------------------------------------------------------------------------------------------------
+# Refusals
+# ------------------------------------------------------------------------------------------------
+
+def _truthy(v: Optional[str]) -> bool:
+    return (v or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def check_slurm_shape(num_nodes: Optional[int], num_gpu_per_node: Optional[int],
+                      env: Mapping[str, str]) -> tuple[int, int, list[str]]:
+    """Compare the flags with the job. Returns (nnodes, nproc_per_node, notes) or raises
+    LaunchError naming what to change."""
+    notes: list[str] = []
+    errors: list[str] = []
+    nnodes = slurm_nnodes(env)
+    if nnodes is None:
+        raise LaunchError("inside a Slurm job but SLURM_JOB_NUM_NODES/SLURM_NNODES is not set")
+    if num_nodes is None:
+        notes.append(f"num_nodes not given: using the job's {nnodes} node(s)")
+        num_nodes = nnodes
+    elif num_nodes != nnodes:
+        errors.append(
+            f"num_nodes={num_nodes} but the job has {nnodes} node(s) (#SBATCH --nodes={nnodes}, "
+            f"SLURM_NNODES={nnodes}): set num_nodes={nnodes} in the script, or "
+            f"#SBATCH --nodes={num_nodes} (the two must be equal)")
+    gpus = slurm_gpus_per_node(env)
+    allow_cpu = _truthy(env.get("MEGAMOE_ALLOW_CPU"))
+    if gpus is None:
+        if not allow_cpu:
+            want = num_gpu_per_node if num_gpu_per_node else "N"
+            errors.append(
+                f"the job has no GPUs (no --gres=gpu:N): add #SBATCH --gres=gpu:{want} "
+                f"to match num_gpu_per_node={num_gpu_per_node}, or, on a CPU-only cluster, set "
+                f"MEGAMOE_ALLOW_CPU=1 to run num_gpu_per_node processes per node on CPUs")
+        elif num_gpu_per_node is None:
+            errors.append("num_gpu_per_node is not given and the job has no GPUs: set "
+                          "num_gpu_per_node (the number of CPU processes per node)")
+        else:
+            notes.append(f"no GPUs in the job; MEGAMOE_ALLOW_CPU=1: {num_gpu_per_node} CPU "
+                         "process(es) per node")
+    else:
+        if num_gpu_per_node is None:
+            notes.append(f"num_gpu_per_node not given: using the job's {gpus} GPU(s) per node")
+            num_gpu_per_node = gpus
+        elif num_gpu_per_node != gpus:
+            errors.append(
+                f"num_gpu_per_node={num_gpu_per_node} but the job has {gpus} GPU(s) per node "
+                f"(#SBATCH --gres=gpu:{gpus}): set num_gpu_per_node={gpus} in the script, or "
+                f"#SBATCH --gres=gpu:{num_gpu_per_node} (the two must agree)")
+    if num_gpu_per_node is not None and num_gpu_per_node < 1:
+        errors.append(f"num_gpu_per_node={num_gpu_per_node} must be at least 1")
+    if errors:
+        raise LaunchError("refusing to start:\n  - " + "\n  - ".join(errors))
+    return int(num_nodes), int(num_gpu_per_node), notes
+
+
+def check_local_shape(num_nodes: Optional[int], num_gpu_per_node: Optional[int],
+                      env: Mapping[str, str], cuda_devices: int) -> tuple[int, list[str]]:
+    """Outside Slurm: one node; num_gpu_per_node GPUs on this machine (or CPU processes with
+    MEGAMOE_ALLOW_CPU=1). Returns (nproc_per_node, notes)."""
+    notes: list[str] = []
+    errors: list[str] = []
+    if num_nodes not in (None, 1):
+        errors.append(f"num_nodes={num_nodes} outside Slurm: this machine is one node; submit the "
+                      "script with sbatch, or set num_nodes=1")
+    allow_cpu = _truthy(env.get("MEGAMOE_ALLOW_CPU"))
+    nproc = num_gpu_per_node
+    if cuda_devices > 0:
+        if nproc is None:
+            nproc = cuda_devices
+            notes.append(f"num_gpu_per_node not given: using this machine's {cuda_devices} GPU(s)")
+        elif nproc > cuda_devices:
+            errors.append(f"num_gpu_per_node={nproc} but this machine has {cuda_devices} GPU(s) "
+                          f"visible: set num_gpu_per_node={cuda_devices} (or fewer)")
+        elif nproc < cuda_devices:
+            notes.append(f"using {nproc} of this machine's {cuda_devices} GPUs")
+    else:
+        if not allow_cpu:
+            errors.append(f"no CUDA GPU on this machine: set MEGAMOE_ALLOW_CPU=1 to run "
+                          f"num_gpu_per_node={nproc if nproc is not None else 1} process(es) on "
+                          "CPUs, or run on a GPU machine")
+        elif nproc is None:
+            nproc = 1
+            notes.append("no GPU; MEGAMOE_ALLOW_CPU=1: one CPU process (num_gpu_per_node not given)")
+        else:
+            notes.append(f"no GPU; MEGAMOE_ALLOW_CPU=1: {nproc} CPU process(es)")
+    if nproc is not None and nproc < 1:
+        errors.append(f"num_gpu_per_node={nproc} must be at least 1")
+    if errors:
+        raise LaunchError("refusing to start:\n  - " + "\n  - ".join(errors))
+    return int(nproc), notes
+
+
+# ------------------------------------------------------------------------------------------------
+# Command lines
+# ------------------------------------------------------------------------------------------------
+
+def default_output_dir(env: Mapping[str, str], now: Optional[datetime.datetime] = None) -> str:
+    """outputs/<job-name>-<job-id> in Slurm (the guide's layout; a requeued job keeps its id and
+    so its directory, and resumes); outputs/<name>-<date-time> outside."""
+    if env.get("SLURM_JOB_ID"):
+        return f"outputs/{env.get('SLURM_JOB_NAME') or 'job'}-{env['SLURM_JOB_ID']}"
+    now = now or datetime.datetime.now()
+    return f"outputs/{env.get('MEGAMOE_JOB_NAME') or 'local'}-{now:%Y%m%d-%H%M%S}"
+
+
+def with_output_dir(train_argv: Sequence[str], env: Mapping[str, str]) -> list[str]:
+    """The trainer flags with --output_dir filled in when missing or empty."""
+    od = flag_value(train_argv, "output_dir")
+    if od:
+        return list(train_argv)
+    if od is None and _config_file_value(train_argv, "output_dir"):
+        return list(train_argv)
+    return set_flag(train_argv, "output_dir", default_output_dir(env))
+
+
+def torchrun_args(nnodes: int, nproc_per_node: int, node_rank: int, master_addr: str,
+                  master_port: int, train_argv: Sequence[str],
+                  module: str = TRAIN_MODULE) -> list[str]:
+    """Arguments of torchrun (static rendezvous: node ranks follow the Slurm node order)."""
+    return ["--nnodes", str(nnodes), "--nproc_per_node", str(nproc_per_node),
+            "--node_rank", str(node_rank), "--master_addr", master_addr,
+            "--master_port", str(master_port), "--max_restarts", "0",
+            "-m", module, *train_argv]
+
+
+def srun_args(nnodes: int, env: Mapping[str, str], python: str,
+              train_argv: Sequence[str]) -> list[str]:
+    """srun: one task per node, each `python -m megamoe.launch FLAGS` (-> torchrun)."""
+    cmd = ["srun", f"--nodes={nnodes}", f"--ntasks={nnodes}", "--ntasks-per-node=1",
+           "--kill-on-bad-exit=1", "--export=ALL"]
+    # Since Slurm 22.05 srun does not inherit --cpus-per-task from sbatch: pass it on, or each
+    # node's torchrun would be confined to one CPU.
+    cpt = env.get("SLURM_CPUS_PER_TASK")
+    if cpt:
+        cmd.append(f"--cpus-per-task={cpt}")
+    return cmd + [python, "-u", "-m", "megamoe.launch", *train_argv]
+
+
+# ------------------------------------------------------------------------------------------------
+# Plans
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    mode: str  # "srun" (batch script) | "node" (srun task) | "local"
+    argv: list[str]  # srun command line, or torchrun arguments
+    train_argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)  # extra environment
+    notes: list[str] = field(default_factory=list)
+    nnodes: int = 1
+    nproc_per_node: int = 1
+
+
+def plan(train_argv: Sequence[str], env: Mapping[str, str], *,
+         python: str = sys.executable,
+         hostnames: Callable[[str], list[str]] = scontrol_hostnames,
+         is_free: Callable[[int], bool] = port_is_free,
+         cuda_devices: Optional[Callable[[], int]] = None) -> Plan:
+    """What to run for these trainer flags in this environment (no side effects)."""
+    train_argv = list(train_argv)
+    num_nodes = int_option(train_argv, "num_nodes")
+    num_gpu = int_option(train_argv, "num_gpu_per_node")
+
+    if in_step(env):
+        # One srun task per node: torchrun for this node.
+        nnodes, nproc, notes = check_slurm_shape(num_nodes, num_gpu, env)
+        step_nodes = env.get("SLURM_STEP_NUM_NODES")
+        if step_nodes and int(step_nodes) != nnodes:
+            raise LaunchError(f"the job step has {step_nodes} node(s) but num_nodes={nnodes}: "
+                              "start one task per node (srun --ntasks-per-node=1)")
+        step_tasks = env.get("SLURM_STEP_NUM_TASKS")
+        if step_tasks and int(step_tasks) != nnodes:
+            raise LaunchError(f"the job step has {step_tasks} tasks on {nnodes} node(s): start "
+                              "one task per node (srun --ntasks-per-node=1); torchrun starts "
+                              "num_gpu_per_node processes on each")
+        addr = env.get("MEGAMOE_MASTER_ADDR") or env.get("MASTER_ADDR") or first_host(env, hostnames)
+        port = env.get("MEGAMOE_MASTER_PORT") or env.get("MASTER_PORT") or str(
+            port_from_job_id(env["SLURM_JOB_ID"]))
+        rank = int(env.get("SLURM_NODEID", env.get("SLURM_PROCID", "0")))
+        train_argv = set_flag(train_argv, "num_nodes", str(nnodes))
+        train_argv = set_flag(train_argv, "num_gpu_per_node", str(nproc))
+        return Plan("node", torchrun_args(nnodes, nproc, rank, addr, int(port), train_argv),
+                    train_argv, notes=notes, nnodes=nnodes, nproc_per_node=nproc)
+
+    if in_allocation(env):
+        # The batch script (or an salloc shell): srun one task per node.
+        nnodes, nproc, notes = check_slurm_shape(num_nodes, num_gpu, env)
+        train_argv = with_output_dir(train_argv, env)
+        addr = first_host(env, hostnames)
+        port = int(env["MASTER_PORT"]) if env.get("MASTER_PORT") else pick_port(
+            env["SLURM_JOB_ID"], is_free)
+        train_argv = set_flag(train_argv, "num_nodes", str(nnodes))
+        train_argv = set_flag(train_argv, "num_gpu_per_node", str(nproc))
+        extra = {"MEGAMOE_MASTER_ADDR": addr, "MEGAMOE_MASTER_PORT": str(port)}
+        return Plan("srun", srun_args(nnodes, env, python, train_argv), train_argv, env=extra,
+                    notes=notes, nnodes=nnodes, nproc_per_node=nproc)
+
+    # Outside Slurm: torchrun alone.
+    if cuda_devices is None:
+        cuda_devices = _cuda_device_count
+    nproc, notes = check_local_shape(num_nodes, num_gpu, env, cuda_devices())
+    train_argv = with_output_dir(train_argv, env)
+    port = int(env["MASTER_PORT"]) if env.get("MASTER_PORT") else _free_port()
+    train_argv = set_flag(train_argv, "num_nodes", "1")
+    train_argv = set_flag(train_argv, "num_gpu_per_node", str(nproc))
+    return Plan("local", torchrun_args(1, nproc, 0, "127.0.0.1", port, train_argv), train_argv,
+                notes=notes, nnodes=1, nproc_per_node=nproc)
+
+
+def _cuda_device_count() -> int:
+    try:
+        import torch
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:
+        return 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# Running
+# ------------------------------------------------------------------------------------------------
+
+def training_finished(output_dir: str) -> bool:
+    """Whether the run in output_dir reached its end (so a preempted job need not be requeued).
+    The trainer marks a finished run; without a marker we assume it did not finish."""
+    od = Path(output_dir)
+    for name in ("FINISHED", "finished", "training_finished"):
+        if (od / name).exists():
+            return True
+    return False
+
+
+def _preflight(train_argv: list[str]) -> None:
+    """The checklist of `megamoe check` on these flags: errors refuse, warnings are printed."""
+    try:
+        from . import preflight
+    except ImportError:
+        return
+    report = preflight.check_flags(train_argv, env=dict(os.environ))
+    for line in report.lines(only_problems=True):
+        log(line)
+    if report.errors:
+        raise LaunchError("refusing to start: the pre-flight check found errors (above); fix "
+                          "them or set MEGAMOE_SKIP_CHECK=1")
+
+
+def _run_torchrun(args: list[str]) -> int:
+    """torchrun in this process; SIGUSR1 is passed to the training processes (our children)."""
+    def forward(signum, frame):
+        try:
+            import psutil
+            for child in psutil.Process().children(recursive=False):
+                try:
+                    child.send_signal(signum)
+                except psutil.Error:
+                    pass
+        except ImportError:
+            pass
+    signal.signal(signal.SIGUSR1, forward)
+    from torch.distributed import run as torchrun
+    try:
+        torchrun.main(args)
+    except SystemExit as e:
+        return int(e.code or 0) if not isinstance(e.code, str) else 1
+    except Exception as e:  # ChildFailedError: torchrun printed the failure report
+        log(f"training failed: {type(e).__name__}")
+        return 1
+    return 0
+
+
+def _run_srun(p: Plan) -> int:
+    env = dict(os.environ)
+    env.update(p.env)
+    got: list[int] = []
+    proc: Optional[subprocess.Popen] = None
+
+    def on_signal(signum, frame):
+        got.append(signum)
+        if signum == signal.SIGUSR1:
+            log("SIGUSR1 (preemption/time-limit warning): asking the trainer to checkpoint and stop")
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGUSR1)  # srun delivers it to every task of the step
+        else:
+            log(f"signal {signum}: waiting for the training processes to stop")
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signum)
+
+    signal.signal(signal.SIGUSR1, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    proc = subprocess.Popen(p.argv, env=env)
+    while True:
+        try:
+            rc = proc.wait()
+            break
+        except InterruptedError:
+            continue
+    output_dir = flag_value(p.train_argv, "output_dir") or ""
+    if signal.SIGUSR1 in got and rc == 0 and not training_finished(output_dir):
+        job = os.environ.get("SLURM_JOB_ID", "")
+        if _truthy(os.environ.get("MEGAMOE_NO_REQUEUE")):
+            log(f"stopped on SIGUSR1; MEGAMOE_NO_REQUEUE=1: not requeueing job {job}")
+        else:
+            log(f"stopped on SIGUSR1 with a checkpoint in {output_dir}: requeueing job {job}; it "
+                "resumes from that checkpoint")
+            r = subprocess.run(["scontrol", "requeue", job])
+            if r.returncode != 0:
+                log(f"scontrol requeue {job} failed (submit with --requeue); resubmit the script "
+                    f"with output_dir={output_dir} to resume")
+    return rc
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    env = dict(os.environ)
+    python = env.get("MEGAMOE_PYTHON") or sys.executable
+    try:
+        p = plan(argv, env, python=python)
+        if p.mode != "node" and not _truthy(env.get("MEGAMOE_SKIP_CHECK")):
+            _preflight(p.train_argv)
+    except LaunchError as e:
+        print(f"{PREFIX} {e}", file=sys.stderr, flush=True)
+        return 2
+    for n in p.notes:
+        if p.mode != "node" or env.get("SLURM_NODEID", "0") == "0":
+            log(n)
+    if p.mode == "srun":
+        od = flag_value(p.train_argv, "output_dir")
+        log(f"job {env.get('SLURM_JOB_NAME')} ({env.get('SLURM_JOB_ID')}): {p.nnodes} node(s) x "
+            f"{p.nproc_per_node} process(es); rendezvous {p.env['MEGAMOE_MASTER_ADDR']}:"
+            f"{p.env['MEGAMOE_MASTER_PORT']}")
+        log(f"output_dir: {od}  (tensorboard: tensorboard --logdir {od}/runs)")
+        log("$ " + shlex.join(p.argv))
+        return _run_srun(p)
+    if p.mode == "local":
+        od = flag_value(p.train_argv, "output_dir")
+        log(f"outside Slurm: torchrun on this machine, {p.nproc_per_node} process(es)")
+        log(f"output_dir: {od}  (tensorboard: tensorboard --logdir {od}/runs)")
+    if p.mode == "local" or env.get("SLURM_NODEID", "0") == "0":
+        log("$ torchrun " + shlex.join(p.argv))
+    return _run_torchrun(p.argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

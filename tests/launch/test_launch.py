@@ -1,0 +1,274 @@
+"""scripts/launch.sh's logic (megamoe/launch.py): argument building and refusals, no Slurm needed."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megamoe import launch as L
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+FLAGS = ["--model_type", "llama_moe", "--num_nodes", "2", "--num_gpu_per_node", "8",
+         "--learning_rate", "2e-4"]
+
+
+def slurm_env(**kw):
+    env = {"SLURM_JOB_ID": "1535835", "SLURM_JOB_NAME": "cpt-moe-fpt-bs16",
+           "SLURM_JOB_NUM_NODES": "2", "SLURM_NNODES": "2",
+           "SLURM_JOB_NODELIST": "SH-IDCA1404-10-140-54-[100,102]",
+           "SLURM_GPUS_ON_NODE": "8", "SLURM_CPUS_PER_TASK": "64"}
+    env.update({k: str(v) for k, v in kw.items() if v is not None})
+    for k in [k for k, v in kw.items() if v is None]:
+        env.pop(k, None)
+    return env
+
+
+def hosts(nodelist):
+    return L.expand_nodelist(nodelist)
+
+
+def always_free(port):
+    return True
+
+
+# ---- flags ------------------------------------------------------------------------------------
+
+def test_flag_value_and_set_flag():
+    argv = ["--a", "1", "--b=2", "--a", "3", "--flag"]
+    assert L.flag_value(argv, "a") == "3"
+    assert L.flag_value(argv, "b") == "2"
+    assert L.flag_value(argv, "flag") == ""
+    assert L.flag_value(argv, "c") is None
+    assert L.set_flag(argv, "a", "9") == ["--b=2", "--flag", "--a", "9"]
+    assert L.set_flag(argv, "b", "5") == ["--a", "1", "--a", "3", "--flag", "--b", "5"]
+
+
+def test_num_nodes_from_config_file(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("num_nodes: 2\nnum_gpu_per_node: 4\n")
+    argv = ["--config", str(cfg)]
+    assert L.int_option(argv, "num_nodes") == 2
+    assert L.int_option(argv + ["--num_nodes", "3"], "num_nodes") == 3
+    with pytest.raises(L.LaunchError, match="not an integer"):
+        L.int_option(["--num_nodes", "two"], "num_nodes")
+
+
+# ---- Slurm environment ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("nodelist,expected", [
+    ("node1", ["node1"]),
+    ("n[01-03,7],m1", ["n01", "n02", "n03", "n7", "m1"]),
+    ("SH-IDCA1404-10-140-54-[100,102]", ["SH-IDCA1404-10-140-54-100", "SH-IDCA1404-10-140-54-102"]),
+    ("a[1-2]-b[3-4]", ["a1-b3", "a1-b4", "a2-b3", "a2-b4"]),
+    ("gpu[008-010]", ["gpu008", "gpu009", "gpu010"]),
+])
+def test_expand_nodelist(nodelist, expected):
+    assert L.expand_nodelist(nodelist) == expected
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({"SLURM_GPUS_ON_NODE": "8"}, 8),
+    ({"SLURM_JOB_GPUS": "0,1,2,3"}, 4),
+    ({"SLURM_STEP_GPUS": "2,3"}, 2),
+    ({"SLURM_GPUS_PER_NODE": "gpu:8"}, 8),
+    ({"SLURM_GPUS_PER_NODE": "h100:4"}, 4),
+    ({"SLURM_GPUS_PER_NODE": "8"}, 8),
+    ({"SLURM_JOB_GRES": "gres/gpu:2"}, 2),
+    ({"SLURM_TRES_PER_NODE": "gres/gpu:a100:4"}, 4),
+    ({"SLURM_JOB_GRES": "gres/nic:1"}, None),
+    ({}, None),
+])
+def test_gpus_per_node(env, expected):
+    assert L.slurm_gpus_per_node(env) == expected
+
+
+def test_port_from_job_id_is_stable_and_in_range():
+    p = L.port_from_job_id(1535835)
+    assert p == L.port_from_job_id("1535835")
+    assert 15000 <= p < 30000
+    assert L.port_from_job_id(1535836) == p + 1
+    for jid in (0, 14999, 15000, 10 ** 9 + 7):
+        assert 15000 <= L.port_from_job_id(jid) < 30000
+
+
+def test_pick_port_skips_busy_ports():
+    base = L.port_from_job_id(42)
+    busy = {base, base + 1}
+    assert L.pick_port(42, lambda p: p not in busy) == base + 2
+    with pytest.raises(L.LaunchError, match="MASTER_PORT"):
+        L.pick_port(42, lambda p: False, tries=3)
+
+
+def test_in_step():
+    assert not L.in_step({})
+    assert not L.in_step({"SLURM_JOB_ID": "1"})
+    assert L.in_step({"SLURM_JOB_ID": "1", "SLURM_STEP_ID": "0"})
+    assert not L.in_step({"SLURM_JOB_ID": "1", "SLURM_STEP_ID": "batch"})
+
+
+# ---- the batch script: srun -------------------------------------------------------------------
+
+def test_batch_plan_builds_srun():
+    env = slurm_env()
+    p = L.plan(FLAGS, env, python="/venv/bin/python", hostnames=hosts, is_free=always_free)
+    assert p.mode == "srun"
+    assert p.argv[:6] == ["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1",
+                          "--kill-on-bad-exit=1", "--export=ALL"]
+    assert "--cpus-per-task=64" in p.argv
+    i = p.argv.index("/venv/bin/python")
+    assert p.argv[i:i + 4] == ["/venv/bin/python", "-u", "-m", "megamoe.launch"]
+    assert p.env == {"MEGAMOE_MASTER_ADDR": "SH-IDCA1404-10-140-54-100",
+                     "MEGAMOE_MASTER_PORT": str(L.port_from_job_id(1535835))}
+    # outputs/<job-name>-<job-id>, the guide's layout
+    assert L.flag_value(p.train_argv, "output_dir") == "outputs/cpt-moe-fpt-bs16-1535835"
+    assert p.argv[i + 4:] == p.train_argv
+    assert (p.nnodes, p.nproc_per_node) == (2, 8)
+
+
+def test_batch_plan_keeps_given_output_dir_and_fills_an_empty_one():
+    env = slurm_env()
+    p = L.plan(FLAGS + ["--output_dir", "/runs/x"], env, hostnames=hosts, is_free=always_free)
+    assert L.flag_value(p.train_argv, "output_dir") == "/runs/x"
+    p = L.plan(FLAGS + ["--output_dir", ""], env, hostnames=hosts, is_free=always_free)
+    assert L.flag_value(p.train_argv, "output_dir") == "outputs/cpt-moe-fpt-bs16-1535835"
+    assert p.train_argv.count("--output_dir") == 1
+
+
+def test_batch_plan_master_port_override():
+    p = L.plan(FLAGS, slurm_env(MASTER_PORT="23456"), hostnames=hosts, is_free=always_free)
+    assert p.env["MEGAMOE_MASTER_PORT"] == "23456"
+
+
+def test_refuses_num_nodes_not_nodes():
+    with pytest.raises(L.LaunchError) as e:
+        L.plan(FLAGS, slurm_env(SLURM_JOB_NUM_NODES=1, SLURM_NNODES=1), hostnames=hosts,
+               is_free=always_free)
+    msg = str(e.value)
+    assert "num_nodes=2 but the job has 1 node(s)" in msg
+    assert "set num_nodes=1" in msg and "#SBATCH --nodes=2" in msg
+
+
+def test_refuses_gpus_not_gres():
+    with pytest.raises(L.LaunchError) as e:
+        L.plan(FLAGS, slurm_env(SLURM_GPUS_ON_NODE=4), hostnames=hosts, is_free=always_free)
+    msg = str(e.value)
+    assert "num_gpu_per_node=8 but the job has 4 GPU(s) per node" in msg
+    assert "num_gpu_per_node=4" in msg and "--gres=gpu:8" in msg
+
+
+def test_refuses_both_at_once():
+    with pytest.raises(L.LaunchError) as e:
+        L.plan(FLAGS, slurm_env(SLURM_JOB_NUM_NODES=1, SLURM_NNODES=1, SLURM_GPUS_ON_NODE=2),
+               hostnames=hosts, is_free=always_free)
+    assert "num_nodes=2" in str(e.value) and "num_gpu_per_node=8" in str(e.value)
+
+
+def test_no_gres_refused_unless_cpu_allowed():
+    env = slurm_env(SLURM_GPUS_ON_NODE=None)
+    with pytest.raises(L.LaunchError, match="no GPUs .*--gres=gpu:8.*MEGAMOE_ALLOW_CPU=1"):
+        L.plan(FLAGS, env, hostnames=hosts, is_free=always_free)
+    env["MEGAMOE_ALLOW_CPU"] = "1"
+    p = L.plan(FLAGS, env, hostnames=hosts, is_free=always_free)
+    assert (p.nnodes, p.nproc_per_node) == (2, 8)
+    assert any("CPU" in n for n in p.notes)
+
+
+def test_missing_sizes_are_taken_from_the_job():
+    p = L.plan(["--model_type", "llama"], slurm_env(), hostnames=hosts, is_free=always_free)
+    assert (p.nnodes, p.nproc_per_node) == (2, 8)
+    assert L.flag_value(p.train_argv, "num_nodes") == "2"
+    assert L.flag_value(p.train_argv, "num_gpu_per_node") == "8"
+
+
+def test_no_cpus_per_task_no_flag():
+    p = L.plan(FLAGS, slurm_env(SLURM_CPUS_PER_TASK=None), hostnames=hosts, is_free=always_free)
+    assert not any(a.startswith("--cpus-per-task") for a in p.argv)
+
+
+# ---- each srun task: torchrun -----------------------------------------------------------------
+
+def test_node_plan_builds_torchrun():
+    env = slurm_env(SLURM_STEP_ID=0, SLURM_NODEID=1, SLURM_PROCID=1, SLURM_STEP_NUM_NODES=2,
+                    SLURM_STEP_NUM_TASKS=2, MEGAMOE_MASTER_ADDR="SH-IDCA1404-10-140-54-100",
+                    MEGAMOE_MASTER_PORT=21234)
+    flags = FLAGS + ["--output_dir", "outputs/x-1"]
+    p = L.plan(flags, env, hostnames=hosts)
+    assert p.mode == "node"
+    assert p.argv[:12] == ["--nnodes", "2", "--nproc_per_node", "8", "--node_rank", "1",
+                           "--master_addr", "SH-IDCA1404-10-140-54-100", "--master_port",
+                           "21234", "--max_restarts", "0"]
+    assert p.argv[12:14] == ["-m", "megamoe.train"]
+    assert L.flag_value(p.argv, "output_dir") == "outputs/x-1"
+
+
+def test_node_plan_without_batch_rendezvous_derives_it():
+    env = slurm_env(SLURM_STEP_ID=0, SLURM_NODEID=0)
+    p = L.plan(FLAGS, env, hostnames=hosts)
+    assert L.flag_value(p.argv, "master_addr") == "SH-IDCA1404-10-140-54-100"
+    assert L.flag_value(p.argv, "master_port") == str(L.port_from_job_id(1535835))
+    assert L.flag_value(p.argv, "node_rank") == "0"
+
+
+def test_node_plan_refuses_several_tasks_per_node():
+    env = slurm_env(SLURM_STEP_ID=0, SLURM_NODEID=0, SLURM_STEP_NUM_NODES=2,
+                    SLURM_STEP_NUM_TASKS=16)
+    with pytest.raises(L.LaunchError, match="one task per node"):
+        L.plan(FLAGS, env, hostnames=hosts)
+
+
+# ---- outside Slurm ----------------------------------------------------------------------------
+
+def test_local_plan_with_gpus():
+    p = L.plan(["--num_nodes", "1", "--num_gpu_per_node", "4"], {}, cuda_devices=lambda: 8)
+    assert p.mode == "local"
+    assert p.argv[:8] == ["--nnodes", "1", "--nproc_per_node", "4", "--node_rank", "0",
+                          "--master_addr", "127.0.0.1"]
+    od = L.flag_value(p.train_argv, "output_dir")
+    assert od.startswith("outputs/local-")
+
+
+def test_local_refusals():
+    with pytest.raises(L.LaunchError, match="num_nodes=2 outside Slurm"):
+        L.plan(["--num_nodes", "2", "--num_gpu_per_node", "8"], {}, cuda_devices=lambda: 8)
+    with pytest.raises(L.LaunchError, match="num_gpu_per_node=8 but this machine has 2 GPU"):
+        L.plan(["--num_nodes", "1", "--num_gpu_per_node", "8"], {}, cuda_devices=lambda: 2)
+    with pytest.raises(L.LaunchError, match="no CUDA GPU.*MEGAMOE_ALLOW_CPU=1"):
+        L.plan(["--num_nodes", "1", "--num_gpu_per_node", "2"], {}, cuda_devices=lambda: 0)
+
+
+def test_local_cpu_allowed():
+    p = L.plan(["--num_gpu_per_node", "2"], {"MEGAMOE_ALLOW_CPU": "1", "MASTER_PORT": "29999"},
+               cuda_devices=lambda: 0)
+    assert L.flag_value(p.argv, "nproc_per_node") == "2"
+    assert L.flag_value(p.argv, "master_port") == "29999"
+    assert L.flag_value(p.train_argv, "num_nodes") == "1"
+
+
+# ---- the shell wrapper ------------------------------------------------------------------------
+
+def test_launch_sh_dry_run_records_arguments(tmp_path):
+    out = tmp_path / "argv"
+    env = dict(os.environ, MEGAMOE_LAUNCH_DRY_RUN=str(out))
+    args = ["--comment", "two words", "--output_dir", "", "--x=y"]
+    subprocess.run(["bash", os.path.join(ROOT, "scripts", "launch.sh"), *args], env=env,
+                   check=True)
+    assert out.read_bytes().decode().split("\0")[:-1] == args
+
+
+def test_launch_sh_refusal_message_and_exit_code():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(SLURM_JOB_ID="77", SLURM_JOB_NAME="t", SLURM_JOB_NUM_NODES="1",
+               SLURM_NNODES="1", SLURM_JOB_NODELIST="localhost", MEGAMOE_ALLOW_CPU="1",
+               MEGAMOE_PYTHON=sys.executable)
+    r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "launch.sh"), "--num_nodes", "2",
+                        "--num_gpu_per_node", "1"], env=env, capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "num_nodes=2 but the job has 1 node(s)" in r.stderr
+    assert "set num_nodes=1 in the script, or #SBATCH --nodes=2" in r.stderr
+
+
+def test_training_finished_marker(tmp_path):
+    assert not L.training_finished(str(tmp_path))
+    (tmp_path / "FINISHED").write_text("")
+    assert L.training_finished(str(tmp_path))
