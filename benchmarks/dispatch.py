@@ -4,7 +4,8 @@ For T in {4096, 8192, 16384} tokens, d = 4096, bf16, E = 16 experts, k in {2, 4}
 backward of permute and unpermute (the megamoe._C ops themselves), in ms, in GB/s counting the bytes
 each op must read and write at least once, and as a fraction of the bandwidth of a plain
 device-to-device copy (torch's copy_) of a buffer of the same size, measured alongside. Also times
-make_routing and, for comparison, the pure-PyTorch reference of the two forwards.
+make_routing and, for comparison ("ref ms"), the pure-PyTorch references of make_routing and of
+the two forwards.
 
     python benchmarks/dispatch.py [--tokens 4096 8192] [--topk 2 4] [--hidden 4096] [--reps 50]
 
@@ -95,7 +96,8 @@ def main() -> None:
                 print(f"{name:<18}{T:>6}{k:>3}{ms:>9.3f}{gbs:>8.0f}{copy_gbs:>11.0f}{gbs / copy_gbs:>9.0%}"
                       f"{ref_ms:>9}")
             ms = time_ms(lambda: D.make_routing(idx, E), args.warmup, args.reps)
-            print(f"{'make_routing':<18}{T:>6}{k:>3}{ms:>9.3f}")
+            ref_ms = "" if args.no_reference else f"{time_ms(lambda: D.make_routing_reference(idx, E), 3, 10):.3f}"
+            print(f"{'make_routing':<18}{T:>6}{k:>3}{ms:>9.3f}{'':>28}{ref_ms:>9}")
             del x, y, g_rows, g_tok, s, routing, m
             torch.cuda.empty_cache()
 

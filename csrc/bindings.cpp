@@ -7,6 +7,7 @@
 #include "dispatch.h"
 
 TORCH_LIBRARY(megamoe, m) {
+  m.def("make_routing(Tensor topk_idx, int num_experts) -> (Tensor row_id_map, Tensor tokens_per_expert)");
   m.def("permute(Tensor x, Tensor row_id_map, int topk) -> Tensor");
   m.def("unpermute(Tensor y, Tensor row_id_map, Tensor? scores, int topk, float scale) -> Tensor");
   m.def(
@@ -15,6 +16,7 @@ TORCH_LIBRARY(megamoe, m) {
 }
 
 TORCH_LIBRARY_IMPL(megamoe, CPU, m) {
+  m.impl("make_routing", &megamoe::make_routing_cpu);
   m.impl("permute", &megamoe::permute_cpu);
   m.impl("unpermute", &megamoe::unpermute_cpu);
   m.impl("unpermute_backward", &megamoe::unpermute_backward_cpu);
@@ -22,6 +24,7 @@ TORCH_LIBRARY_IMPL(megamoe, CPU, m) {
 
 #ifdef MEGAMOE_WITH_CUDA
 TORCH_LIBRARY_IMPL(megamoe, CUDA, m) {
+  m.impl("make_routing", &megamoe::make_routing_cuda);
   m.impl("permute", &megamoe::permute_cuda);
   m.impl("unpermute", &megamoe::unpermute_cuda);
   m.impl("unpermute_backward", &megamoe::unpermute_backward_cuda);
@@ -31,7 +34,8 @@ TORCH_LIBRARY_IMPL(megamoe, CUDA, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() =
       "megamoe token dispatch/combine kernels. Importing this module registers "
-      "torch.ops.megamoe.{permute, unpermute, unpermute_backward}; use megamoe.model.moe.dispatch.";
+      "torch.ops.megamoe.{make_routing, permute, unpermute, unpermute_backward}; use megamoe.model.moe.dispatch.";
+  m.attr("max_routing_experts") = megamoe::kMaxRoutingExperts;
 #ifdef MEGAMOE_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

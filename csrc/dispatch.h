@@ -1,5 +1,8 @@
 // Token dispatch (permute) and combine (weighted unpermute) for MoE layers.
 //
+// Routing (make_routing): a stable counting sort of the flattened expert ids topk_idx[T,k] gives
+// row_id_map (int32) and tokens_per_expert[E] (int64), with no host synchronisation.
+//
 // Shapes: T tokens, hidden size d, each token routed to k experts. Copy (t, j) of token t has
 // flat index i = t*k + j; row_id_map[i] (int32) is its row in the expert-sorted buffer of T*k rows.
 //
@@ -19,6 +22,9 @@
 #include <tuple>
 
 namespace megamoe {
+
+// The CUDA routing kernel keeps 33 counters per expert in shared memory (48 KiB at most).
+constexpr int64_t kMaxRoutingExperts = 256;
 
 // --- argument checks shared by the CPU and CUDA implementations -------------------------------
 
@@ -50,12 +56,23 @@ inline void check_scores(const at::Tensor& scores, int64_t num_tokens, int64_t t
               scores.scalar_type());
 }
 
+inline void check_topk_idx(const at::Tensor& topk_idx, int64_t num_experts) {
+  TORCH_CHECK(topk_idx.dim() == 2, "megamoe: topk_idx must be 2-D [tokens, k], got shape ", topk_idx.sizes());
+  TORCH_CHECK(topk_idx.scalar_type() == at::kLong || topk_idx.scalar_type() == at::kInt,
+              "megamoe: topk_idx must be int64 or int32, got ", topk_idx.scalar_type());
+  TORCH_CHECK(num_experts >= 1 && num_experts <= kMaxRoutingExperts, "megamoe: num_experts must be in [1, ",
+              kMaxRoutingExperts, "], got ", num_experts);
+  TORCH_CHECK(topk_idx.numel() < (int64_t{1} << 31), "megamoe: too many token copies for an int32 row_id_map");
+}
+
 // The dtype in which sums are accumulated (and scores are read) for inputs of dtype `t`.
 inline at::ScalarType acc_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 // --- CPU (dispatch_cpu.cpp) -------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> make_routing_cpu(const at::Tensor& topk_idx, int64_t num_experts);
 
 at::Tensor permute_cpu(const at::Tensor& x, const at::Tensor& row_id_map, int64_t topk);
 at::Tensor unpermute_cpu(const at::Tensor& y, const at::Tensor& row_id_map,
@@ -68,6 +85,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(const at::Tensor& grad
 // --- CUDA (dispatch_cuda.cu), built only with -DMEGAMOE_WITH_CUDA -----------------------------
 
 #ifdef MEGAMOE_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor> make_routing_cuda(const at::Tensor& topk_idx, int64_t num_experts);
 at::Tensor permute_cuda(const at::Tensor& x, const at::Tensor& row_id_map, int64_t topk);
 at::Tensor unpermute_cuda(const at::Tensor& y, const at::Tensor& row_id_map,
                           const std::optional<at::Tensor>& scores, int64_t topk, double scale);

@@ -30,6 +30,30 @@ void check_map_range(const at::Tensor& map, int64_t num_rows) {
 
 }  // namespace
 
+// Stable counting sort: rows of expert e start after all experts < e, in copy order.
+std::tuple<at::Tensor, at::Tensor> make_routing_cpu(const at::Tensor& topk_idx, int64_t num_experts) {
+  check_topk_idx(topk_idx, num_experts);
+  const at::Tensor idx = topk_idx.contiguous().to(at::kLong);
+  const int64_t n = idx.numel();
+  const int64_t* e = idx.const_data_ptr<int64_t>();
+  at::Tensor counts = at::zeros({num_experts}, idx.options());
+  int64_t* c = counts.mutable_data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(e[i] >= 0 && e[i] < num_experts, "megamoe: expert index ", e[i], " is outside [0, ", num_experts,
+                ")");
+    ++c[e[i]];
+  }
+  std::vector<int64_t> next(num_experts);  // next free row of each expert
+  for (int64_t x = 0, start = 0; x < num_experts; ++x) {
+    next[x] = start;
+    start += c[x];
+  }
+  at::Tensor row_id_map = at::empty({n}, idx.options().dtype(at::kInt));
+  int32_t* r = row_id_map.mutable_data_ptr<int32_t>();
+  for (int64_t i = 0; i < n; ++i) r[i] = static_cast<int32_t>(next[e[i]]++);
+  return {row_id_map, counts};
+}
+
 at::Tensor permute_cpu(const at::Tensor& x_in, const at::Tensor& map_in, int64_t topk) {
   check_row_id_map(map_in, topk);
   check_same_device(x_in, map_in, "row_id_map");

@@ -9,6 +9,7 @@
 //                      the k score gradients (warp shuffles, then one shared-memory pass).
 // Rows are moved with 16-byte loads/stores when every row start is 16-byte aligned (d*sizeof(T)
 // a multiple of 16 and 16-byte aligned base pointers), else element by element.
+// make_routing is a one-block stable counting sort (see routing_kernel).
 // Nothing here synchronises with the host; everything is launched on the current stream.
 #include "dispatch.h"
 
@@ -51,6 +52,99 @@ __device__ __forceinline__ T warp_sum(T v) {
 #pragma unroll
   for (int offset = kWarp / 2; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
   return v;
+}
+
+// Lanes of the warp holding the same value as this lane (bit l set for lane l).
+__device__ __forceinline__ unsigned match_any(int v) {
+#if __CUDA_ARCH__ >= 700
+  return __match_any_sync(0xffffffffu, v);
+#else
+  unsigned m = 0;
+  for (int l = 0; l < kWarp; ++l) m |= unsigned(__shfl_sync(0xffffffffu, v, l) == v) << l;
+  return m;
+#endif
+}
+
+// Routing metadata in one launch of one block of kRoutingThreads threads: a stable counting sort of
+// the n = T*k expert ids. Warp w owns the contiguous segment [w*seg, (w+1)*seg) of copies and walks
+// it in tiles of 32; __match_any_sync finds the lanes of a tile that share an expert, so a lane's
+// rank among them is the popcount of the lower lanes in its mask (copy order is kept: stable).
+//   pass 1: count[w][e] = copies of expert e in segment w
+//   scan:   count[w][e] <- copies of e in segments < w;  base[e] = copies of experts < e
+//   pass 2: row of copy i (expert e, segment w) = base[e] + count[w][e] + rank so far in segment w
+// Far fewer launches and less GPU time than a radix sort + scatter + searchsorted in torch ops.
+constexpr int kRoutingThreads = 1024;
+constexpr int kRoutingWarps = kRoutingThreads / kWarp;
+
+template <typename idx_t>
+__global__ void __launch_bounds__(kRoutingThreads)
+    routing_kernel(const idx_t* __restrict__ experts, int64_t n, int num_experts, int32_t* __restrict__ row_id_map,
+                   int64_t* __restrict__ tokens_per_expert) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  int32_t* count = reinterpret_cast<int32_t*>(smem_raw);  // [kRoutingWarps][num_experts]
+  int32_t* base = count + kRoutingWarps * num_experts;     // [num_experts]
+  const int warp = threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  const unsigned lower_lanes = (1u << lane) - 1u;
+  for (int i = threadIdx.x; i < kRoutingWarps * num_experts; i += blockDim.x) count[i] = 0;
+  __syncthreads();
+
+  const int64_t seg = (n + kRoutingWarps - 1) / kRoutingWarps;
+  const int64_t begin = warp * seg;
+  const int64_t end = begin + seg < n ? begin + seg : n;
+  int32_t* my_count = count + warp * num_experts;
+  // The loop bounds are warp-uniform, so every lane takes part in each tile's shuffles.
+  for (int64_t tile = begin; tile < end; tile += kWarp) {
+    const int64_t i = tile + lane;
+    int e = -1;  // -1: no copy (past the end) or a bad id; such lanes are ignored
+    if (i < end) {
+      const idx_t raw = experts[i];
+      CUDA_KERNEL_ASSERT(raw >= 0 && raw < num_experts && "megamoe: expert index out of range");
+      if (raw >= 0 && raw < num_experts) e = static_cast<int>(raw);
+    }
+    const unsigned same = match_any(e);
+    if (e >= 0 && (same & lower_lanes) == 0) my_count[e] += __popc(same);  // one lane per expert
+    __syncwarp();
+  }
+  __syncthreads();
+
+  for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {
+    int32_t run = 0;
+    for (int w = 0; w < kRoutingWarps; ++w) {
+      const int32_t c = count[w * num_experts + e];
+      count[w * num_experts + e] = run;
+      run += c;
+    }
+    base[e] = run;  // this expert's total, turned into an offset below
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {  // num_experts <= kMaxRoutingExperts: a serial scan is cheap
+    int32_t start = 0;
+    for (int e = 0; e < num_experts; ++e) {
+      const int32_t total = base[e];
+      tokens_per_expert[e] = total;
+      base[e] = start;
+      start += total;
+    }
+  }
+  __syncthreads();
+
+  for (int64_t tile = begin; tile < end; tile += kWarp) {
+    const int64_t i = tile + lane;
+    int e = -1;
+    if (i < end) {
+      const idx_t raw = experts[i];
+      if (raw >= 0 && raw < num_experts) e = static_cast<int>(raw);
+    }
+    const unsigned same = match_any(e);
+    const int32_t before = e >= 0 ? my_count[e] : 0;
+    __syncwarp();  // every lane has read my_count before the leaders advance it
+    if (e >= 0) {
+      row_id_map[i] = base[e] + before + __popc(same & lower_lanes);
+      if ((same & lower_lanes) == 0) my_count[e] = before + __popc(same);
+    }
+    __syncwarp();
+  }
 }
 
 // out[map[t*k+j]] = x[t]: x[t] is read once, its k copies written from registers.
@@ -150,6 +244,26 @@ void check_grid(int64_t num_tokens) {
 }
 
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor> make_routing_cuda(const at::Tensor& topk_idx, int64_t num_experts) {
+  check_topk_idx(topk_idx, num_experts);
+  c10::cuda::CUDAGuard guard(topk_idx.device());
+  const at::Tensor idx = topk_idx.contiguous();
+  const int64_t n = idx.numel();
+  at::Tensor row_id_map = at::empty({n}, idx.options().dtype(at::kInt));
+  at::Tensor tokens_per_expert = at::empty({num_experts}, idx.options().dtype(at::kLong));
+  if (n == 0) return {row_id_map, tokens_per_expert.zero_()};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int E = static_cast<int>(num_experts);
+  const size_t smem = static_cast<size_t>(kRoutingWarps + 1) * E * sizeof(int32_t);  // <= 33 KiB
+  AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "megamoe_make_routing_cuda", [&] {
+    routing_kernel<index_t><<<1, kRoutingThreads, smem, stream>>>(
+        idx.const_data_ptr<index_t>(), n, E, row_id_map.mutable_data_ptr<int32_t>(),
+        tokens_per_expert.mutable_data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {row_id_map, tokens_per_expert};
+}
 
 at::Tensor permute_cuda(const at::Tensor& x_in, const at::Tensor& map_in, int64_t topk) {
   check_row_id_map(map_in, topk);

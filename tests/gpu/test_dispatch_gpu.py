@@ -7,7 +7,7 @@ import torch
 
 from megamoe.model.moe import dispatch as D
 from tests.helpers import rel_err
-from tests.unit.test_dispatch import SHAPES, TOL, check_combine, check_dispatch, random_topk
+from tests.unit.test_dispatch import SHAPES, TOL, check_combine, check_dispatch, check_routing, random_topk
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -24,6 +24,20 @@ def test_cuda_kernels_are_built():
     from megamoe import _C
 
     assert _C.with_cuda, "megamoe._C was built without its CUDA kernels"
+
+
+@pytest.mark.parametrize("T,k,E,experts", [(1, 1, 1, None), (1, 2, 4, None), (37, 3, 4, None), (300, 3, 7, [0, 2, 6]),
+                                           (8192, 4, 16, None), (16384, 8, 64, None), (4099, 2, 256, None),
+                                           (100000, 6, 64, [5, 9, 63]), (70, 2, 300, None)])
+def test_routing_kernel(T, k, E, experts):
+    idx = random_topk(T, k, E, CUDA, experts=experts)
+    r = D.make_routing(idx, E)  # one-block counting sort (E <= 256), torch ops for E = 300
+    check_routing(r, idx, E)
+    ref = D.make_routing_reference(idx, E)
+    assert torch.equal(r.row_id_map, ref.row_id_map) and torch.equal(r.tokens_per_expert, ref.tokens_per_expert)
+    cpu = D.make_routing(idx.cpu(), E)
+    assert torch.equal(r.row_id_map.cpu(), cpu.row_id_map)
+    assert torch.equal(D.make_routing(idx.int(), E).row_id_map, r.row_id_map)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -90,7 +90,7 @@ SHAPES = [  # (T, d, k, E)
 
 def test_extension_is_loaded():
     assert D.HAVE_EXTENSION
-    for op in ("permute", "unpermute", "unpermute_backward"):
+    for op in ("make_routing", "permute", "unpermute", "unpermute_backward"):
         assert hasattr(torch.ops.megamoe, op)
 
 
@@ -170,24 +170,35 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda y: D.combine(y, routing, None), (y,))
 
 
-def test_make_routing_metadata():
-    T, k, E = 300, 3, 7
-    idx = random_topk(T, k, E, experts=[0, 2, 3, 6])
-    r = D.make_routing(idx, E)
-    assert (r.num_tokens, r.topk, r.num_experts) == (T, k, E)
-    assert r.tokens_per_expert.dtype == torch.int64
-    assert torch.equal(r.tokens_per_expert, torch.bincount(idx.flatten(), minlength=E))
-    rows = r.row_id_map.long()
+def check_routing(routing: D.Routing, idx: torch.Tensor, E: int) -> None:
+    """row_id_map is the stable sort of the copies by expert; tokens_per_expert their histogram."""
+    T, k = idx.shape
+    assert (routing.num_tokens, routing.topk, routing.num_experts) == (T, k, E)
+    assert routing.row_id_map.dtype == torch.int32 and routing.tokens_per_expert.dtype == torch.int64
+    assert routing.row_id_map.device == idx.device == routing.tokens_per_expert.device
+    flat = idx.flatten().long().cpu()
+    assert torch.equal(routing.tokens_per_expert.cpu(), torch.bincount(flat, minlength=E))
+    rows = routing.row_id_map.long().cpu()
     assert torch.equal(rows.sort().values, torch.arange(T * k))  # a permutation
     # the copy at each row: experts ascending, and within an expert, copies in order (stable)
     copy_at_row = torch.empty_like(rows)
     copy_at_row[rows] = torch.arange(T * k)
-    expert_at_row = idx.flatten()[copy_at_row]
-    assert torch.equal(expert_at_row, idx.flatten().sort(stable=True).values)
+    expert_at_row = flat[copy_at_row]
+    assert torch.equal(expert_at_row, flat.sort(stable=True).values)
     same = expert_at_row[1:] == expert_at_row[:-1]
     assert bool((copy_at_row[1:][same] > copy_at_row[:-1][same]).all())
-    # int32 expert ids work too
-    assert torch.equal(D.make_routing(idx.int(), E).row_id_map, r.row_id_map)
+
+
+@pytest.mark.parametrize("T,k,E,experts", [(300, 3, 7, [0, 2, 3, 6]), (1, 1, 1, None), (33, 2, 256, None),
+                                           (1000, 8, 64, None), (70, 2, 300, None)])
+def test_make_routing_metadata(T, k, E, experts):
+    idx = random_topk(T, k, E, experts=experts)
+    r = D.make_routing(idx, E)  # the op (E <= 256) or the torch-ops path (E = 300)
+    check_routing(r, idx, E)
+    ref = D.make_routing_reference(idx, E)
+    check_routing(ref, idx, E)
+    assert torch.equal(r.row_id_map, ref.row_id_map) and torch.equal(r.tokens_per_expert, ref.tokens_per_expert)
+    assert torch.equal(D.make_routing(idx.int(), E).row_id_map, r.row_id_map)  # int32 expert ids
 
 
 def test_no_tokens():
@@ -233,6 +244,8 @@ def test_misuse_raises():
         torch.ops.megamoe.permute(torch.randn(6, 8), r.row_id_map.long(), 2)
     with pytest.raises(RuntimeError, match="out of range"):
         torch.ops.megamoe.permute(torch.randn(6, 8), r.row_id_map + 1, 2)
+    with pytest.raises(RuntimeError, match="expert index 7"):
+        torch.ops.megamoe.make_routing(torch.tensor([[0, 7]]), 4)
 
 
 def test_fake_tensor_shapes():
@@ -242,6 +255,8 @@ def test_fake_tensor_shapes():
         m = torch.empty(12, dtype=torch.int32)
         assert torch.ops.megamoe.permute(torch.empty(6, 8), m, 2).shape == (12, 8)
         assert torch.ops.megamoe.unpermute(torch.empty(12, 8), m, torch.empty(6, 2), 2, 1.0).shape == (6, 8)
+        rows, counts = torch.ops.megamoe.make_routing(torch.empty(6, 2, dtype=torch.long), 4)
+        assert rows.shape == (12,) and rows.dtype == torch.int32 and counts.shape == (4,)
 
 
 def test_missing_extension_message_and_reference_fallback():

@@ -13,8 +13,9 @@ Both are differentiable (w.r.t. x; y and scores). Sums are accumulated in fp32 (
 inputs) and written in the input's dtype; score gradients come back in the scores' dtype.
 
 The kernels live in the C++/CUDA extension ``megamoe._C`` (csrc/), registered as
-``torch.ops.megamoe.{permute, unpermute, unpermute_backward}`` for CPU and CUDA tensors. Nothing here
-synchronises with the host on CUDA. :func:`dispatch_reference` and :func:`combine_reference` are a
+``torch.ops.megamoe.{make_routing, permute, unpermute, unpermute_backward}`` for CPU and CUDA tensors. Nothing here
+synchronises with the host on CUDA. :func:`make_routing_reference`, :func:`dispatch_reference` and
+:func:`combine_reference` are a
 slow pure-PyTorch definition of the same maths, used by the tests; they replace the extension only
 when it is missing *and* ``MEGAMOE_ALLOW_REFERENCE_DISPATCH=1`` is set.
 
@@ -30,29 +31,32 @@ from typing import Optional
 
 import torch
 
-__all__ = ["Routing", "make_routing", "dispatch", "combine", "dispatch_reference", "combine_reference",
-           "HAVE_EXTENSION"]
+__all__ = ["Routing", "make_routing", "make_routing_reference", "dispatch", "combine", "dispatch_reference",
+           "combine_reference", "HAVE_EXTENSION"]
 
 _ALLOW_REFERENCE_ENV = "MEGAMOE_ALLOW_REFERENCE_DISPATCH"
 _DEBUG_ENV = "MEGAMOE_DEBUG_DISPATCH"
 
 
-def _load_extension() -> bool:
+def _load_extension():
     try:
-        from ... import _C  # noqa: F401  (loading the library registers torch.ops.megamoe.*)
+        from ... import _C  # loading the library registers torch.ops.megamoe.*
     except ImportError as e:
         if os.environ.get(_ALLOW_REFERENCE_ENV) == "1":
             warnings.warn(f"megamoe._C is not available ({e}); {_ALLOW_REFERENCE_ENV}=1, so MoE dispatch "
                           "uses the slow pure-PyTorch reference", RuntimeWarning, stacklevel=3)
-            return False
+            return None
         raise ImportError(
             f"megamoe._C (the MoE token dispatch/combine kernels) is missing or failed to load: {e}. "
             "Run `make setup` / scripts/setup_env.sh to build megamoe._C, or set "
             f"{_ALLOW_REFERENCE_ENV}=1 to fall back to the slow pure-PyTorch reference.") from e
-    return True
+    return _C
 
 
-HAVE_EXTENSION = _load_extension()
+_ext = _load_extension()
+HAVE_EXTENSION = _ext is not None
+# The routing kernel's limit (shared memory per expert); more experts use make_routing_reference.
+_MAX_KERNEL_EXPERTS = _ext.max_routing_experts if HAVE_EXTENSION else 0
 
 
 @dataclass
@@ -69,10 +73,36 @@ class Routing:
 def make_routing(topk_idx: torch.Tensor, num_experts: int) -> Routing:
     """Routing metadata for ``topk_idx [T, k]`` (expert ids in [0, num_experts)), on its device.
 
-    Plain torch ops with no host synchronisation: a stable sort, a scatter and a searchsorted
-    (CUDA's bincount would synchronise, and atomics would make the counts' kernel
-    nondeterministic in deterministic mode).
+    No host synchronisation. The extension's ``make_routing`` op (one launch on CUDA: a stable
+    counting sort) is used for up to ``megamoe._C.max_routing_experts`` experts; otherwise
+    :func:`make_routing_reference`, which gives the same result with torch ops.
     """
+    _check_topk_idx(topk_idx, num_experts)
+    if not HAVE_EXTENSION or num_experts > _MAX_KERNEL_EXPERTS:
+        return make_routing_reference(topk_idx, num_experts)
+    row_id_map, tokens_per_expert = torch.ops.megamoe.make_routing(topk_idx, num_experts)
+    return Routing(row_id_map, tokens_per_expert, topk_idx.shape[0], topk_idx.shape[1], num_experts)
+
+
+def make_routing_reference(topk_idx: torch.Tensor, num_experts: int) -> Routing:
+    """:func:`make_routing` with torch ops: a stable sort, a scatter and a searchsorted.
+
+    Also free of host synchronisation (CUDA's bincount would synchronise, and scatter_add's atomics
+    are nondeterministic), but several launches and a radix sort: 3-10x slower than the kernel.
+    """
+    _check_topk_idx(topk_idx, num_experts)
+    T, k = topk_idx.shape
+    flat = topk_idx.reshape(-1)
+    n, dev = flat.numel(), flat.device
+    sorted_experts, order = torch.sort(flat, stable=True)  # order[p] = copy placed at row p
+    row_id_map = torch.empty(n, dtype=torch.int32, device=dev)
+    row_id_map.scatter_(0, order, torch.arange(n, dtype=torch.int32, device=dev))  # inverse permutation
+    ends = torch.searchsorted(sorted_experts, torch.arange(num_experts, dtype=flat.dtype, device=dev), right=True)
+    tokens_per_expert = torch.diff(ends, prepend=ends.new_zeros(1))
+    return Routing(row_id_map, tokens_per_expert, T, k, num_experts)
+
+
+def _check_topk_idx(topk_idx: torch.Tensor, num_experts: int) -> None:
     if topk_idx.dim() != 2:
         raise ValueError(f"topk_idx must be 2-D [tokens, k], got shape {tuple(topk_idx.shape)}")
     if topk_idx.dtype not in (torch.int64, torch.int32):
@@ -86,15 +116,6 @@ def make_routing(topk_idx: torch.Tensor, num_experts: int) -> Routing:
         raise ValueError(f"{T} tokens x k={k} rows do not fit the int32 row_id_map")
     if topk_idx.device.type == "cpu" or os.environ.get(_DEBUG_ENV) == "1":
         _check_expert_range(topk_idx, num_experts)
-
-    flat = topk_idx.reshape(-1)
-    n, dev = flat.numel(), flat.device
-    sorted_experts, order = torch.sort(flat, stable=True)  # order[p] = copy placed at row p
-    row_id_map = torch.empty(n, dtype=torch.int32, device=dev)
-    row_id_map.scatter_(0, order, torch.arange(n, dtype=torch.int32, device=dev))  # inverse permutation
-    ends = torch.searchsorted(sorted_experts, torch.arange(num_experts, dtype=flat.dtype, device=dev), right=True)
-    tokens_per_expert = torch.diff(ends, prepend=ends.new_zeros(1))
-    return Routing(row_id_map, tokens_per_expert, T, k, num_experts)
 
 
 def _check_expert_range(topk_idx: torch.Tensor, num_experts: int) -> None:
@@ -218,6 +239,9 @@ def combine_reference(y: torch.Tensor, routing: Routing, scores: Optional[torch.
 def _register_fakes() -> None:
     lib = torch.library
 
+    def make_routing_fake(topk_idx, num_experts):
+        return topk_idx.new_empty(topk_idx.numel(), dtype=torch.int32), topk_idx.new_empty(num_experts, dtype=torch.int64)
+
     def permute_fake(x, row_id_map, topk):
         return x.new_empty(row_id_map.shape[0], x.shape[1])
 
@@ -227,7 +251,7 @@ def _register_fakes() -> None:
     def unpermute_backward_fake(grad_out, y, row_id_map, scores, topk, scale):
         return torch.empty_like(y), torch.empty_like(scores)
 
-    for name, fn in (("permute", permute_fake), ("unpermute", unpermute_fake),
+    for name, fn in (("make_routing", make_routing_fake), ("permute", permute_fake), ("unpermute", unpermute_fake),
                      ("unpermute_backward", unpermute_backward_fake)):
         try:
             lib.register_fake(f"megamoe::{name}")(fn)
