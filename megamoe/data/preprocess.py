@@ -280,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer-type", default="Llama2Tokenizer",
                    choices=["Llama2Tokenizer", "SentencePieceTokenizer",
                             "GPTSentencePieceTokenizer"],
-                   help="all read a sentencepiece model; GPTSentencePieceTokenizer adds no BOS")
+                   help="all read a sentencepiece model; as in Megatron-LM, only "
+                        "Llama2Tokenizer (LLaMA's convention) adds BOS to each document")
     g.add_argument("--tokenizer-model", required=True, help="sentencepiece model (tokenizer.model)")
     g.add_argument("--append-eod", action="store_true", help="append EOS to every document")
     g = p.add_argument_group("output data")
@@ -301,7 +302,7 @@ def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     common = dict(tokenizer_model=a.tokenizer_model, json_keys=a.json_keys,
                   append_eod=a.append_eod, workers=a.workers, skip_bad_lines=a.skip_bad_lines,
-                  add_bos=a.tokenizer_type != "GPTSentencePieceTokenizer", dtype=a.dtype,
+                  add_bos=a.tokenizer_type == "Llama2Tokenizer", dtype=a.dtype,
                   batch_lines=a.batch_lines, progress=not a.no_progress,
                   log_interval=a.log_interval)
     if a.domain_folders:

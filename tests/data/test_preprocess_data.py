@@ -193,3 +193,12 @@ def test_command_line_tool(corpus, tmp_path, sp_model):
                          capture_output=True, text=True, cwd=str(tmp_path))
     assert bad.returncode == 1 and "is not a sentencepiece model" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_tokenizer_type_without_bos(tmp_path, helpers, sp_model):
+    inp = helpers.write_jsonl(tmp_path / "x.jsonl", [{"text": "abc def"}])
+    run(inp, tmp_path / "o", sp_model, "--tokenizer-type", "GPTSentencePieceTokenizer",
+        "--append-eod")
+    sp = spm.SentencePieceProcessor(model_file=sp_model)
+    ds = MCoreDataset(str(tmp_path / "o_text_document"))  # keep it: its __del__ closes the mmap
+    assert ds[0].tolist() == sp.encode("abc def") + [2]
