@@ -40,8 +40,14 @@ from megatron.core.transformer.transformer_block import (  # noqa: E402,F401
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset  # noqa: E402,F401
 from megatron.core.tensor_parallel.mappings import (  # noqa: E402,F401
     all_to_all,
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
     reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
 )
+# The trainer (megamoe/train/optim.py): megatron-core's optimizers and checkpoint factories.
+from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory  # noqa: E402,F401
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: E402,F401
 
 from . import cpu_compat  # noqa: E402
 

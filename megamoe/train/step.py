@@ -7,7 +7,7 @@ sequence-parallel norms and gates summed over TP, embedding sync).
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -51,10 +51,14 @@ def _forward_step(data_iterator, model):
 
 
 def forward_backward(model: torch.nn.Module, micro_batches: Iterable[torch.Tensor],
-                     num_microbatches: int, forward_only: bool = False) -> dict:
+                     num_microbatches: int, forward_only: bool = False,
+                     stats_hook: Optional[Callable[[int, dict], None]] = None) -> dict:
     """Run the schedule over `num_microbatches` micro-batches of tokens [b, s] (already on the
     device). Returns, on every rank, the mean LM loss and the summed balance loss over the
-    micro-batches (NaN-safe floats), reduced across pipeline stages."""
+    micro-batches (NaN-safe floats), reduced across pipeline stages.
+
+    `stats_hook(i, moe_stats.last())`, if given, sees the routing statistics of micro-batch i
+    (this stage's MoE layers) after its forward pass."""
     micro_batches = list(micro_batches)
     b, s = micro_batches[0].shape
     AuxLossInjector.scale = 1.0 / num_microbatches
@@ -68,6 +72,8 @@ def forward_backward(model: torch.nn.Module, micro_batches: Iterable[torch.Tenso
                 bl = moe_stats.balance_loss()
                 if bl is not None:
                     balance_sum += bl.double().cpu()
+                if stats_hook is not None:
+                    stats_hook(n_mb - 1, moe_stats.last())
             moe_stats.clear()
             n_mb += 1
             yield mb
@@ -80,12 +86,66 @@ def forward_backward(model: torch.nn.Module, micro_batches: Iterable[torch.Tenso
     last = moe_stats.balance_loss()
     if last is not None:
         balance_sum += last.double().cpu()
+    if stats_hook is not None and n_mb:
+        stats_hook(n_mb - 1, moe_stats.last())
     lm = torch.zeros((), dtype=torch.float64)
     if parallel.is_last_stage() and losses:
         lm = torch.stack([x["lm_loss"].double().cpu() for x in losses]).mean()
     # Stages own different layers: sum the balance losses over stages, take the LM loss from
     # the last stage (others hold 0).
     both = torch.stack([lm, balance_sum / num_microbatches])
-    if parallel.pp_size() > 1:
+    if parallel.pp_size() > 1:  # on the device: NCCL reduces device tensors only
+        both = both.to(micro_batches[0].device)
         torch.distributed.all_reduce(both, group=parallel.pp_group())
+        both = both.cpu()
     return {"lm_loss": both[0].item(), "balance_loss": both[1].item()}
+
+
+def _eval_step(data_iterator, model):
+    tokens = next(data_iterator)
+    position_ids, labels, loss_mask = lm_inputs(tokens)
+    output = model(tokens, position_ids, None, labels=labels)
+
+    def loss_func(per_token_loss):
+        per_sample = (per_token_loss.float() * loss_mask).sum(1) / loss_mask.sum(1)
+        return per_sample.mean(), {"per_sample": per_sample.detach().double().cpu()}
+
+    return output, loss_func
+
+
+@torch.no_grad()
+def forward_eval(model: torch.nn.Module, micro_batches: Iterable[torch.Tensor],
+                 stats_hook: Optional[Callable[[int, dict], None]] = None) -> torch.Tensor:
+    """Forward-only pass over micro-batches of tokens [b, s] (every micro-batch the same shape).
+    Returns the LM loss of every sample (float64, CPU, in order) on every rank, taken from the
+    last pipeline stage. `stats_hook` as in forward_backward."""
+    micro_batches = list(micro_batches)
+    b, s = micro_batches[0].shape
+    n_mb = 0
+
+    def iterator():
+        nonlocal n_mb
+        for mb in micro_batches:
+            if n_mb and stats_hook is not None:
+                stats_hook(n_mb - 1, moe_stats.last())
+            moe_stats.clear()
+            n_mb += 1
+            yield mb
+
+    func = get_forward_backward_func()
+    out = func(forward_step_func=_eval_step, data_iterator=iterator(), model=model,
+               num_microbatches=len(micro_batches), seq_length=s, micro_batch_size=b,
+               forward_only=True)
+    if stats_hook is not None and n_mb:
+        stats_hook(n_mb - 1, moe_stats.last())
+    moe_stats.clear()
+    n = sum(mb.shape[0] for mb in micro_batches)
+    losses = torch.zeros(n, dtype=torch.float64)
+    if parallel.is_last_stage() and out:
+        losses = torch.cat([x["per_sample"] for x in out])
+    if parallel.pp_size() > 1:
+        dev = micro_batches[0].device
+        t = losses.to(dev)
+        torch.distributed.all_reduce(t, group=parallel.pp_group())
+        losses = t.cpu()
+    return losses

@@ -1,0 +1,604 @@
+"""The training run: set up, resume, loop, evaluate, save, export.
+
+Per step (every rank): the next global batch from the domain sampler (this data-parallel rank's
+share), split into gradient_accumulation_steps micro-batches; megatron-core's schedule runs
+forward/backward (step.py; the balance loss reaches the gradients inside the MoE layers);
+losses averaged over data-parallel ranks; a non-finite loss or gradient norm stops the run
+before the update (the last good checkpoint stays the newest); the learning rate of the
+schedule; AdamW with clipping (optim.py). Every eval_steps: every domain's validation loss,
+the dynamic domain weights updated from them, routing statistics per domain. Every save_steps
+and at the end: a checkpoint (model, optimizer, sampler/data state, schedule, per-rank RNG),
+older ones rotated away. SIGTERM / SIGUSR1: checkpoint at the next step boundary, exit 0.
+
+Resuming (automatic, from the newest complete checkpoint in --output_dir) restores the weights,
+optimizer, data order and domain weights, RNG streams and counters, so the loss curve continues
+as if uninterrupted (bit for bit on CPU).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..config import RunConfig, to_dict
+from . import preflight as pf
+from .logs import RunLogger, default_logging_dir, fmt_duration, specialisation
+
+
+class TrainingStopped(RuntimeError):
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
+def _clean_env() -> dict:
+    """The environment for a helper process that must be a world of one."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                        "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                        "GROUP_WORLD_SIZE") and not k.startswith("TORCHELASTIC")}
+    from socket import socket
+
+    with socket() as s:
+        s.bind(("127.0.0.1", 0))
+        env["MASTER_PORT"] = str(s.getsockname()[1])
+    env["MASTER_ADDR"] = "127.0.0.1"
+    return env
+
+
+def ensure_converted(plan: pf.Plan, say) -> None:
+    """--pretrained_model is an HF directory: rank 0 converts it (a world-of-one subprocess,
+    megamoe.convert) into plan.convert_to unless a matching conversion is there; the other
+    ranks wait for it. Before torch.distributed starts, so no collective times out."""
+    target = plan.convert_to
+    if target is None:
+        return
+    run = plan.run
+    src = os.path.abspath(run.train.pretrained_model)
+
+    def matching() -> bool:
+        f = os.path.join(target, pf.META)
+        if not os.path.isfile(f):
+            return False
+        try:
+            meta = json.loads(open(f).read())
+        except (OSError, json.JSONDecodeError):
+            return False
+        return meta.get("source") == src and meta.get("model_type") == run.train.model_type
+
+    if matching():
+        say(f"pretrained: using the conversion of {src} in {target}")
+        return
+    if _rank() == 0:
+        args = ["hf-to-megamoe", "--hf-dir", src, "--output", target, "--model-type",
+                run.train.model_type, "--overwrite", "--no-progress"]
+        if run.train.model_type == "llama_moe" and plan.source_meta.get("model_type") == "llama":
+            args += ["--num-experts", str(plan.moe.num_experts), "--num-selects",
+                     str(plan.moe.num_selects), "--split", "random", "--split-seed",
+                     str(run.moe.split_seed), "--gate-network", plan.moe.gate_network,
+                     "--gate-type", plan.moe.gate_type]
+        say(f"pretrained: converting {src} -> {target} (megamoe.convert {' '.join(args[:1])} "
+            f"{' '.join(args[5:])})")
+        code = ("import sys\nfrom megamoe.convert import main\nsys.exit(main(sys.argv[1:]))\n")
+        res = subprocess.run([sys.executable, "-c", code, *args], env=_clean_env())
+        if res.returncode != 0 or not matching():
+            raise TrainingStopped(f"converting --pretrained_model {src} failed (exit "
+                                  f"{res.returncode}; see the error above)", 1)
+    else:
+        t0 = time.time()
+        while not matching():
+            if time.time() - t0 > 6 * 3600:
+                raise TrainingStopped(f"timed out waiting for rank 0 to convert {src}", 1)
+            time.sleep(2.0)
+
+
+class Trainer:
+    def __init__(self, plan: pf.Plan):
+        self.plan = plan
+        self.run: RunConfig = plan.run
+        self._signal: Optional[str] = None
+        self.log = RunLogger(self.run.train.output_dir, None, enabled=False)
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        from .. import checkpoint, parallel
+        from ..model import lora
+        from ..model.llama import build_model
+        from .optim import TrainOptimizer
+        from .step import wrap_model
+
+        run, plan = self.run, self.plan
+        t, d = run.train, run.data
+        self.cuda = torch.cuda.is_available()
+        parallel.init_distributed()
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        rank0 = self.rank == 0
+        self.log = RunLogger(t.output_dir, None, enabled=rank0)
+        if rank0:
+            os.makedirs(t.output_dir, exist_ok=True)
+            from .state import remove_stale
+
+            for name in remove_stale(t.output_dir):
+                self.log.info(f"removed {name} (left by an interrupted save)")
+        dist.barrier()
+        # what the weights are: the newest checkpoint of this run, else the pretrained model
+        self.resume_from = plan.resume_from
+        src = self.resume_from or plan.pretrained_checkpoint
+        meta = checkpoint.read_meta(src)
+        warn: list = []
+        errs: list = []
+        self.model_cfg, _ = checkpoint.configs_from_meta(meta)
+        self.moe_cfg = pf._moe_config(run, "megamoe", meta, errs, warn, self.model_cfg)
+        if errs:
+            raise TrainingStopped("\n".join(errs), 2)
+        self.extra_warnings = [w for w in warn if w not in plan.warnings]
+        self.lora_spec = None
+        ckpt_lora = meta.get("lora") if self.resume_from else None
+        if self.resume_from and bool(ckpt_lora) != (t.training_mode == "lora"):
+            raise TrainingStopped(
+                f"{self.resume_from} was trained with --training_mode "
+                f"{'lora' if ckpt_lora else 'fpt'}, this run asks for {t.training_mode}: use the "
+                "same mode, or another --output_dir", 2)
+        if t.training_mode == "lora":
+            self.lora_spec = (lora.LoRASpec(**ckpt_lora) if ckpt_lora else lora.LoRASpec(
+                rank=t.lora_rank, alpha=t.lora_alpha, dropout=t.lora_dropout,
+                targets=list(t.lora_targets),
+                train_gates=t.lora_train_gates and self.moe_cfg is not None, seed=t.seed))
+        pc = run.parallel
+        self.layout = parallel.ParallelLayout(pc.tensor_model_parallel_size,
+                                              pc.pipeline_model_parallel_size,
+                                              pc.expert_model_parallel_size,
+                                              sequence_parallel=plan.sequence_parallel)
+        parallel.initialize(self.layout, t.seed,
+                            num_experts=self.moe_cfg.num_experts if self.moe_cfg else None)
+        self.dp_rank, self.dp_size = parallel.dp_rank(), parallel.dp_size()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
+        self.param_dtype = torch.bfloat16 if (t.bf16 and self.cuda) else torch.float32
+        self.autocast = (torch.autocast("cpu", dtype=torch.bfloat16)
+                         if (t.bf16 and not self.cuda) else nullcontext())
+        model = build_model(self.model_cfg, self.moe_cfg, self.layout, dtype=self.param_dtype,
+                            recompute=t.gradient_checkpointing)
+        if self.resume_from:
+            if self.lora_spec:
+                self.lora_info = lora.apply_lora(model, self.lora_spec)
+            checkpoint.load_model(self.resume_from, model)
+        else:
+            checkpoint.load_model(plan.pretrained_checkpoint, model)
+            if self.lora_spec:
+                self.lora_info = lora.apply_lora(model, self.lora_spec)
+        self.model = model
+        self.ddp = wrap_model(model, use_distributed_optimizer=plan.use_distributed_optimizer)
+        self.opt = TrainOptimizer(self.ddp, model, run.optim, t.bf16,
+                                  plan.use_distributed_optimizer)
+        # data
+        from ..data.domains import load_prob_map
+        from ..data.sampler import DomainSampler
+        from ..data.train_data import MultiDomainTrainData
+        from ..data.valid_data import load_validation_sets
+
+        self.domains = list(plan.domains)
+        weights = load_prob_map(plan.prob_map, self.domains)
+        sampler = DomainSampler(self.domains, weights, rule=d.dynamic_data_selection,
+                                ref_loss=d.ref_loss if d.dynamic_data_selection != "none" else None,
+                                seed=t.seed, eta=d.dds_eta, c=d.dds_c)
+        self.data = MultiDomainTrainData(d.dataset_dir, d.block_size, sampler,
+                                         dp_rank=self.dp_rank, dp_size=self.dp_size, seed=t.seed,
+                                         log=self.log.info)
+        self.sampler = sampler
+        self.val = (load_validation_sets(d.validation_dir, d.block_size, d.max_eval_blocks,
+                                         domains=self.domains) if d.validation_dir else None)
+        # counters
+        self.step = 0
+        self.consumed_tokens = 0
+        self.consumed_samples = 0
+        self.last_eval: dict = {}
+        self.last_eval_step = -1
+        self.last_save_step = -1
+        if self.resume_from:
+            self._resume(meta)
+        self.max_steps = plan.max_steps
+        self.logging_dir = t.logging_dir or default_logging_dir(t.output_dir)
+        ld = [self.logging_dir]  # one name on every rank (it holds rank 0's time)
+        dist.broadcast_object_list(ld, src=0)
+        self.logging_dir = self.log.logging_dir = ld[0]
+        from .flops import flops_per_token, peak_flops, activated_params
+
+        self.flops_per_token = flops_per_token(self.model_cfg, self.moe_cfg, d.block_size)
+        self.activated = activated_params(self.model_cfg, self.moe_cfg)
+        self.peak, self.peak_note = peak_flops(t.peak_tflops)
+        self.num_layers = self.model_cfg.num_hidden_layers
+        E = self.moe_cfg.num_experts if self.moe_cfg else 0
+        self._load_counts = torch.zeros(self.num_layers, max(E, 1), dtype=torch.float64,
+                                        device=self.device)
+
+    def _resume(self, meta: dict) -> None:
+        from .. import checkpoint
+
+        tr = meta.get("trainer") or {}
+        checkpoint.load_optimizer(self.resume_from, self.model, self.opt)
+        self.data.load_state_dict(tr["data"])
+        self.step = int(meta["step"])
+        self.consumed_tokens = int(meta["consumed_tokens"])
+        self.consumed_samples = int(meta["consumed_samples"])
+        self.last_eval = tr.get("last_eval") or {}
+        self.last_eval_step = int(tr.get("last_eval_step", -1))
+        self.last_save_step = self.step
+        self._rng_to_restore = checkpoint.load_rank_state(self.resume_from)
+        from .optim import schedule_state
+
+        old = tr.get("schedule") or {}
+        new = schedule_state(self.run.optim, self.plan.max_steps)
+        changed = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
+        if changed:
+            self.extra_warnings.append(
+                "the learning-rate schedule changed since the checkpoint: " +
+                ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
+        if self._rng_to_restore is None:
+            self.extra_warnings.append(f"no RNG state for rank {self.rank} in {self.resume_from} "
+                                       "(different number of processes?): RNG streams restart")
+
+    # ------------------------------------------------------------------ header
+    def header(self) -> None:
+        run, plan, log = self.run, self.plan, self.log
+        log.info(f"max_steps: {self.max_steps}")
+        log.info(f"global batch size: {plan.global_batch_size}")
+        log.info(f"#tokens/batch: {plan.tokens_per_batch}")
+        log.info("config: " + json.dumps(to_dict(run), indent=1, sort_keys=False))
+        pc = run.parallel
+        log.info(f"processes: {self.world} = {plan.num_nodes} node(s) x {plan.gpus_per_node} "
+                 f"per node; TP {pc.tensor_model_parallel_size} PP "
+                 f"{pc.pipeline_model_parallel_size} EP {pc.expert_model_parallel_size} DP "
+                 f"{self.dp_size}; sequence parallel {plan.sequence_parallel}; "
+                 f"{'CUDA' if self.cuda else 'CPU'}; params {self.param_dtype}; optimizer "
+                 f"{'distributed (ZeRO-1)' if plan.use_distributed_optimizer else 'megatron-core FP32/Float16'}")
+        m, moe = self.model_cfg, self.moe_cfg
+        kind = (f"LLaMA-MoE {moe.num_experts} experts, top-{moe.num_selects}, SF "
+                f"{moe.scale_factor(0):g}, balance loss weight {moe.gate_balance_loss_weight:g}, "
+                f"{moe.gate_type}/{moe.gate_network}" if moe else "LLaMA (dense)")
+        log.info(f"model: {kind}; {m.num_hidden_layers} layers, hidden {m.hidden_size}, "
+                 f"vocab {m.vocab_size}; {self.activated:,} activated parameters per token; "
+                 f"{self.flops_per_token:.3e} FLOPs per token; MFU peak: {self.peak_note}")
+        if self.lora_spec:
+            i = self.lora_info
+            log.info(f"LoRA: rank {self.lora_spec.rank}, alpha {self.lora_spec.alpha:g}, dropout "
+                     f"{self.lora_spec.dropout:g} on {','.join(self.lora_spec.targets)}"
+                     f"{' + gates' if self.lora_spec.train_gates else ''}: {i['trainable']:,} "
+                     f"of {i['total']:,} parameters trainable (this rank)")
+        log.info(self.data.summary())
+        log.info(f"domain weights ({plan.prob_map}{', dynamic: ' + run.data.dynamic_data_selection if run.data.dynamic_data_selection != 'none' else ''}): "
+                 + ", ".join(f"{k} {v:.4f}" for k, v in self.sampler.weights_dict().items()))
+        if self.val is not None:
+            log.info("validation: " + ", ".join(f"{k} {len(v)} blocks" for k, v in self.val.items()))
+        if self.resume_from:
+            log.info(f"resuming from {self.resume_from}: step {self.step}, "
+                     f"{self.consumed_tokens:,} tokens consumed")
+        else:
+            log.info(f"starting from {plan.pretrained_checkpoint}")
+        log.info(f"checkpoints: {run.train.output_dir}/checkpoint-<step> (every "
+                 f"{run.train.save_steps or 'end'}); tensorboard: {self.logging_dir}")
+        if run.train.comment:
+            log.info(f"comment: {run.train.comment}")
+        for w in plan.warnings:  # printed by the command line already
+            log.file_only(f"warning: {w}")
+        for w in self.extra_warnings:
+            log.warning(w)
+        if self.rank == 0:
+            with open(os.path.join(run.train.output_dir, "run_config.json"), "w") as f:
+                json.dump({"config": to_dict(run), "argv": sys.argv[1:]}, f, indent=1)
+
+    # ------------------------------------------------------------------ helpers
+    def _dp_mean(self, values: list[float]) -> list[float]:
+        from .. import parallel
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.dp_size > 1:
+            dist.all_reduce(t, group=parallel.dp_group())
+            t /= self.dp_size
+        return t.cpu().tolist()
+
+    def _count_hook(self, target: torch.Tensor, valid_rows: Optional[int] = None, mb: int = 0):
+        E = target.shape[1]
+
+        def hook(i, stats):
+            for layer, st in stats.items():
+                idx = st["topk_idx"]
+                if valid_rows is not None and valid_rows < mb:
+                    # tokens are [s, b] flattened: keep the real samples' tokens
+                    keep = (torch.arange(idx.shape[0], device=idx.device) % mb) < valid_rows
+                    idx = idx[keep]
+                target[layer] += torch.bincount(idx.reshape(-1), minlength=E).to(target.dtype)
+        return hook
+
+    def _world_sum(self, t: torch.Tensor) -> np.ndarray:
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t.cpu().numpy()
+
+    def _signal_handler(self, signum, frame):
+        if self._signal is None:
+            self._signal = signal.Signals(signum).name
+            if self.rank == 0:
+                print(f"received {self._signal}: saving a checkpoint at the end of this step",
+                      file=sys.stderr, flush=True)
+
+    def _stop_requested(self) -> Optional[str]:
+        flag = torch.tensor([1.0 if self._signal else 0.0], device=self.device)
+        if self.world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return (self._signal or "a signal on another rank") if flag.item() > 0 else None
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        from .step import forward_eval
+
+        run = self.run
+        ebs = run.data.per_device_eval_batch_size or run.data.per_device_train_batch_size
+        self.ddp.eval()
+        E = self.moe_cfg.num_experts if self.moe_cfg else 0
+        losses, counts = {}, {}
+        t0 = time.time()
+        for dom, blocks in self.val.items():
+            n = blocks.shape[0]
+            per_rank = math.ceil(n / (self.dp_size * ebs)) * ebs  # equal on every rank (EP)
+            lo = self.dp_rank * per_rank
+            idx = torch.arange(lo, lo + per_rank)
+            real = idx < n
+            mine = blocks[idx % n].to(self.device)
+            cnt = torch.zeros(self.num_layers, max(E, 1), dtype=torch.float64, device=self.device)
+            mbs = list(mine.split(ebs))
+            n_real = [int(r.sum()) for r in real.split(ebs)]
+            hooks = [self._count_hook(cnt, nr, ebs) for nr in n_real]
+            with self.autocast:
+                per_sample = forward_eval(self.ddp, mbs,
+                                          stats_hook=(lambda i, st: hooks[i](i, st)) if E else None)
+            tot = torch.tensor([float(per_sample[real].sum()), float(real.sum())],
+                               dtype=torch.float64, device=self.device)
+            if self.dp_size > 1:
+                from .. import parallel
+
+                dist.all_reduce(tot, group=parallel.dp_group())
+            losses[dom] = (tot[0] / tot[1]).item()
+            if E:
+                counts[dom] = self._world_sum(cnt)
+        self.ddp.train()
+        return {"losses": losses, "counts": counts, "seconds": time.time() - t0}
+
+    def _after_eval(self, res: dict) -> None:
+        log, step = self.log, self.step
+        losses = res["losses"]
+        rule = self.run.data.dynamic_data_selection
+        old = self.sampler.weights_dict()
+        if rule != "none":
+            self.sampler.update(losses, step=step)
+        new = self.sampler.weights_dict()
+        mean = float(np.mean(list(losses.values())))
+        spec = specialisation(res["counts"]) if res["counts"] else None
+        self.last_eval = {"step": step, "losses": losses, "weights": new,
+                          "specialisation": None if spec is None else spec.tolist()}
+        self.last_eval_step = step
+        log.info(f"eval step {step}: mean loss {mean:.4f} ({res['seconds']:.1f} s)")
+        for dom in self.domains:
+            arrow = f" -> {new[dom]:.4f}" if rule != "none" else ""
+            log.info(f"  {dom:<16} loss {losses[dom]:.4f}   weight {old[dom]:.4f}{arrow}")
+        if spec is not None:
+            log.info("  routing specialisation by layer: " + " ".join(f"{x:.3f}" for x in spec))
+        log.scalars(step, {f"eval/{k}_loss": v for k, v in losses.items()})
+        log.scalar("eval/loss", mean, step)
+        log.scalars(step, {f"prob_map/{k}": v for k, v in new.items()})
+        if res["counts"]:
+            total = sum(res["counts"].values())
+            log.heatmap("moe/expert_load_heatmap", total, step)
+            for dom, c in res["counts"].items():
+                log.heatmap(f"routing/{dom}", c, step)
+            for i, x in enumerate(spec):
+                log.scalar(f"routing/specialisation/layer_{i}", float(x), step)
+            log.scalar("routing/specialisation/mean", float(spec.mean()), step)
+        log.record("eval", step, {"losses": losses, "weights": new,
+                                  "specialisation": self.last_eval["specialisation"]})
+        log.flush()
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, reason: str = "") -> str:
+        from .. import checkpoint
+        from .optim import schedule_state
+        from .state import checkpoint_path, rotate, rng_state
+
+        run = self.run
+        path = checkpoint_path(run.train.output_dir, self.step)
+        t0 = time.time()
+        extra = rng_state()
+        meta = checkpoint.make_meta(
+            self.model_cfg, self.moe_cfg, step=self.step, consumed_tokens=self.consumed_tokens,
+            consumed_samples=self.consumed_samples, max_steps=self.max_steps,
+            lora=self.lora_spec.to_dict() if self.lora_spec else None,
+            trainer={"data": self.data.state_dict(),
+                     "schedule": schedule_state(run.optim, self.max_steps),
+                     "lr": self.opt.lr, "last_eval": self.last_eval,
+                     "last_eval_step": self.last_eval_step,
+                     "world_size": self.world, "layout": to_dict(run.parallel)},
+            run=to_dict(run), comment=run.train.comment)
+        checkpoint.save(path, self.model, meta, optimizer=self.opt, extra_state=extra)
+        self.last_save_step = self.step
+        gone = rotate(run.train.output_dir, run.train.save_total_limit) if self.rank == 0 else []
+        self.log.info(f"saved {path} ({time.time() - t0:.1f} s){' ' + reason if reason else ''}"
+                      + (f"; removed {', '.join(os.path.basename(g) for g in gone)}" if gone else ""))
+        self.log.record("save", self.step, {"path": path})
+        return path
+
+    def last_good_checkpoint(self) -> Optional[str]:
+        ck = pf.list_checkpoints(self.run.train.output_dir)
+        return ck[-1][1] if ck else None
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> int:
+        from .optim import lr_at
+        from .state import set_rng_state
+        from .step import forward_backward
+
+        run, log = self.run, self.log
+        t, d = run.train, run.data
+        bs, ga = d.per_device_train_batch_size, d.gradient_accumulation_steps
+        log.open_tensorboard()
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._signal_handler)
+        if self.val is not None and t.eval_at_start and self.step == 0:
+            self._after_eval(self.evaluate())
+        if getattr(self, "_rng_to_restore", None) is not None:
+            set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+        tokens_per_step = self.plan.tokens_per_batch
+        sums = {"loss": 0.0, "lm": 0.0, "bal": 0.0, "gn": 0.0, "n": 0, "time": 0.0}
+        recent: list = []
+        t_start = time.time()
+        E = self.moe_cfg.num_experts if self.moe_cfg else 0
+        while self.step < self.max_steps:
+            t0 = time.time()
+            log_now = (self.step + 1) % t.logging_steps == 0 or self.step + 1 == self.max_steps
+            tokens, _ = self.data.next_batch(bs * ga)
+            mbs = list(tokens.to(self.device, non_blocking=True).split(bs))
+            self.ddp.zero_grad_buffer()
+            self.opt.zero_grad()
+            lr = lr_at(self.step, run.optim, self.max_steps)
+            self.opt.set_lr(lr)
+            hook = self._count_hook(self._load_counts) if (E and log_now) else None
+            with self.autocast:
+                out = forward_backward(self.ddp, mbs, ga, stats_hook=hook)
+            lm, bal = self._dp_mean([out["lm_loss"], out["balance_loss"]])
+            loss = lm + bal
+            if not math.isfinite(loss):
+                raise TrainingStopped(
+                    f"non-finite loss at step {self.step + 1}: loss {loss} (lm_loss {lm}, "
+                    f"balance_loss {bal}); stopping before the update. Nothing was saved for "
+                    f"this step; the last good checkpoint is "
+                    f"{self.last_good_checkpoint() or '(none: no checkpoint was saved yet)'}", 1)
+            ok, gn = self.opt.step()
+            if not math.isfinite(gn):
+                raise TrainingStopped(
+                    f"non-finite gradient norm at step {self.step + 1} ({gn}; loss {loss}); "
+                    "stopping before the update. The last good checkpoint is "
+                    f"{self.last_good_checkpoint() or '(none: no checkpoint was saved yet)'}", 1)
+            self.step += 1
+            self.consumed_tokens += tokens_per_step
+            self.consumed_samples += self.plan.global_batch_size
+            if self.cuda:
+                torch.cuda.synchronize()
+            dt = time.time() - t0
+            recent = (recent + [dt])[-20:]
+            for k, v in (("loss", loss), ("lm", lm), ("bal", bal), ("gn", gn), ("time", dt)):
+                sums[k] += v
+            sums["n"] += 1
+            if log_now:
+                self._log_step(sums, lr, recent, tokens_per_step)
+                sums = {k: 0.0 for k in sums}
+                sums["n"] = 0
+            if t.eval_steps and self.step % t.eval_steps == 0 and self.val is not None:
+                self._after_eval(self.evaluate())
+            if t.save_steps and self.step % t.save_steps == 0:
+                self.save()
+            why = self._stop_requested()
+            if why:
+                if self.last_save_step != self.step:
+                    self.save(f"(on {why})")
+                log.info(f"received {why}: stopped at step {self.step} of {self.max_steps} after "
+                         f"saving {os.path.join(t.output_dir, f'checkpoint-{self.step}')}; run "
+                         "the same command to resume")
+                log.record("stopped", self.step, {"signal": why})
+                log.close()
+                return 0
+        # the end
+        if self.val is not None and self.last_eval_step != self.step:
+            self._after_eval(self.evaluate())
+        final = (self.save("(final)") if self.last_save_step != self.step else
+                 os.path.join(t.output_dir, f"checkpoint-{self.step}"))
+        log.info(f"done: {self.step} steps, {self.consumed_tokens:,} tokens in "
+                 f"{fmt_duration(time.time() - t_start)}")
+        log.record("end", self.step, {"checkpoint": final, "last_eval": self.last_eval})
+        log.close()
+        self.final_checkpoint = final
+        return 0
+
+    def _log_step(self, sums: dict, lr: float, recent: list, tokens_per_step: int) -> None:
+        n = max(sums["n"], 1)
+        step_time = sums["time"] / n
+        tps_gpu = tokens_per_step / max(step_time, 1e-9) / self.world
+        mfu = self.flops_per_token * tps_gpu / self.peak
+        eta = (self.max_steps - self.step) * (sum(recent) / max(len(recent), 1))
+        vals = {"loss": sums["loss"] / n, "lm_loss": sums["lm"] / n,
+                "balance_loss": sums["bal"] / n, "lr": lr, "grad_norm": sums["gn"] / n,
+                "tokens_per_sec_per_gpu": tps_gpu, "mfu": mfu, "time_per_step": step_time,
+                "consumed_tokens": self.consumed_tokens}
+        if self.cuda:
+            vals["gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        self.log.info(
+            f"step {self.step}/{self.max_steps} | loss {vals['loss']:.4f} | lm {vals['lm_loss']:.4f}"
+            f" | balance {vals['balance_loss']:.4f} | lr {lr:.3e} | grad norm "
+            f"{vals['grad_norm']:.3f} | {tps_gpu:,.0f} tok/s/gpu | MFU {100 * mfu:.2f}% | "
+            f"{step_time:.2f} s/step | ETA {fmt_duration(eta)}")
+        self.log.scalars(self.step, {f"train/{k}": v for k, v in vals.items()})
+        self.log.scalar("train/loss_on_tokens", vals["loss"], self.consumed_tokens)
+        if self.moe_cfg is not None:
+            counts = self._world_sum(self._load_counts.clone())
+            self._load_counts.zero_()
+            self.log.expert_histograms(self.step, counts)
+        self.log.record("train", self.step, vals)
+
+    # ------------------------------------------------------------------ export
+    def export(self) -> Optional[str]:
+        """--export_hf: the final checkpoint (LoRA merged) -> <output_dir>/hf."""
+        run = self.run
+        out = os.path.join(run.train.output_dir, "hf")
+        if self.world == 1:
+            from .export import export_hf
+
+            export_hf(self.final_checkpoint, out, tokenizer=run.train.tokenizer_model)
+        else:
+            dist.barrier()
+            if self.rank == 0:
+                args = [sys.executable, "-m", "megamoe.train.export", "--checkpoint",
+                        self.final_checkpoint, "--output", out]
+                if run.train.tokenizer_model:
+                    args += ["--tokenizer", run.train.tokenizer_model]
+                subprocess.run(args, env=_clean_env(), check=True)
+            dist.barrier()
+        if self.rank == 0:
+            print(f"exported {self.final_checkpoint} -> {out} (Hugging Face "
+                  f"{'LLaMA-MoE' if self.moe_cfg else 'LLaMA'}{', LoRA merged' if self.lora_spec else ''})",
+                  flush=True)
+        return out
+
+
+def run_training(plan: pf.Plan) -> int:
+    """Set up and train per `plan` (preflight.plan). Returns the exit code."""
+    def say(msg):
+        if _rank() == 0:
+            print(msg, flush=True)
+
+    trainer = Trainer(plan)
+    try:
+        ensure_converted(plan, say)
+        trainer.setup()
+        trainer.header()
+        code = trainer.train()
+        if code == 0 and plan.run.train.export_hf and getattr(trainer, "final_checkpoint", None):
+            trainer.export()
+        return code
+    except TrainingStopped as e:
+        trainer.log.error(str(e))
+        trainer.log.record("error", getattr(trainer, "step", 0), {"message": str(e)})
+        trainer.log.close()
+        return e.code
