@@ -26,7 +26,8 @@ refusing.
 
 Environment knobs: MEGAMOE_ALLOW_CPU=1 (see above), MASTER_PORT (override the derived port),
 MEGAMOE_SKIP_CHECK=1 (skip the pre-flight checks), MEGAMOE_NO_REQUEUE=1 (do not requeue after a
-preemption signal), MEGAMOE_PYTHON (the python srun starts; default: this one).
+preemption signal), MEGAMOE_PYTHON (the python srun starts; default: this one),
+MEGAMOE_TRAIN_MODULE (the module torchrun runs; default megamoe.train; tests use a stand-in).
 """
 from __future__ import annotations
 
@@ -449,7 +450,8 @@ def plan(train_argv: Sequence[str], env: Mapping[str, str], *,
         rank = int(env.get("SLURM_NODEID", env.get("SLURM_PROCID", "0")))
         train_argv = set_flag(train_argv, "num_nodes", str(nnodes))
         train_argv = set_flag(train_argv, "num_gpu_per_node", str(nproc))
-        return Plan("node", torchrun_args(nnodes, nproc, rank, addr, int(port), train_argv),
+        module = env.get("MEGAMOE_TRAIN_MODULE") or TRAIN_MODULE
+        return Plan("node", torchrun_args(nnodes, nproc, rank, addr, int(port), train_argv, module),
                     train_argv, notes=notes, nnodes=nnodes, nproc_per_node=nproc)
 
     if in_allocation(env):
@@ -473,7 +475,8 @@ def plan(train_argv: Sequence[str], env: Mapping[str, str], *,
     port = int(env["MASTER_PORT"]) if env.get("MASTER_PORT") else _free_port()
     train_argv = set_flag(train_argv, "num_nodes", "1")
     train_argv = set_flag(train_argv, "num_gpu_per_node", str(nproc))
-    return Plan("local", torchrun_args(1, nproc, 0, "127.0.0.1", port, train_argv), train_argv,
+    module = env.get("MEGAMOE_TRAIN_MODULE") or TRAIN_MODULE
+    return Plan("local", torchrun_args(1, nproc, 0, "127.0.0.1", port, train_argv, module), train_argv,
                 notes=notes, nnodes=1, nproc_per_node=nproc)
 
 
@@ -519,19 +522,65 @@ def _preflight(train_argv: list[str]) -> None:
                           "them or set MEGAMOE_SKIP_CHECK=1")
 
 
-def _run_torchrun(args: list[str]) -> int:
-    """torchrun in this process; SIGUSR1 is passed to the training processes (our children)."""
-    def forward(signum, frame):
-        try:
-            import psutil
+def default_omp_threads(env: Mapping[str, str], nproc_per_node: int) -> int:
+    """OMP_NUM_THREADS for each training process when the user sets none: the node's CPUs
+    (SLURM_CPUS_PER_TASK of the task, or this machine's) shared by its processes (torchrun's own
+    default is 1, which starves CPU runs)."""
+    cpus = int(env.get("SLURM_CPUS_PER_TASK") or 0) or (os.cpu_count() or 1)
+    return max(1, cpus // max(1, nproc_per_node))
+
+
+def catches_signal(pid: int, signum: int) -> bool:
+    """Whether process `pid` has a handler installed for `signum` (Linux /proc SigCgt)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+class _ChildForwarder:
+    """Outside Slurm: pass SIGUSR1 on to our direct children (the training processes), each once,
+    as soon as it has installed a handler (a worker still importing would die of it)."""
+
+    def __init__(self) -> None:
+        import threading
+        self.pending = threading.Event()
+        self.sent: set[int] = set()
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def __call__(self, signum, frame) -> None:
+        self.sent.clear()
+        self.pending.set()
+
+    def _loop(self) -> None:
+        import psutil
+        while True:
+            self.pending.wait()
             for child in psutil.Process().children(recursive=False):
-                try:
-                    child.send_signal(signum)
-                except psutil.Error:
-                    pass
-        except ImportError:
-            pass
-    signal.signal(signal.SIGUSR1, forward)
+                if child.pid not in self.sent and catches_signal(child.pid, signal.SIGUSR1):
+                    try:
+                        child.send_signal(signal.SIGUSR1)
+                        self.sent.add(child.pid)
+                    except psutil.Error:
+                        pass
+            time.sleep(0.5)
+
+
+def _run_torchrun(args: list[str], in_slurm_step: bool) -> int:
+    """torchrun in this process (what the `torchrun` command calls).
+
+    In a Slurm step, Slurm delivers SIGUSR1 to every process of the step itself: this agent
+    ignores it, and so do the training processes it starts (an ignored signal stays ignored
+    across exec) until the trainer installs its handler, so a signal arriving while they
+    start cannot kill them. Outside Slurm, SIGUSR1 sent to this process is passed on to them."""
+    if in_slurm_step:
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    else:
+        signal.signal(signal.SIGUSR1, _ChildForwarder())
     from torch.distributed import run as torchrun
     try:
         torchrun.main(args)
@@ -543,34 +592,58 @@ def _run_torchrun(args: list[str]) -> int:
     return 0
 
 
-def _run_srun(p: Plan) -> int:
-    env = dict(os.environ)
-    env.update(p.env)
-    got: list[int] = []
-    proc: Optional[subprocess.Popen] = None
+class _BatchSignals:
+    """The batch script's signal handling, installed first thing (before any slow import).
 
-    def on_signal(signum, frame):
-        got.append(signum)
+    SIGUSR1 (sbatch --signal=B:USR1@T) is passed to srun, which delivers it to every process of
+    the step; it is passed again every `repeat` seconds until the step ends, so that training
+    processes that were still starting (and ignored it) hear it too. SIGTERM (scancel, time
+    limit) reaches the step from Slurm directly; it is only recorded here."""
+
+    def __init__(self, repeat: float = 30.0) -> None:
+        self.got: list[int] = []
+        self.proc: Optional[subprocess.Popen] = None
+        self.repeat = repeat
+        self.last_sent = 0.0
+        signal.signal(signal.SIGUSR1, self)
+        signal.signal(signal.SIGTERM, self)
+
+    def __call__(self, signum, frame) -> None:
+        self.got.append(signum)
         if signum == signal.SIGUSR1:
-            log("SIGUSR1 (preemption/time-limit warning): asking the trainer to checkpoint and stop")
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGUSR1)  # srun delivers it to every task of the step
+            log("SIGUSR1 (preemption or time-limit warning): asking the trainer to checkpoint "
+                "and stop")
+            self.forward()
         else:
             log(f"signal {signum}: waiting for the training processes to stop")
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signum)
 
-    signal.signal(signal.SIGUSR1, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    proc = subprocess.Popen(p.argv, env=env)
-    while True:
-        try:
-            rc = proc.wait()
-            break
-        except InterruptedError:
-            continue
+    @property
+    def usr1(self) -> bool:
+        return signal.SIGUSR1 in self.got
+
+    def forward(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGUSR1)
+            self.last_sent = time.monotonic()
+
+    def wait(self, proc: subprocess.Popen) -> int:
+        self.proc = proc
+        if self.usr1:
+            self.forward()
+        while True:
+            try:
+                return proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                if self.usr1 and time.monotonic() - self.last_sent >= self.repeat:
+                    self.forward()
+
+
+def _run_srun(p: Plan, sig: _BatchSignals) -> int:
+    env = dict(os.environ)
+    env.update(p.env)
+    rc = sig.wait(subprocess.Popen(p.argv, env=env))
     output_dir = flag_value(p.train_argv, "output_dir") or ""
-    if signal.SIGUSR1 in got and rc == 0 and not training_finished(output_dir):
+    if sig.usr1 and rc == 0 and not training_finished(output_dir):
         job = os.environ.get("SLURM_JOB_ID", "")
         if _truthy(os.environ.get("MEGAMOE_NO_REQUEUE")):
             log(f"stopped on SIGUSR1; MEGAMOE_NO_REQUEUE=1: not requeueing job {job}")
@@ -581,6 +654,8 @@ def _run_srun(p: Plan) -> int:
             if r.returncode != 0:
                 log(f"scontrol requeue {job} failed (submit with --requeue); resubmit the script "
                     f"with output_dir={output_dir} to resume")
+    elif sig.usr1 and rc == 0:
+        log("training finished")
     return rc
 
 
@@ -592,6 +667,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(__doc__)
         return 0
     env = dict(os.environ)
+    sig = None
+    if in_allocation(env) and not in_step(env):
+        sig = _BatchSignals(float(env.get("MEGAMOE_SIGNAL_REPEAT_S") or 30))
     python = env.get("MEGAMOE_PYTHON") or sys.executable
     try:
         p = plan(argv, env, python=python)
@@ -600,24 +678,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except LaunchError as e:
         print(f"{PREFIX} {e}", file=sys.stderr, flush=True)
         return 2
+    first = p.mode != "node" or env.get("SLURM_NODEID", "0") == "0"
     for n in p.notes:
-        if p.mode != "node" or env.get("SLURM_NODEID", "0") == "0":
+        if first:
             log(n)
+    od = flag_value(p.train_argv, "output_dir")
     if p.mode == "srun":
-        od = flag_value(p.train_argv, "output_dir")
-        log(f"job {env.get('SLURM_JOB_NAME')} ({env.get('SLURM_JOB_ID')}): {p.nnodes} node(s) x "
-            f"{p.nproc_per_node} process(es); rendezvous {p.env['MEGAMOE_MASTER_ADDR']}:"
-            f"{p.env['MEGAMOE_MASTER_PORT']}")
-        log(f"output_dir: {od}  (tensorboard: tensorboard --logdir {od}/runs)")
+        log(f"job {env.get('SLURM_JOB_NAME')} ({env.get('SLURM_JOB_ID')}"
+            + (f", restart {env['SLURM_RESTART_COUNT']}" if env.get("SLURM_RESTART_COUNT") else "")
+            + f"): {p.nnodes} node(s) x {p.nproc_per_node} process(es); rendezvous "
+            f"{p.env['MEGAMOE_MASTER_ADDR']}:{p.env['MEGAMOE_MASTER_PORT']}")
+        log(f"output_dir: {od}  (tensorboard --logdir {od}/runs)")
         log("$ " + shlex.join(p.argv))
-        return _run_srun(p)
+        assert sig is not None
+        return _run_srun(p, sig)
     if p.mode == "local":
-        od = flag_value(p.train_argv, "output_dir")
         log(f"outside Slurm: torchrun on this machine, {p.nproc_per_node} process(es)")
-        log(f"output_dir: {od}  (tensorboard: tensorboard --logdir {od}/runs)")
-    if p.mode == "local" or env.get("SLURM_NODEID", "0") == "0":
-        log("$ torchrun " + shlex.join(p.argv))
-    return _run_torchrun(p.argv)
+        log(f"output_dir: {od}  (tensorboard --logdir {od}/runs)")
+    if "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(default_omp_threads(env, p.nproc_per_node))
+    if first:
+        log(f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} $ torchrun " + shlex.join(p.argv))
+    return _run_torchrun(p.argv, in_slurm_step=p.mode == "node")
 
 
 if __name__ == "__main__":

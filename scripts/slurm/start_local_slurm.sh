@@ -110,17 +110,15 @@ CONF
 ctld_ok() { scontrol ping 2>/dev/null | grep -q "is UP"; }
 node_ok() { sinfo -h -N -o "%T" 2>/dev/null | grep -qvE "down|drain|unknown|not_responding|fail" ; }
 
-if [ -f "$CONF" ] && [ "$(cat "$CONF")" = "$new_conf" ] && ctld_ok && node_ok; then
+# Already up with our configuration: nothing to do (the memory figure may differ from a fresh
+# computation; a running cluster keeps the conf it started with).
+if [ -f "$CONF" ] && grep -q "^ClusterName=megamoe-local" "$CONF" && ctld_ok && node_ok; then
   log "slurm already running (SLURM_CONF=$CONF)"
   [ $print_env -eq 1 ] && echo "export SLURM_CONF=$CONF"
   exit 0
 fi
-# Memory may have changed since an earlier start: keep an existing conf while daemons use it.
-if [ -f "$CONF" ] && ctld_ok; then
-  :  # running with the old conf: restart below only if it does not answer
-else
+if ! { [ -f "$CONF" ] && ctld_ok; }; then
   echo "$new_conf" > "$CONF"
-  echo "# no cgroup use (proctrack/linuxproc, task/none)" > "$DIR/cgroup.conf"
 fi
 
 # --- daemons ---------------------------------------------------------------------------------

@@ -1,0 +1,195 @@
+"""The guide's sbatch scripts on a real Slurm: this machine as a one-node, CPU-only cluster.
+
+The module installs Debian's slurm-wlm parts and munge when missing
+(scripts/slurm/install_slurm.sh), starts munged, slurmctld and slurmd
+(scripts/slurm/start_local_slurm.sh, idempotent) and stops them at the end if it started them.
+Jobs are submitted with sbatch through scripts/cpt/fpt.sh, i.e. through scripts/launch.sh ->
+srun -> torchrun, with small overrides in the environment (the scripts' variables) and
+`--gres=none --cpus-per-task=N` on the command line (this cluster has no GPUs; the launcher is
+told so by MEGAMOE_ALLOW_CPU=1).
+
+Skipped only where this machine cannot run Slurm (not Linux, not root, no apt and no Slurm);
+MEGAMOE_REQUIRE_SLURM=1 turns those skips into failures.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+ROOT = Path(__file__).resolve().parents[2]
+SLURM_DIR = Path(os.environ.get("MEGAMOE_SLURM_DIR", "/tmp/megamoe-slurm"))
+SCRIPT = ROOT / "scripts" / "cpt" / "fpt.sh"
+PYTHON = sys.executable
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+            "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
+
+
+def _cannot(reason: str):
+    if os.environ.get("MEGAMOE_REQUIRE_SLURM") == "1":
+        pytest.fail(f"MEGAMOE_REQUIRE_SLURM=1 but {reason}")
+    pytest.skip(reason)
+
+
+def _slurm_env(extra: dict | None = None) -> dict:
+    """This process's environment without any outer Slurm job's variables, pointed at ours."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
+    env["SLURM_CONF"] = str(SLURM_DIR / "slurm.conf")
+    env.update(extra or {})
+    return env
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    if not sys.platform.startswith("linux"):
+        _cannot("Slurm needs Linux")
+    if os.geteuid() != 0:
+        _cannot("starting slurmd needs root (jobs run as their users)")
+    installed = all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch", "munged"))
+    if not installed and not shutil.which("apt-get"):
+        _cannot("Slurm is not installed and apt-get is not available to install it")
+    if not installed:
+        r = subprocess.run(["bash", str(ROOT / "scripts/slurm/install_slurm.sh")],
+                           capture_output=True, text=True, timeout=900)
+        if r.returncode != 0:
+            _cannot("could not install slurm-wlm/munge with apt-get: "
+                    + (r.stderr or r.stdout).strip()[-800:])
+    env = _slurm_env()
+    was_up = subprocess.run(["scontrol", "ping"], env=env, capture_output=True,
+                            text=True).stdout.count("is UP") > 0
+    r = subprocess.run(["bash", str(ROOT / "scripts/slurm/start_local_slurm.sh")], env=env,
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, f"start_local_slurm.sh failed:\n{r.stdout}\n{r.stderr}"
+    # A second start is a no-op (idempotent).
+    r2 = subprocess.run(["bash", str(ROOT / "scripts/slurm/start_local_slurm.sh")], env=env,
+                        capture_output=True, text=True, timeout=60)
+    assert r2.returncode == 0 and "already running" in r2.stdout, r2.stdout + r2.stderr
+    yield env
+    if not was_up:
+        subprocess.run(["bash", str(ROOT / "scripts/slurm/stop_local_slurm.sh")], env=env,
+                       timeout=120)
+
+
+def sbatch(env: dict, cwd: Path, args: list[str]) -> str:
+    r = subprocess.run(["sbatch", "--parsable", *args], env=env, cwd=cwd, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, f"sbatch {args} failed: {r.stderr}"
+    return r.stdout.strip().split(";")[0]
+
+
+def job_info(env: dict, jid: str) -> dict:
+    r = subprocess.run(["scontrol", "-o", "show", "job", jid], env=env, capture_output=True,
+                       text=True, timeout=30)
+    info = {}
+    for tok in r.stdout.split():
+        if "=" in tok:
+            k, v = tok.split("=", 1)
+            info[k] = v
+    return info
+
+
+def wait_job(env: dict, jid: str, timeout: float, until=None) -> dict:
+    """Poll until the job reaches a terminal state (or `until(info)` holds)."""
+    deadline = time.monotonic() + timeout
+    info: dict = {}
+    while time.monotonic() < deadline:
+        info = job_info(env, jid)
+        if until is not None and until(info):
+            return info
+        if info.get("JobState") in TERMINAL:
+            return info
+        time.sleep(1)
+    subprocess.run(["scancel", jid], env=env)
+    raise AssertionError(f"job {jid} did not finish in {timeout:.0f}s: {info}")
+
+
+def log_of(info: dict) -> str:
+    p = Path(info.get("StdOut", ""))
+    return p.read_text(errors="replace") if p.is_file() else f"<no log at {p}>"
+
+
+@pytest.fixture
+def submit_dir(tmp_path):
+    (tmp_path / "logs").mkdir()
+    return tmp_path
+
+
+def test_sbatch_wrap_hostname(slurm, submit_dir):
+    jid = sbatch(slurm, submit_dir, ["--output=logs/%x-%j.log", "--job-name=hello",
+                                     "--wrap", "hostname; srun hostname"])
+    info = wait_job(slurm, jid, 60)
+    assert info["JobState"] == "COMPLETED", (info, log_of(info))
+    host = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
+    assert log_of(info).split() == [host, host]
+
+
+def test_wrong_num_nodes_is_refused(slurm, submit_dir):
+    """#SBATCH --nodes=1 (fpt.sh) with num_nodes=2: the launcher refuses, saying what to change."""
+    env = _slurm_env({"MEGAMOE_ROOT": str(ROOT), "num_nodes": "2", "num_gpu_per_node": "1",
+                      "MEGAMOE_ALLOW_CPU": "1", "MEGAMOE_PYTHON": PYTHON})
+    jid = sbatch(env, submit_dir, ["--gres=none", "--cpus-per-task=1", str(SCRIPT)])
+    info = wait_job(slurm, jid, 120)
+    err = Path(info["StdErr"]).read_text()
+    assert info["JobState"] == "FAILED", (info, err)
+    assert info["ExitCode"] == "2:0"
+    assert "refusing to start" in err
+    assert ("num_nodes=2 but the job has 1 node(s) (#SBATCH --nodes=1, SLURM_NNODES=1): set "
+            "num_nodes=1 in the script, or #SBATCH --nodes=2") in err
+    assert "srun" not in err  # nothing was started
+
+
+def test_gpus_without_gres_are_refused(slurm, submit_dir):
+    """No --gres and no MEGAMOE_ALLOW_CPU: the launcher asks for --gres=gpu:N."""
+    env = _slurm_env({"MEGAMOE_ROOT": str(ROOT), "num_gpu_per_node": "2",
+                      "MEGAMOE_PYTHON": PYTHON})
+    jid = sbatch(env, submit_dir, ["--gres=none", "--cpus-per-task=1", str(SCRIPT)])
+    info = wait_job(slurm, jid, 120)
+    err = Path(info["StdErr"]).read_text()
+    assert info["JobState"] == "FAILED", (info, err)
+    assert "the job has no GPUs (no --gres=gpu:N): add #SBATCH --gres=gpu:2" in err
+    assert "MEGAMOE_ALLOW_CPU=1" in err
+
+
+def test_preemption_checkpoints_requeues_and_resumes(slurm, submit_dir):
+    """sbatch --signal=B:USR1 reaches the trainer through launch.sh -> srun; it checkpoints and
+    exits 0, the launcher requeues the job, which resumes from the checkpoint in the same
+    outputs/<job-name>-<job-id>/ and finishes. The trainer here is a stand-in with the same
+    contract (tests/launch/fake_trainer.py), so that this test is about launching."""
+    env = _slurm_env({
+        "MEGAMOE_ROOT": str(ROOT), "MEGAMOE_PYTHON": PYTHON, "MEGAMOE_ALLOW_CPU": "1",
+        "MEGAMOE_SKIP_CHECK": "1", "MEGAMOE_TRAIN_MODULE": "fake_trainer",
+        "PYTHONPATH": str(ROOT / "tests" / "launch"), "num_gpu_per_node": "2",
+        "FAKE_MAX_STEPS": "40", "FAKE_STEP_SECONDS": "0.25", "MEGAMOE_SIGNAL_REPEAT_S": "5"})
+    jid = sbatch(env, submit_dir, ["--gres=none", "--cpus-per-task=2", str(SCRIPT)])
+    out = submit_dir / "outputs" / f"cpt-moe-fpt-bs16-{jid}"
+    deadline = time.monotonic() + 180
+    while not (out / "ready").exists():
+        info = job_info(slurm, jid)
+        assert info.get("JobState") not in TERMINAL, (info, log_of(info))
+        assert time.monotonic() < deadline, "the trainer did not start in 180 s"
+        time.sleep(0.5)
+    # What sbatch --signal=B:USR1@300 does 300 s before the time limit:
+    subprocess.run(["scancel", "--batch", "--signal=USR1", jid], env=slurm, check=True)
+    info = wait_job(slurm, jid, 120, until=lambda i: i.get("Restarts", "0") != "0")
+    assert info.get("Restarts") == "1", (info, log_of(info))
+    # Slurm holds a requeued job for a while (BeginTime); let it start now.
+    subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], env=slurm)
+    info = wait_job(slurm, jid, 180)
+    log = log_of(info)
+    assert info["JobState"] == "COMPLETED", (info, log)
+    events = [json.loads(x) for x in (out / "events.jsonl").read_text().splitlines()]
+    assert len(events) == 2, events
+    assert events[0]["signal"] == 10 and 0 < events[0]["step"] < 40
+    assert events[1] == {"step": 40, "signal": None, "job": jid, "restarts": "1"}
+    assert f"requeueing job {jid}" in log
+    assert f"resumed from checkpoint-{events[0]['step']}" in log
+    assert (out / "FINISHED").exists()
