@@ -18,7 +18,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def timed(fn, warmup=3, iters=10):
+def timed(fn, warmup=5, iters=20):
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -51,6 +51,7 @@ def main():
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--ffn", type=int, default=11008)
     ap.add_argument("--experts", type=int, default=16)
+    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table (8192 tokens, top-4)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/moe_layer.py needs a CUDA GPU")
@@ -65,6 +66,9 @@ def main():
     cfg = transformer_config(mc, parallel.ParallelLayout(), torch.bfloat16)
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}; hidden {d}, {e} experts x {ffn // e}, bf16, fwd+bwd")
     print(f"{'tokens':>7} {'k':>2} {'moe ms':>8} {'TFLOP/s':>8} {'dense(active) ms':>17} {'ratio':>6} {'dense(full) ms':>15}")
+    if args.profile:
+        profile(cfg, d, ffn, e)
+        return
     for k in args.topk:
         moe = MoEConfig(num_experts=e, num_selects=k)
         layer = LlamaMoEMLP(cfg, moe, layer_index=0, intermediate_size=ffn).cuda().train()
@@ -85,6 +89,28 @@ def main():
             ms_f = timed(dense_step(full))
             flops = 6 * t * k * 3 * d * (ffn // e)
             print(f"{t:>7} {k:>2} {ms:>8.2f} {flops / ms / 1e9:>8.1f} {ms_a:>17.2f} {ms / ms_a:>6.2f} {ms_f:>15.2f}")
+
+
+def profile(cfg, d, ffn, e, t=8192, k=4):
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from megamoe.config import MoEConfig
+    from megamoe.model.moe.layer import LlamaMoEMLP
+
+    layer = LlamaMoEMLP(cfg, MoEConfig(num_experts=e, num_selects=k), layer_index=0,
+                        intermediate_size=ffn).cuda().train()
+    x = torch.randn(t, 1, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def step():
+        y, _ = layer(x)
+        y.backward(torch.ones_like(y))
+    timed(step)
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
 
 
 if __name__ == "__main__":
