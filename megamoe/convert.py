@@ -355,9 +355,6 @@ def hf_to_megamoe(hf_dir: str | os.PathLike, output: str | os.PathLike,
                   pipeline_model_parallel_size: int = 1, expert_model_parallel_size: int = 1,
                   dtype: str = "float32", overwrite: bool = False, progress: bool = True) -> Path:
     """Convert an HF LLaMA or LLaMA-MoE directory into a megamoe checkpoint at `output`."""
-    from . import checkpoint
-    from .model.llama import build_model
-
     split = split or SplitOptions()
     hf_dir, output = Path(hf_dir), Path(output)
     cfg = hfc.read_config_json(hf_dir)
@@ -422,6 +419,9 @@ def hf_to_megamoe(hf_dir: str | os.PathLike, output: str | os.PathLike,
     _check_output(output, overwrite)
 
     weights = HFWeights(hf_dir)
+    from . import checkpoint  # megatron-core: imported once the input looks right
+    from .model.llama import build_model
+
     tie = bool(cfg.get("tie_word_embeddings", False))
     seed = split.seed
     _world1(seed)
@@ -737,11 +737,14 @@ def run(argv: Optional[Sequence[str]] = None) -> Path:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The command line: 0 on success; 1 with one clear error line on bad input."""
-    from .checkpoint import CheckpointError
-
     try:
         out = run(argv)
-    except (ValueError, OSError, CheckpointError) as e:
+    except Exception as e:
+        ckpt = sys.modules.get("megamoe.checkpoint")  # not imported for early errors
+        user_error = isinstance(e, (ValueError, OSError)) or (
+            ckpt is not None and isinstance(e, ckpt.CheckpointError))
+        if not user_error:
+            raise
         print(f"convert_hf_checkpoint.py: error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {out}", file=sys.stderr)

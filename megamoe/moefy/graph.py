@@ -40,36 +40,45 @@ class CoactivationCounter:
         self.chunks.append(np.packbits(active.cpu().numpy(), axis=1))
         self.tokens += h.shape[0]
 
-    def matrix(self, chunk_tokens: int = 8192) -> np.ndarray:
-        """A [d_ff, d_ff]: fraction of tokens on which both units are active (zero diagonal)."""
+    def matrix(self, chunk_tokens: int = 8192, device=None) -> np.ndarray:
+        """A [d_ff, d_ff]: fraction of tokens on which both units are active (zero diagonal).
+        Computed on `device` (default: the GPU when there is one)."""
         if not self.tokens:
             raise ValueError("no sample tokens seen")
-        a = torch.zeros(self.d_ff, self.d_ff, dtype=torch.float64)
+        device = device or _default_device()
+        a = torch.zeros(self.d_ff, self.d_ff, dtype=torch.float64, device=device)
         packed = np.concatenate(self.chunks)
         for s in range(0, len(packed), chunk_tokens):
             b = torch.from_numpy(np.unpackbits(packed[s:s + chunk_tokens], axis=1,
-                                               count=self.d_ff).astype(np.float32))
+                                               count=self.d_ff).astype(np.float32)).to(device)
             a += (b.T @ b).double()  # integer counts, exact in fp32 below 2^24 per chunk
         a /= self.tokens
         a.fill_diagonal_(0)
-        return a.numpy()
+        return a.cpu().numpy()
 
 
-def _top_eigenvectors(m: np.ndarray, k: int, seed: int, iters: int = 200) -> np.ndarray:
-    """Eigenvectors of the k largest eigenvalues of symmetric m (eigenvalues in [-1, 1])."""
+def _default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _top_eigenvectors(m: np.ndarray, k: int, seed: int, iters: int = 200,
+                      dense_limit: int = 3000) -> np.ndarray:
+    """Eigenvectors of the k largest eigenvalues of symmetric m (eigenvalues in [-1, 1]):
+    a full eigendecomposition up to `dense_limit` units, orthogonal iteration above."""
     n = m.shape[0]
-    if n <= 3000:
+    if n <= dense_limit:
         _, vecs = np.linalg.eigh(m)
         return vecs[:, -k:]
     # orthogonal iteration on (m + I) / 2 (positive semi-definite, same eigenvectors)
-    t = torch.from_numpy(m)
+    dev = _default_device()
+    t = torch.from_numpy(m).to(dev)
     g = torch.Generator().manual_seed(seed)
-    q = torch.linalg.qr(torch.randn(n, k + 8, dtype=t.dtype, generator=g)).Q
+    q = torch.linalg.qr(torch.randn(n, k + 8, dtype=t.dtype, generator=g).to(dev)).Q
     for _ in range(iters):
         q = torch.linalg.qr(0.5 * (t @ q + q)).Q
     small = q.T @ t @ q  # Rayleigh-Ritz
     _, v = torch.linalg.eigh(small)
-    return (q @ v[:, -k:]).numpy()
+    return (q @ v[:, -k:]).cpu().numpy()
 
 
 def _objective(a: np.ndarray, labels: np.ndarray, k: int) -> float:
