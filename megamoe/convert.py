@@ -426,7 +426,7 @@ def hf_to_megamoe(hf_dir: str | os.PathLike, output: str | os.PathLike,
     seed = split.seed
     _world1(seed)
     torch_dtype = DTYPES[dtype]
-    extra = {"source": str(hf_dir.resolve()), "source_model_type": src_type,
+    extra = {"source": os.path.abspath(hf_dir), "source_model_type": src_type,
              "layout_checked": {"tensor_model_parallel_size": tensor_model_parallel_size,
                                 "pipeline_model_parallel_size": pipeline_model_parallel_size,
                                 "expert_model_parallel_size": expert_model_parallel_size}}
