@@ -166,3 +166,17 @@ def test_empty_and_too_small_domains(tmp_path, helpers):
     helpers.write_stream_dataset(d / "y" / "y_text_document", 0, [5, 5])
     with pytest.raises(ValueError, match=r"domain 'y' is empty or too small: 10 tokens"):
         MultiDomainTrainData(str(d), B, s)
+
+
+def test_resume_on_a_different_data_parallel_size(dataset_dir):
+    """The state is global (identical on all ranks), so a run may resume on more GPUs."""
+    one = make(dataset_dir)
+    one.next_batch(6)
+    state = json.loads(json.dumps(one.state_dict()))
+    expect_tok, expect_dom = one.next_batch(6)
+    for r in range(2):
+        two = make(dataset_dir, rank=r, size=2)
+        two.load_state_dict(state)
+        tok, dom = two.next_batch(3)
+        assert torch.equal(tok, expect_tok[3 * r: 3 * r + 3])
+        assert torch.equal(dom, expect_dom[3 * r: 3 * r + 3])
