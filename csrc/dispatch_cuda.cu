@@ -54,27 +54,42 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
-// Lanes of the warp holding the same value as this lane (bit l set for lane l).
-__device__ __forceinline__ unsigned match_any(int v) {
-#if __CUDA_ARCH__ >= 700
-  return __match_any_sync(0xffffffffu, v);
-#else
-  unsigned m = 0;
-  for (int l = 0; l < kWarp; ++l) m |= unsigned(__shfl_sync(0xffffffffu, v, l) == v) << l;
-  return m;
-#endif
+// Lanes of the warp whose expert equals this lane's (bit l set for lane l); e in [-1, 2^bits - 1).
+// One ballot per bit of e+1; on an H200 this made the routing kernel 1.5x faster than __match_any_sync.
+__device__ __forceinline__ unsigned same_expert_lanes(int e, int bits) {
+  const unsigned v = static_cast<unsigned>(e + 1);
+  unsigned mask = 0xffffffffu;
+  for (int b = 0; b < bits; ++b) {
+    const unsigned bit = (v >> b) & 1u;
+    const unsigned ones = __ballot_sync(0xffffffffu, bit);
+    mask &= bit ? ones : ~ones;
+  }
+  return mask;
 }
 
 // Routing metadata in one launch of one block of kRoutingThreads threads: a stable counting sort of
 // the n = T*k expert ids. Warp w owns the contiguous segment [w*seg, (w+1)*seg) of copies and walks
-// it in tiles of 32; __match_any_sync finds the lanes of a tile that share an expert, so a lane's
+// it in tiles of 32; same_expert_lanes finds the lanes of a tile that share an expert, so a lane's
 // rank among them is the popcount of the lower lanes in its mask (copy order is kept: stable).
 //   pass 1: count[w][e] = copies of expert e in segment w
 //   scan:   count[w][e] <- copies of e in segments < w;  base[e] = copies of experts < e
 //   pass 2: row of copy i (expert e, segment w) = base[e] + count[w][e] + rank so far in segment w
-// Far fewer launches and less GPU time than a radix sort + scatter + searchsorted in torch ops.
+// One block runs on one SM, so the time grows with n: measured on an H200 (E=16), 12 us at n=8K,
+// 36 us at 32K, 69 us at 64K copies, against ~75 us of GPU time and ~10 launches for the torch-ops
+// version at 32K; past 64K copies dispatch.py uses the torch ops (a multi-block version would fix that).
 constexpr int kRoutingThreads = 1024;
 constexpr int kRoutingWarps = kRoutingThreads / kWarp;
+constexpr int kRoutingUnroll = 8;  // tiles whose ids are loaded together: hides the load latency
+
+// Expert id of copy i, or -1 past the end or for an id outside [0, num_experts).
+template <typename idx_t>
+__device__ __forceinline__ int load_expert(const idx_t* experts, int64_t i, int64_t end, int num_experts,
+                                           bool assert_valid) {
+  if (i >= end) return -1;
+  const idx_t raw = experts[i];
+  if (assert_valid) CUDA_KERNEL_ASSERT(raw >= 0 && raw < num_experts && "megamoe: expert index out of range");
+  return raw >= 0 && raw < num_experts ? static_cast<int>(raw) : -1;
+}
 
 template <typename idx_t>
 __global__ void __launch_bounds__(kRoutingThreads)
@@ -93,57 +108,57 @@ __global__ void __launch_bounds__(kRoutingThreads)
   const int64_t begin = warp * seg;
   const int64_t end = begin + seg < n ? begin + seg : n;
   int32_t* my_count = count + warp * num_experts;
-  // The loop bounds are warp-uniform, so every lane takes part in each tile's shuffles.
-  for (int64_t tile = begin; tile < end; tile += kWarp) {
-    const int64_t i = tile + lane;
-    int e = -1;  // -1: no copy (past the end) or a bad id; such lanes are ignored
-    if (i < end) {
-      const idx_t raw = experts[i];
-      CUDA_KERNEL_ASSERT(raw >= 0 && raw < num_experts && "megamoe: expert index out of range");
-      if (raw >= 0 && raw < num_experts) e = static_cast<int>(raw);
+  // Loop bounds are warp-uniform, so every lane takes part in each tile's ballots.
+  const int bits = 32 - __clz(num_experts);  // enough for e+1 in [0, num_experts]
+  for (int64_t step = begin; step < end; step += kWarp * kRoutingUnroll) {
+    int e[kRoutingUnroll];
+#pragma unroll
+    for (int u = 0; u < kRoutingUnroll; ++u) e[u] = load_expert(experts, step + u * kWarp + lane, end, num_experts, true);
+#pragma unroll
+    for (int u = 0; u < kRoutingUnroll; ++u) {
+      const unsigned same = same_expert_lanes(e[u], bits);
+      if (e[u] >= 0 && (same & lower_lanes) == 0) my_count[e[u]] += __popc(same);  // one lane per expert
+      __syncwarp();
     }
-    const unsigned same = match_any(e);
-    if (e >= 0 && (same & lower_lanes) == 0) my_count[e] += __popc(same);  // one lane per expert
-    __syncwarp();
   }
   __syncthreads();
 
-  for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {
+  for (int x = threadIdx.x; x < num_experts; x += blockDim.x) {
     int32_t run = 0;
     for (int w = 0; w < kRoutingWarps; ++w) {
-      const int32_t c = count[w * num_experts + e];
-      count[w * num_experts + e] = run;
+      const int32_t c = count[w * num_experts + x];
+      count[w * num_experts + x] = run;
       run += c;
     }
-    base[e] = run;  // this expert's total, turned into an offset below
+    base[x] = run;  // this expert's total, turned into an offset below
   }
   __syncthreads();
   if (threadIdx.x == 0) {  // num_experts <= kMaxRoutingExperts: a serial scan is cheap
     int32_t start = 0;
-    for (int e = 0; e < num_experts; ++e) {
-      const int32_t total = base[e];
-      tokens_per_expert[e] = total;
-      base[e] = start;
+    for (int x = 0; x < num_experts; ++x) {
+      const int32_t total = base[x];
+      tokens_per_expert[x] = total;
+      base[x] = start;
       start += total;
     }
   }
   __syncthreads();
 
-  for (int64_t tile = begin; tile < end; tile += kWarp) {
-    const int64_t i = tile + lane;
-    int e = -1;
-    if (i < end) {
-      const idx_t raw = experts[i];
-      if (raw >= 0 && raw < num_experts) e = static_cast<int>(raw);
+  for (int64_t step = begin; step < end; step += kWarp * kRoutingUnroll) {
+    int e[kRoutingUnroll];
+#pragma unroll
+    for (int u = 0; u < kRoutingUnroll; ++u) e[u] = load_expert(experts, step + u * kWarp + lane, end, num_experts, false);
+#pragma unroll
+    for (int u = 0; u < kRoutingUnroll; ++u) {
+      const unsigned same = same_expert_lanes(e[u], bits);
+      const int32_t before = e[u] >= 0 ? my_count[e[u]] : 0;
+      __syncwarp();  // every lane has read my_count before the leaders advance it
+      if (e[u] >= 0) {
+        row_id_map[step + u * kWarp + lane] = base[e[u]] + before + __popc(same & lower_lanes);
+        if ((same & lower_lanes) == 0) my_count[e[u]] = before + __popc(same);
+      }
+      __syncwarp();
     }
-    const unsigned same = match_any(e);
-    const int32_t before = e >= 0 ? my_count[e] : 0;
-    __syncwarp();  // every lane has read my_count before the leaders advance it
-    if (e >= 0) {
-      row_id_map[i] = base[e] + before + __popc(same & lower_lanes);
-      if ((same & lower_lanes) == 0) my_count[e] = before + __popc(same);
-    }
-    __syncwarp();
   }
 }
 

@@ -31,10 +31,13 @@ def test_cuda_kernels_are_built():
                                            (100000, 6, 64, [5, 9, 63]), (70, 2, 300, None)])
 def test_routing_kernel(T, k, E, experts):
     idx = random_topk(T, k, E, CUDA, experts=experts)
-    r = D.make_routing(idx, E)  # one-block counting sort (E <= 256), torch ops for E = 300
+    r = D.make_routing(idx, E)  # the kernel (E <= 256, T*k <= 64K), else torch ops
     check_routing(r, idx, E)
     ref = D.make_routing_reference(idx, E)
     assert torch.equal(r.row_id_map, ref.row_id_map) and torch.equal(r.tokens_per_expert, ref.tokens_per_expert)
+    if E <= 256:  # the kernel itself, also past the size where make_routing stops using it
+        rows, counts = torch.ops.megamoe.make_routing(idx, E)
+        assert torch.equal(rows, ref.row_id_map) and torch.equal(counts, ref.tokens_per_expert)
     cpu = D.make_routing(idx.cpu(), E)
     assert torch.equal(r.row_id_map.cpu(), cpu.row_id_map)
     assert torch.equal(D.make_routing(idx.int(), E).row_id_map, r.row_id_map)
