@@ -30,8 +30,8 @@ def test_ours_read_by_megatron_and_byte_identical(tmp_path, dtype):
         w.add_document(docs[-1], lengths=[len(docs[-1]) // 2, len(docs[-1]) - len(docs[-1]) // 2])
     b = IndexedDatasetBuilder(theirs + ".bin", dtype=dtype)
     for d in docs[:-1]:
-        b.add_document(torch.from_numpy(d), [len(d)])
-    b.add_document(torch.from_numpy(docs[-1]),
+        b.add_document(d, [len(d)])
+    b.add_document(docs[-1],
                    [len(docs[-1]) // 2, len(docs[-1]) - len(docs[-1]) // 2])
     b.finalize(theirs + ".idx")
     assert _files(ours) == _files(theirs)
@@ -50,7 +50,7 @@ def test_megatron_written_read_by_ours(tmp_path):
     prefix = str(tmp_path / "m")
     b = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
     for d in docs:
-        b.add_document(torch.from_numpy(d), [len(d)])
+        b.add_document(d, [len(d)])
     b.finalize(prefix + ".idx")
     ds = IndexedDataset(prefix)
     assert len(ds) == ds.num_documents == len(docs) and ds.dtype == np.uint16

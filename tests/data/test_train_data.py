@@ -28,7 +28,7 @@ def dataset_dir(tmp_path, helpers):
     b = IndexedDatasetBuilder(str(d / "beta" / "b_content_document.bin"), dtype=np.int32)
     pos = FIRST["beta"]
     for n in rng.integers(1, 50, 40):
-        b.add_document(torch.arange(pos, pos + n, dtype=torch.int32), [int(n)])
+        b.add_document(np.arange(pos, pos + n, dtype=np.int32), [int(n)])
         pos += int(n)
     b.finalize(str(d / "beta" / "b_content_document.idx"))
     helpers.write_stream_dataset(d / "gamma" / "g_text_document", FIRST["gamma"], [50, 49, 1])
@@ -46,7 +46,7 @@ def block_id(row, dom):
     """(domain index, block number) of a returned row; checks the row is a whole block."""
     first = int(row[0]) - FIRST[DOMS[dom]]
     assert first % B == 0
-    np.testing.assert_array_equal(row.numpy(), np.arange(row[0], row[0] + B))
+    np.testing.assert_array_equal(row.numpy(), np.arange(first, first + B) + FIRST[DOMS[dom]])
     return dom, first // B
 
 
