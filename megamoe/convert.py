@@ -94,15 +94,7 @@ def _world1(seed: int) -> None:
     if dist.is_initialized() and dist.get_world_size() != 1:
         raise ConvertError("convert runs on one process: start it with python, not torchrun "
                            "(loading the result at any TP/PP/EP layout reshards it)")
-    if (dist.is_initialized() and parallel.is_initialized() and parallel.tp_size() == 1
-            and parallel.pp_size() == 1 and parallel.ep_size() == 1):
-        # already a world of one: only reseed (re-creating megatron-core's groups costs ~50
-        # gloo threads a time, which destroy_model_parallel does not give back)
-        from .parallel.mcore import model_parallel_cuda_manual_seed
-
-        torch.manual_seed(seed)
-        model_parallel_cuda_manual_seed(seed)
-        return
+    # reuses an existing world of one (only reseeds)
     parallel.initialize(parallel.ParallelLayout(), seed)
 
 

@@ -41,6 +41,9 @@ class ParallelLayout:
                 f"--expert_model_parallel_size {ep} must divide the number of experts {num_experts}")
 
 
+_current = None  # (tp, pp, ep) of the groups megatron-core holds now
+
+
 def init_distributed(backend: str | None = None) -> None:
     """Start torch.distributed from torchrun's environment (or as a single process)."""
     if dist.is_initialized():
@@ -60,10 +63,20 @@ def initialize(layout: ParallelLayout, seed: int, num_experts: int | None = None
     """Create megatron-core's process groups for `layout` and seed every RNG."""
     from .mcore import model_parallel_cuda_manual_seed, ps
 
+    global _current
     init_distributed()
     layout.validate(dist.get_world_size(), num_experts)
+    key = (layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size,
+           layout.expert_model_parallel_size)
+    if ps.model_parallel_is_initialized() and _current == key:
+        # Same groups: just reseed. (megatron-core's destroy does not free process groups, so
+        # re-creating them in a long-lived process leaks gloo threads.)
+        torch.manual_seed(seed)
+        model_parallel_cuda_manual_seed(seed)
+        return
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
+    _current = key
     ps.initialize_model_parallel(
         tensor_model_parallel_size=layout.tensor_model_parallel_size,
         pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
@@ -75,10 +88,12 @@ def initialize(layout: ParallelLayout, seed: int, num_experts: int | None = None
 
 
 def destroy() -> None:
+    global _current
     from .mcore import ps
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
+    _current = None
 
 
 def is_initialized() -> bool:

@@ -2,7 +2,6 @@
 safetensors / .bin files, and a small Megatron indexed dataset for the data-driven splits."""
 import json
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -84,25 +83,3 @@ def params(model) -> dict:
             if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
 
 
-@pytest.fixture
-def world1():
-    """A single-process world (gloo) with megatron-core's groups of size one, created once and
-    reused: the root conftest's fixture re-creates the groups for every test, and each creation
-    leaks about 50 gloo threads (megatron-core's destroy_model_parallel does not free them)."""
-    import torch.distributed as dist
-
-    from megamoe import parallel
-    from megamoe.parallel.mcore import model_parallel_cuda_manual_seed
-
-    if not (dist.is_initialized() and parallel.is_initialized() and dist.get_world_size() == 1
-            and parallel.tp_size() == parallel.pp_size() == parallel.ep_size() == 1):
-        if not dist.is_initialized():
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                              RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        parallel.initialize(parallel.ParallelLayout(), seed=1234)
-    torch.manual_seed(1234)
-    model_parallel_cuda_manual_seed(1234)
-    yield
