@@ -9,16 +9,16 @@ Three situations, told apart by the SLURM_* variables:
   check that the job's shape matches the flags (num_nodes == --nodes, num_gpu_per_node == the
   GPUs of --gres), pick the rendezvous (first host of SLURM_JOB_NODELIST, a port derived from
   the job id), then ``srun --nodes N --ntasks N --ntasks-per-node 1 python -m megamoe.launch
-  FLAGS``. Preemption: SIGUSR1 (``sbatch --signal=B:USR1@300``) is forwarded to srun, which
-  delivers it to every process of the step; the trainer checkpoints at the next step boundary and
-  exits 0, and the job is requeued (``scontrol requeue``) so that it resumes from that checkpoint.
+  FLAGS``. Preemption: SIGUSR1 (``sbatch --signal=B:USR1@300``) to the batch script is passed to
+  the training processes (and only to them; see _BatchSignals); the trainer checkpoints at the
+  next step boundary and exits 0, and the job is requeued (``scontrol requeue``) so that it
+  resumes from that checkpoint.
 * Inside a job step (each srun task): run torchrun for this node, --node_rank = SLURM_NODEID.
 * Outside Slurm: the same torchrun for one node (so one script serves a workstation).
 
 torchrun runs in this process (``torch.distributed.run.main``, what the ``torchrun`` command
-calls) so that a SIGUSR1 delivered by Slurm to every process of the step does not kill the
-torchrun agent (the default action of SIGUSR1 is to terminate); only the training processes act
-on it.
+calls), so that this process can pass signals to the training processes it starts and ignore
+those meant for them (the default action of SIGUSR1 is to terminate).
 
 CPU-only clusters (tests, the local Slurm of scripts/slurm/): a job without --gres has no GPUs;
 with MEGAMOE_ALLOW_CPU=1 the launcher runs num_gpu_per_node CPU processes per node instead of
@@ -27,7 +27,7 @@ refusing.
 Environment knobs: MEGAMOE_ALLOW_CPU=1 (see above), MASTER_PORT (override the derived port),
 MEGAMOE_SKIP_CHECK=1 (skip the pre-flight checks), MEGAMOE_NO_REQUEUE=1 (do not requeue after a
 preemption signal), MEGAMOE_PYTHON (the python srun starts; default: this one),
-MEGAMOE_TRAIN_MODULE (the module torchrun runs; default megamoe.train; tests use a stand-in).
+MEGAMOE_SIGNAL_REPEAT_S (how often a preemption request is repeated; default 30).
 """
 from __future__ import annotations
 
@@ -450,8 +450,7 @@ def plan(train_argv: Sequence[str], env: Mapping[str, str], *,
         rank = int(env.get("SLURM_NODEID", env.get("SLURM_PROCID", "0")))
         train_argv = set_flag(train_argv, "num_nodes", str(nnodes))
         train_argv = set_flag(train_argv, "num_gpu_per_node", str(nproc))
-        module = env.get("MEGAMOE_TRAIN_MODULE") or TRAIN_MODULE
-        return Plan("node", torchrun_args(nnodes, nproc, rank, addr, int(port), train_argv, module),
+        return Plan("node", torchrun_args(nnodes, nproc, rank, addr, int(port), train_argv),
                     train_argv, notes=notes, nnodes=nnodes, nproc_per_node=nproc)
 
     if in_allocation(env):
@@ -475,8 +474,7 @@ def plan(train_argv: Sequence[str], env: Mapping[str, str], *,
     port = int(env["MASTER_PORT"]) if env.get("MASTER_PORT") else _free_port()
     train_argv = set_flag(train_argv, "num_nodes", "1")
     train_argv = set_flag(train_argv, "num_gpu_per_node", str(nproc))
-    module = env.get("MEGAMOE_TRAIN_MODULE") or TRAIN_MODULE
-    return Plan("local", torchrun_args(1, nproc, 0, "127.0.0.1", port, train_argv, module), train_argv,
+    return Plan("local", torchrun_args(1, nproc, 0, "127.0.0.1", port, train_argv), train_argv,
                 notes=notes, nnodes=1, nproc_per_node=nproc)
 
 
@@ -499,13 +497,25 @@ def _free_port() -> int:
 # ------------------------------------------------------------------------------------------------
 
 def training_finished(output_dir: str) -> bool:
-    """Whether the run in output_dir reached its end (so a preempted job need not be requeued).
-    The trainer marks a finished run; without a marker we assume it did not finish."""
+    """Whether the run in output_dir reached its end, so that a job stopped by SIGUSR1 right
+    then is not requeued: its newest checkpoint's metadata has step >= max_steps (or a FINISHED
+    marker exists)."""
     od = Path(output_dir)
-    for name in ("FINISHED", "finished", "training_finished"):
-        if (od / name).exists():
-            return True
-    return False
+    if (od / "FINISHED").exists():
+        return True
+    newest = None
+    for d in od.glob("checkpoint-*"):
+        m = re.fullmatch(r"checkpoint-(\d+)", d.name)
+        if m and (d / "megamoe.json").is_file() and (newest is None or int(m.group(1)) > newest[0]):
+            newest = (int(m.group(1)), d)
+    if newest is None:
+        return False
+    try:
+        import json
+        meta = json.loads((newest[1] / "megamoe.json").read_text())
+        return int(meta.get("step", -1)) >= int(meta.get("max_steps", 1 << 62))
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def _preflight(train_argv: list[str]) -> None:
@@ -543,8 +553,10 @@ def catches_signal(pid: int, signum: int) -> bool:
 
 
 class _ChildForwarder:
-    """Outside Slurm: pass SIGUSR1 on to our direct children (the training processes), each once,
-    as soon as it has installed a handler (a worker still importing would die of it)."""
+    """Pass SIGUSR1 on to our direct children (the training processes torchrun started), each
+    once per request, as soon as it has installed a handler for it (a process still importing
+    would die of it). Helper processes further down (data loaders, checkpoint writers) are
+    never signalled."""
 
     def __init__(self) -> None:
         import threading
@@ -570,17 +582,27 @@ class _ChildForwarder:
             time.sleep(0.5)
 
 
+# The signal the batch launcher sends to the job step (scancel --signal=URG) to mean "SIGUSR1 to
+# the training processes": its default action is to do nothing, so the processes of the step
+# that do not handle it (torchrun's helpers, data loader workers, checkpoint writer processes)
+# are unaffected, whereas a step-wide SIGUSR1 would kill them.
+STEP_SIGNAL = signal.SIGURG
+
+
 def _run_torchrun(args: list[str], in_slurm_step: bool) -> int:
     """torchrun in this process (what the `torchrun` command calls).
 
-    In a Slurm step, Slurm delivers SIGUSR1 to every process of the step itself: this agent
-    ignores it, and so do the training processes it starts (an ignored signal stays ignored
-    across exec) until the trainer installs its handler, so a signal arriving while they
-    start cannot kill them. Outside Slurm, SIGUSR1 sent to this process is passed on to them."""
+    SIGUSR1 to this process, or (in a Slurm step) SIGURG from the batch launcher, is passed on
+    to the training processes only (_ChildForwarder). A SIGUSR1 that Slurm delivers to the whole
+    step (sbatch --signal=USR1 without B:) is ignored here, and by the training processes while
+    they start (an ignored signal stays ignored across exec) until the trainer installs its
+    handler."""
+    forward = _ChildForwarder()
     if in_slurm_step:
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        signal.signal(STEP_SIGNAL, forward)
     else:
-        signal.signal(signal.SIGUSR1, _ChildForwarder())
+        signal.signal(signal.SIGUSR1, forward)
     from torch.distributed import run as torchrun
     try:
         torchrun.main(args)
@@ -595,10 +617,11 @@ def _run_torchrun(args: list[str], in_slurm_step: bool) -> int:
 class _BatchSignals:
     """The batch script's signal handling, installed first thing (before any slow import).
 
-    SIGUSR1 (sbatch --signal=B:USR1@T) is passed to srun, which delivers it to every process of
-    the step; it is passed again every `repeat` seconds until the step ends, so that training
-    processes that were still starting (and ignored it) hear it too. SIGTERM (scancel, time
-    limit) reaches the step from Slurm directly; it is only recorded here."""
+    SIGUSR1 (sbatch --signal=B:USR1@T) becomes `scancel --signal=URG <job>`: every process of
+    the job step receives SIGURG, which only our per-node launchers act on (they send SIGUSR1 to
+    their training processes). It is repeated every `repeat` seconds until the step ends, so
+    that training processes still starting hear it too. SIGTERM (scancel, time limit) reaches
+    the step from Slurm directly; it is only recorded here."""
 
     def __init__(self, repeat: float = 30.0) -> None:
         self.got: list[int] = []
@@ -623,8 +646,13 @@ class _BatchSignals:
 
     def forward(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGUSR1)
             self.last_sent = time.monotonic()
+            job = os.environ.get("SLURM_JOB_ID", "")
+            try:
+                subprocess.Popen(["scancel", f"--signal={STEP_SIGNAL.name[3:]}", job],
+                                 stdout=subprocess.DEVNULL)
+            except OSError as e:
+                log(f"cannot run scancel ({e}): the trainer is not told to stop")
 
     def wait(self, proc: subprocess.Popen) -> int:
         self.proc = proc
@@ -679,8 +707,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{PREFIX} {e}", file=sys.stderr, flush=True)
         return 2
     first = p.mode != "node" or env.get("SLURM_NODEID", "0") == "0"
-    for n in p.notes:
-        if first:
+    if p.mode != "node":  # the batch launcher already said them
+        for n in p.notes:
             log(n)
     od = flag_value(p.train_argv, "output_dir")
     if p.mode == "srun":

@@ -4,9 +4,10 @@ The module installs Debian's slurm-wlm parts and munge when missing
 (scripts/slurm/install_slurm.sh), starts munged, slurmctld and slurmd
 (scripts/slurm/start_local_slurm.sh, idempotent) and stops them at the end if it started them.
 Jobs are submitted with sbatch through scripts/cpt/fpt.sh, i.e. through scripts/launch.sh ->
-srun -> torchrun, with small overrides in the environment (the scripts' variables) and
-`--gres=none --cpus-per-task=N` on the command line (this cluster has no GPUs; the launcher is
-told so by MEGAMOE_ALLOW_CPU=1).
+srun -> torchrun -> python -m megamoe.train, with small overrides in the environment (the
+scripts' variables: a tiny LLaMA-MoE and three tiny domains made by tests/launch/tiny_setup.py)
+and `--gres=none --cpus-per-task=2` on the command line (this cluster has no GPUs; the launcher
+is told so by MEGAMOE_ALLOW_CPU=1). Two processes train on CPU with gloo.
 
 Skipped only where this machine cannot run Slurm (not Linux, not root, no apt and no Slurm);
 MEGAMOE_REQUIRE_SLURM=1 turns those skips into failures.
@@ -119,8 +120,36 @@ def log_of(info: dict) -> str:
 
 @pytest.fixture
 def submit_dir(tmp_path):
-    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs").mkdir()  # the scripts' #SBATCH --output=logs/%x-%j.log
     return tmp_path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny pretrained LLaMA-MoE (4 experts, top-2), tokenizer and 3-domain data."""
+    out = tmp_path_factory.mktemp("tiny")
+    r = subprocess.run([PYTHON, str(ROOT / "tests" / "launch" / "tiny_setup.py"), str(out)],
+                       capture_output=True, text=True, timeout=300, env=_slurm_env())
+    assert r.returncode == 0, r.stdout + r.stderr
+    return out
+
+
+def tiny_vars(tiny: Path, **kw) -> dict:
+    """The fpt.sh variables for a tiny CPU run: 2 processes x 2 sequences of 32 tokens = 128
+    tokens per step; `max_tokens` sets the number of steps."""
+    v = dict(MEGAMOE_ROOT=str(ROOT), MEGAMOE_PYTHON=PYTHON, MEGAMOE_ALLOW_CPU="1",
+             pretrained_model=str(tiny / "model"), tokenizer_model=str(tiny / "tok.model"),
+             dataset_dir=str(tiny / "train"), validation_dir=str(tiny / "valid"),
+             prob_map="uniform", num_selects="2", scale_factor="2.0", block_size="32",
+             per_device_train_batch_size="2", gradient_accumulation_steps="1",
+             max_tokens=str(6 * 128), warmup_steps="2", eval_steps="3", save_steps="3",
+             logging_steps="1", bf16="false", lr="3e-3", num_nodes="1", num_gpu_per_node="2",
+             comment="tiny CPU job on the test cluster")
+    v.update({k: str(x) for k, x in kw.items()})
+    return v
+
+
+CPU_JOB = ["--gres=none", "--cpus-per-task=2"]  # the node's CPUs; no GPUs on this cluster
 
 
 def test_sbatch_wrap_hostname(slurm, submit_dir):
@@ -159,37 +188,76 @@ def test_gpus_without_gres_are_refused(slurm, submit_dir):
     assert "MEGAMOE_ALLOW_CPU=1" in err
 
 
-def test_preemption_checkpoints_requeues_and_resumes(slurm, submit_dir):
-    """sbatch --signal=B:USR1 reaches the trainer through launch.sh -> srun; it checkpoints and
-    exits 0, the launcher requeues the job, which resumes from the checkpoint in the same
-    outputs/<job-name>-<job-id>/ and finishes. The trainer here is a stand-in with the same
-    contract (tests/launch/fake_trainer.py), so that this test is about launching."""
-    env = _slurm_env({
-        "MEGAMOE_ROOT": str(ROOT), "MEGAMOE_PYTHON": PYTHON, "MEGAMOE_ALLOW_CPU": "1",
-        "MEGAMOE_SKIP_CHECK": "1", "MEGAMOE_TRAIN_MODULE": "fake_trainer",
-        "PYTHONPATH": str(ROOT / "tests" / "launch"), "num_gpu_per_node": "2",
-        "FAKE_MAX_STEPS": "40", "FAKE_STEP_SECONDS": "0.25", "MEGAMOE_SIGNAL_REPEAT_S": "5"})
-    jid = sbatch(env, submit_dir, ["--gres=none", "--cpus-per-task=2", str(SCRIPT)])
-    out = submit_dir / "outputs" / f"cpt-moe-fpt-bs16-{jid}"
-    deadline = time.monotonic() + 180
-    while not (out / "ready").exists():
-        info = job_info(slurm, jid)
-        assert info.get("JobState") not in TERMINAL, (info, log_of(info))
-        assert time.monotonic() < deadline, "the trainer did not start in 180 s"
-        time.sleep(0.5)
-    # What sbatch --signal=B:USR1@300 does 300 s before the time limit:
-    subprocess.run(["scancel", "--batch", "--signal=USR1", jid], env=slurm, check=True)
-    info = wait_job(slurm, jid, 120, until=lambda i: i.get("Restarts", "0") != "0")
-    assert info.get("Restarts") == "1", (info, log_of(info))
-    # Slurm holds a requeued job for a while (BeginTime); let it start now.
-    subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], env=slurm)
-    info = wait_job(slurm, jid, 180)
+def read_scalars(logdir: Path) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tiny_training_job(slurm, submit_dir, tiny):
+    """sbatch scripts/cpt/fpt.sh -> launch.sh -> srun -> torchrun (2 CPU processes) ->
+    megamoe.train: the guide's log header, checkpoints and tensorboard events in
+    outputs/<job-name>-<job-id>/."""
+    jid = sbatch(_slurm_env(tiny_vars(tiny)), submit_dir, [*CPU_JOB, str(SCRIPT)])
+    info = wait_job(slurm, jid, 240)
     log = log_of(info)
     assert info["JobState"] == "COMPLETED", (info, log)
-    events = [json.loads(x) for x in (out / "events.jsonl").read_text().splitlines()]
-    assert len(events) == 2, events
-    assert events[0]["signal"] == 10 and 0 < events[0]["step"] < 40
-    assert events[1] == {"step": 40, "signal": None, "job": jid, "restarts": "1"}
+    name = info["JobName"]
+    assert name == "cpt-moe-fpt-bs16"  # the script's #SBATCH --job-name
+    out = submit_dir / "outputs" / f"{name}-{jid}"
+    # the guide's log header: tokens / (block * bs * grad_accum * nodes * gpus_per_node)
+    assert "max_steps: 6\nglobal batch size: 4\n#tokens/batch: 128\n" in log
+    assert f"rendezvous {info['BatchHost']}:" in log
+    assert "torchrun --nnodes 1 --nproc_per_node 2 --node_rank 0" in log
+    assert "step 6/6" in log and "done: 6 steps, 768 tokens" in log
+    # checkpoints every 3 steps, the last one final
+    for step in (3, 6):
+        meta = json.loads((out / f"checkpoint-{step}" / "megamoe.json").read_text())
+        assert meta["step"] == step and meta["model_type"] == "llama_moe"
+    # tensorboard: outputs/<job-name>-<job-id>/runs/<logging-dir>/events.out.tfevents.*
+    runs = list((out / "runs").iterdir())
+    assert len(runs) == 1 and re.fullmatch(r"[A-Z][a-z]{2}\d\d_\d\d-\d\d-\d\d_.+", runs[0].name)
+    assert list(runs[0].glob("events.out.tfevents.*"))
+    scalars = read_scalars(runs[0])
+    assert [s for s, _ in scalars["train/loss"]] == [1, 2, 3, 4, 5, 6]
+    assert {"train/lr", "train/balance_loss", "eval/code_loss"} <= set(scalars)
+
+
+def test_preemption_checkpoints_requeues_and_resumes(slurm, submit_dir, tiny):
+    """What `#SBATCH --signal=B:USR1@300` does 300 s before the time limit: the launcher tells
+    the training processes, which checkpoint at the next step boundary and exit 0; the
+    launcher requeues the job, which resumes from that checkpoint in the same
+    outputs/<job-name>-<job-id>/ and runs to the end."""
+    steps = 300
+    env = _slurm_env(tiny_vars(tiny, max_tokens=steps * 128, eval_steps=100, save_steps=100,
+                               MEGAMOE_SIGNAL_REPEAT_S=5))
+    jid = sbatch(env, submit_dir, [*CPU_JOB, str(SCRIPT)])
+    out = submit_dir / "outputs" / f"cpt-moe-fpt-bs16-{jid}"
+    deadline = time.monotonic() + 180
+    while not (out / "train.log").is_file() or "\nstep 1/" not in (out / "train.log").read_text():
+        info = job_info(slurm, jid)
+        assert info.get("JobState") not in TERMINAL, (info, log_of(info))
+        assert time.monotonic() < deadline, "training did not start within 180 s"
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", jid], env=slurm, check=True)
+    info = wait_job(slurm, jid, 120, until=lambda i: i.get("Restarts", "0") != "0"
+                    and i.get("JobState") == "PENDING")
+    assert info.get("Restarts") == "1", (info, log_of(info))
+    # Slurm holds a requeued job for a while (BeginTime); let it start now.
+    subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], env=slurm,
+                   check=True)
+    info = wait_job(slurm, jid, 240)
+    log = log_of(info)
+    assert info["JobState"] == "COMPLETED", (info, log)
+    records = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    stopped = [r for r in records if r["kind"] == "stopped"]
+    assert len(stopped) == 1 and stopped[0]["signal"] == "SIGUSR1", records
+    k = stopped[0]["step"]
+    assert 0 < k < steps
+    assert f"saved {out.relative_to(submit_dir)}/checkpoint-{k}" in log
     assert f"requeueing job {jid}" in log
-    assert f"resumed from checkpoint-{events[0]['step']}" in log
-    assert (out / "FINISHED").exists()
+    assert f"resuming from {out.relative_to(submit_dir)}/checkpoint-{k}: step {k}" in log
+    assert records[-1]["kind"] == "end" and records[-1]["step"] == steps
+    meta = json.loads((out / f"checkpoint-{steps}" / "megamoe.json").read_text())
+    assert meta["step"] == meta["max_steps"] == steps

@@ -272,3 +272,17 @@ def test_training_finished_marker(tmp_path):
     assert not L.training_finished(str(tmp_path))
     (tmp_path / "FINISHED").write_text("")
     assert L.training_finished(str(tmp_path))
+
+
+def test_training_finished_from_checkpoint_meta(tmp_path):
+    import json
+    ck = tmp_path / "checkpoint-10"
+    ck.mkdir()
+    (ck / "megamoe.json").write_text(json.dumps({"step": 10, "max_steps": 20}))
+    assert not L.training_finished(str(tmp_path))
+    ck2 = tmp_path / "checkpoint-20"
+    ck2.mkdir()
+    (ck2 / "megamoe.json").write_text(json.dumps({"step": 20, "max_steps": 20}))
+    assert L.training_finished(str(tmp_path))
+    (tmp_path / "checkpoint-30.tmp-5").mkdir()  # an unfinished save is not a checkpoint
+    assert L.training_finished(str(tmp_path))
