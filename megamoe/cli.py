@@ -4,6 +4,7 @@
     megamoe estimate --tokens 100e9 --block_size 4096 --per_device_train_batch_size 8 \\
         --gradient_accumulation_steps 4 --num_nodes 14 --num_gpu_per_node 8 [--seconds_per_step S]
     megamoe estimate SCRIPT_OR_CONFIG [--seconds_per_step S]   (sizes taken from the script)
+    megamoe estimate SCRIPT_OR_CONFIG --from_run outputs/<job-name>-<job-id>  (measured time/step)
     megamoe train FLAGS...               the trainer (python -m megamoe.train FLAGS)
     megamoe launch FLAGS...              what scripts/launch.sh runs (srun -> torchrun)
 """
@@ -81,7 +82,19 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     if tokens is None:
         print("megamoe estimate: give --tokens (e.g. 100e9, 200B)", file=sys.stderr)
         return 2
-    e = Estimate(tokens=tokens, seconds_per_step=args.seconds_per_step, **values)
+    seconds = args.seconds_per_step
+    if args.from_run:
+        if seconds is not None or args.tokens_per_second_per_gpu is not None:
+            print("megamoe estimate: --from_run measures the time per step; do not also give "
+                  "--seconds_per_step or --tokens_per_second_per_gpu", file=sys.stderr)
+            return 2
+        try:
+            seconds = measured_seconds_per_step(args.from_run)
+        except ValueError as err:
+            print(f"megamoe estimate: {err}", file=sys.stderr)
+            return 2
+        print(f"measured in {args.from_run}: {seconds:.4g} s/step (mean of the last logged steps)")
+    e = Estimate(tokens=tokens, seconds_per_step=seconds, **values)
     try:
         e.validate()
         if args.tokens_per_second_per_gpu is not None:
@@ -94,6 +107,28 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
         return 2
     print(report(e))
     return 0
+
+
+def measured_seconds_per_step(output_dir: str, last: int = 20) -> float:
+    """Mean time_per_step of the last `last` logged steps of a run (its train_log.jsonl)."""
+    import json
+    import os
+    path = os.path.join(output_dir, "train_log.jsonl")
+    if not os.path.isfile(path):
+        raise ValueError(f"--from_run {output_dir}: no train_log.jsonl there (a run's output_dir)")
+    times = []
+    with open(path) as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            if r.get("kind") == "train" and r.get("time_per_step"):
+                times.append(float(r["time_per_step"]))
+    if not times:
+        raise ValueError(f"--from_run {output_dir}: no training steps logged yet")
+    times = times[-last:]
+    return sum(times) / len(times)
 
 
 def _forward(module: str, argv: Sequence[str]) -> int:
@@ -126,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measured or assumed time per step (log's time/step or tensorboard)")
     e.add_argument("--tokens_per_second_per_gpu", type=float,
                    help="alternatively, a throughput in tokens/s/GPU")
+    e.add_argument("--from_run", metavar="OUTPUT_DIR",
+                   help="alternatively, the time per step measured by a run (its train_log.jsonl)")
     e.set_defaults(func=_cmd_estimate)
 
     for name, help_ in (("train", "run the trainer (python -m megamoe.train FLAGS)"),

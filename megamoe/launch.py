@@ -93,19 +93,16 @@ def set_flag(argv: Sequence[str], name: str, value: str) -> list[str]:
 
 
 def _config_file_value(argv: Sequence[str], name: str) -> Optional[str]:
-    """A key of the --config YAML/JSON file, if the flags give one."""
+    """A key of the --config YAML/JSON file (flat or by section), if the flags give one."""
     path = flag_value(argv, "config")
     if not path or not os.path.isfile(path):
         return None
     try:
-        import yaml  # JSON is YAML
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-    except Exception:
+        from .config import load_config_file  # the trainer's reader
+        data = load_config_file(path)
+    except Exception:  # the trainer reports a bad file itself
         return None
-    if isinstance(data, dict) and data.get(name) is not None:
-        return str(data[name])
-    return None
+    return None if data.get(name) is None else str(data[name])
 
 
 def int_option(argv: Sequence[str], name: str) -> Optional[int]:

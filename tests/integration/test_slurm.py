@@ -127,11 +127,9 @@ def submit_dir(tmp_path):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny pretrained LLaMA-MoE (4 experts, top-2), tokenizer and 3-domain data."""
-    out = tmp_path_factory.mktemp("tiny")
-    r = subprocess.run([PYTHON, str(ROOT / "tests" / "launch" / "tiny_setup.py"), str(out)],
-                       capture_output=True, text=True, timeout=300, env=_slurm_env())
-    assert r.returncode == 0, r.stdout + r.stderr
-    return out
+    sys.path.insert(0, str(ROOT / "tests" / "launch"))
+    import tiny_setup
+    return Path(tiny_setup.ensure(tmp_path_factory.getbasetemp() / "tiny-run", _slurm_env()))
 
 
 def tiny_vars(tiny: Path, **kw) -> dict:

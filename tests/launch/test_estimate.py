@@ -78,3 +78,26 @@ def test_cli_throughput_and_missing_args(capsys):
     assert "time/step: 2s" in capsys.readouterr().out
     assert main(["estimate", "--tokens", "1e9", "--block_size", "1024"]) == 2
     assert "--per_device_train_batch_size" in capsys.readouterr().err
+
+
+def test_cli_from_run(tmp_path, capsys):
+    import json
+    with open(tmp_path / "train_log.jsonl", "w") as f:
+        f.write(json.dumps({"kind": "save", "step": 1}) + "\n")
+        for step, t in enumerate([9.0] + [2.0] * 20, 1):
+            f.write(json.dumps({"kind": "train", "step": step, "time_per_step": t}) + "\n")
+    rc = main(["estimate", "--tokens", "1e9", "--block_size", "1024",
+               "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "1",
+               "--num_nodes", "1", "--num_gpu_per_node", "1", "--from_run", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "measured in" in out and "time/step: 2s" in out
+    assert main(["estimate", "--tokens", "1e9", "--block_size", "1024",
+                 "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "1",
+                 "--num_nodes", "1", "--num_gpu_per_node", "1", "--from_run",
+                 str(tmp_path / "nope")]) == 2
+
+
+def test_train_forwards_to_the_trainer(capsys):
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--num_selects" in out and "--moe_calculator_score_scale_factor" in out

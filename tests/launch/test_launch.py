@@ -46,7 +46,7 @@ def test_flag_value_and_set_flag():
 
 def test_num_nodes_from_config_file(tmp_path):
     cfg = tmp_path / "run.yaml"
-    cfg.write_text("num_nodes: 2\nnum_gpu_per_node: 4\n")
+    cfg.write_text("parallel:\n  num_nodes: 2\nnum_gpu_per_node: 4\n")
     argv = ["--config", str(cfg)]
     assert L.int_option(argv, "num_nodes") == 2
     assert L.int_option(argv + ["--num_nodes", "3"], "num_nodes") == 3

@@ -73,6 +73,20 @@ def main(out: str) -> None:
     write_domains(os.path.join(out, "valid"), 1)
     write_tokenizer(os.path.join(out, "tok"))
     write_model(os.path.join(out, "model"))
+    open(os.path.join(out, "done"), "w").close()
+
+
+def ensure(out, env=None) -> str:
+    """Build the tiny run in `out` once (a subprocess: a world of one), reuse it after."""
+    import subprocess
+
+    out = str(out)
+    if not os.path.exists(os.path.join(out, "done")):
+        r = subprocess.run([sys.executable, os.path.abspath(__file__), out], capture_output=True,
+                           text=True, timeout=300, env=env)
+        if r.returncode != 0:
+            raise RuntimeError(f"tiny_setup.py failed:\n{r.stdout}\n{r.stderr}")
+    return out
 
 
 if __name__ == "__main__":  # dist_checkpointing's save spawns a process
