@@ -237,6 +237,14 @@ def first_host(env: Mapping[str, str],
     return hostnames(nodelist)[0]
 
 
+def resolves(host: str) -> bool:
+    try:
+        socket.getaddrinfo(host, None)
+        return True
+    except (socket.gaierror, UnicodeError):
+        return False
+
+
 def port_from_job_id(job_id: str | int) -> int:
     """A port in [15000, 30000) derived from the job id: concurrent jobs sharing a first node
     get different ports (ids that differ by less than 15000)."""
@@ -392,15 +400,18 @@ def torchrun_args(nnodes: int, nproc_per_node: int, node_rank: int, master_addr:
 
 
 def srun_args(nnodes: int, env: Mapping[str, str], python: str,
-              train_argv: Sequence[str]) -> list[str]:
-    """srun: one task per node, each `python -m megamoe.launch FLAGS` (-> torchrun)."""
+              train_argv: Sequence[str], gpus_per_node: Optional[int] = None) -> list[str]:
+    """srun: one task per node, each `python -m megamoe.launch FLAGS` (-> torchrun), with all
+    of the job's GPUs, CPUs and memory on its node."""
     cmd = ["srun", f"--nodes={nnodes}", f"--ntasks={nnodes}", "--ntasks-per-node=1",
-           "--kill-on-bad-exit=1", "--export=ALL"]
+           "--kill-on-bad-exit=1", "--export=ALL", "--mem=0"]
     # Since Slurm 22.05 srun does not inherit --cpus-per-task from sbatch: pass it on, or each
     # node's torchrun would be confined to one CPU.
     cpt = env.get("SLURM_CPUS_PER_TASK")
     if cpt:
         cmd.append(f"--cpus-per-task={cpt}")
+    if gpus_per_node:
+        cmd.append(f"--gres=gpu:{gpus_per_node}")
     return cmd + [python, "-u", "-m", "megamoe.launch", *train_argv]
 
 
@@ -455,12 +466,19 @@ def plan(train_argv: Sequence[str], env: Mapping[str, str], *,
         nnodes, nproc, notes = check_slurm_shape(num_nodes, num_gpu, env)
         train_argv = with_output_dir(train_argv, env)
         addr = first_host(env, hostnames)
+        if not resolves(addr):
+            if nnodes > 1:
+                raise LaunchError(f"the first node {addr} of the job does not resolve to an "
+                                  "address here: the other nodes could not reach the rendezvous")
+            notes.append(f"{addr} does not resolve: rendezvous on 127.0.0.1 (one node)")
+            addr = "127.0.0.1"
         port = int(env["MASTER_PORT"]) if env.get("MASTER_PORT") else pick_port(
             env["SLURM_JOB_ID"], is_free)
         train_argv = set_flag(train_argv, "num_nodes", str(nnodes))
         train_argv = set_flag(train_argv, "num_gpu_per_node", str(nproc))
         extra = {"MEGAMOE_MASTER_ADDR": addr, "MEGAMOE_MASTER_PORT": str(port)}
-        return Plan("srun", srun_args(nnodes, env, python, train_argv), train_argv, env=extra,
+        gpus = slurm_gpus_per_node(env)
+        return Plan("srun", srun_args(nnodes, env, python, train_argv, gpus), train_argv, env=extra,
                     notes=notes, nnodes=nnodes, nproc_per_node=nproc)
 
     # Outside Slurm: torchrun alone.
@@ -495,11 +513,8 @@ def _free_port() -> int:
 
 def training_finished(output_dir: str) -> bool:
     """Whether the run in output_dir reached its end, so that a job stopped by SIGUSR1 right
-    then is not requeued: its newest checkpoint's metadata has step >= max_steps (or a FINISHED
-    marker exists)."""
+    then is not requeued: its newest checkpoint's metadata has step >= max_steps."""
     od = Path(output_dir)
-    if (od / "FINISHED").exists():
-        return True
     newest = None
     for d in od.glob("checkpoint-*"):
         m = re.fullmatch(r"checkpoint-(\d+)", d.name)

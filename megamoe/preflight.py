@@ -25,7 +25,6 @@ import os
 import re
 import shlex
 import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,7 +104,7 @@ class Report:
             mark = {OK: "[x]", WARN: "[!]", ERROR: "[E]"}[st]
             first = True
             for f in sorted(findings, key=lambda f: -_RANK[f.status]):
-                head = f"{mark} {item:<{width}}  {st:5s}" if first else " " * (width + 12)
+                head = f"{mark} {item:<{width}}  {st:5s}" if first else " " * (width + 11)
                 tag = "" if first or f.status == st else f"({f.status}) "
                 out.append(f"{head}  {tag}{f.message}")
                 first = False
@@ -433,7 +432,7 @@ def check_options(o: Mapping[str, Any], report: Report, view: Optional[TrainerVi
         sf = o.get("moe_calculator_score_scale_factor")
         sfs = sf if isinstance(sf, list) else [sf]
         if sf is None:
-            ok(item, f"moe_calculator_score_scale_factor not given: the pretrained model's")
+            ok(item, "moe_calculator_score_scale_factor not given: the pretrained model's")
         elif any(v <= 0 for v in sfs):
             report.error(item, f"moe_calculator_score_scale_factor={_fmt(sf)} must be positive")
         elif not all(math.isclose(float(v), num_experts / k, rel_tol=1e-6) for v in sfs):

@@ -32,6 +32,12 @@ def always_free(port):
     return True
 
 
+@pytest.fixture(autouse=True)
+def names_resolve(monkeypatch):
+    """The test clusters' host names resolve (see test_unresolvable_first_host)."""
+    monkeypatch.setattr(L, "resolves", lambda host: True)
+
+
 # ---- flags ------------------------------------------------------------------------------------
 
 def test_flag_value_and_set_flag():
@@ -113,9 +119,9 @@ def test_batch_plan_builds_srun():
     env = slurm_env()
     p = L.plan(FLAGS, env, python="/venv/bin/python", hostnames=hosts, is_free=always_free)
     assert p.mode == "srun"
-    assert p.argv[:6] == ["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1",
-                          "--kill-on-bad-exit=1", "--export=ALL"]
-    assert "--cpus-per-task=64" in p.argv
+    assert p.argv[:7] == ["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1",
+                          "--kill-on-bad-exit=1", "--export=ALL", "--mem=0"]
+    assert "--cpus-per-task=64" in p.argv and "--gres=gpu:8" in p.argv
     i = p.argv.index("/venv/bin/python")
     assert p.argv[i:i + 4] == ["/venv/bin/python", "-u", "-m", "megamoe.launch"]
     assert p.env == {"MEGAMOE_MASTER_ADDR": "SH-IDCA1404-10-140-54-100",
@@ -133,6 +139,16 @@ def test_batch_plan_keeps_given_output_dir_and_fills_an_empty_one():
     p = L.plan(FLAGS + ["--output_dir", ""], env, hostnames=hosts, is_free=always_free)
     assert L.flag_value(p.train_argv, "output_dir") == "outputs/cpt-moe-fpt-bs16-1535835"
     assert p.train_argv.count("--output_dir") == 1
+
+
+def test_unresolvable_first_host(monkeypatch):
+    monkeypatch.setattr(L, "resolves", lambda host: False)
+    with pytest.raises(L.LaunchError, match="does not resolve"):
+        L.plan(FLAGS, slurm_env(), hostnames=hosts, is_free=always_free)
+    p = L.plan(["--num_nodes", "1", "--num_gpu_per_node", "8"],
+               slurm_env(SLURM_JOB_NUM_NODES=1, SLURM_NNODES=1), hostnames=hosts,
+               is_free=always_free)
+    assert p.env["MEGAMOE_MASTER_ADDR"] == "127.0.0.1"
 
 
 def test_batch_plan_master_port_override():
@@ -172,6 +188,7 @@ def test_no_gres_refused_unless_cpu_allowed():
     p = L.plan(FLAGS, env, hostnames=hosts, is_free=always_free)
     assert (p.nnodes, p.nproc_per_node) == (2, 8)
     assert any("CPU" in n for n in p.notes)
+    assert not any(a.startswith("--gres") for a in p.argv)
 
 
 def test_missing_sizes_are_taken_from_the_job():
@@ -266,12 +283,6 @@ def test_launch_sh_refusal_message_and_exit_code():
     assert r.returncode == 2
     assert "num_nodes=2 but the job has 1 node(s)" in r.stderr
     assert "set num_nodes=1 in the script, or #SBATCH --nodes=2" in r.stderr
-
-
-def test_training_finished_marker(tmp_path):
-    assert not L.training_finished(str(tmp_path))
-    (tmp_path / "FINISHED").write_text("")
-    assert L.training_finished(str(tmp_path))
 
 
 def test_training_finished_from_checkpoint_meta(tmp_path):
