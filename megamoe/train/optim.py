@@ -63,6 +63,7 @@ class TrainOptimizer:
         self.cfg = cfg
         self.model = model  # unwrapped (for its sharded state dict)
         self.distributed = use_distributed_optimizer
+        mark_expert_params(model)
         params_dtype = next(model.parameters()).dtype
         oc = OptimizerConfig(
             optimizer="adam", lr=cfg.learning_rate, min_lr=0.0, weight_decay=cfg.weight_decay,
@@ -121,6 +122,28 @@ class TrainOptimizer:
 
     def state_dict(self):
         return self.mc.state_dict()
+
+
+def mark_expert_params(model: torch.nn.Module) -> int:
+    """Mark the experts' parameters (and their LoRA adapters) `tensor_model_parallel`, as
+    megatron-core's own expert layers are, so that the gradient norm counts them on every rank.
+
+    Why: megatron-core counts a parameter without that mark only on TP rank 0 (a replica of
+    TP rank 0's), and reduces the expert optimizer's norm over the expert tensor x expert x
+    pipeline group, which does not contain the other TP ranks. Our experts are not
+    tensor-parallel, so unmarked, TP ranks > 0 would leave them out of the norm, compute another
+    clip coefficient than rank 0, and the replicated weights would drift apart (seen with TP=2:
+    1e-6 after two steps). Marked, each rank counts the experts it holds, and the expert group
+    sums over the ranks that hold different experts (EP) or layers (PP)."""
+    from ..model.moe.experts import GroupedSwiGLUExperts
+
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, GroupedSwiGLUExperts):
+            for p in mod.parameters(recurse=False):
+                p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, 0, 1
+                n += 1
+    return n
 
 
 def _expert_factories(model_sd: dict, model: torch.nn.Module) -> dict:
