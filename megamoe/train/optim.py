@@ -111,10 +111,35 @@ class TrainOptimizer:
     # --- checkpointing (megamoe.checkpoint.save / load_optimizer call these) ---
     def sharded_state_dict(self, model_sharded_state_dict: dict, is_loading: bool = False):
         if self.distributed:
+            if is_loading:
+                self._create_state()
             return self.mc.sharded_state_dict(model_sharded_state_dict, is_loading,
                                               metadata=dict(DP_RESHARDABLE))
         sd = _expert_factories(model_sharded_state_dict, self.model)
         return self.mc.sharded_state_dict(sd, is_loading)
+
+    @torch.no_grad()
+    def _create_state(self) -> None:
+        """Give a fresh optimizer its state before a checkpoint is loaded into it.
+
+        megatron-core 0.16.1's DistributedOptimizer.sharded_state_dict(is_loading=True) first
+        reads the Adam 'step' from the existing state, which torch's AdamW creates only at its
+        first step (Megatron-LM's usual TE/Apex FusedAdam keeps it in the param groups), so a
+        fresh optimizer fails an assertion there. One step with zero gradients, lr 0 and weight
+        decay 0 creates the state without changing any parameter; the load overwrites it all."""
+        for opt in self.chain:
+            inner = getattr(opt, "optimizer", None)
+            if inner is None or len(inner.state) > 0:
+                continue
+            saved = [(g["lr"], g["weight_decay"]) for g in inner.param_groups]
+            for g in inner.param_groups:
+                g["lr"], g["weight_decay"] = 0.0, 0.0
+                for p in g["params"]:
+                    p.grad = torch.zeros_like(p)
+            inner.step()
+            inner.zero_grad(set_to_none=True)
+            for g, (lr, wd) in zip(inner.param_groups, saved):
+                g["lr"], g["weight_decay"] = lr, wd
 
     def load_state_dict(self, state_dict) -> None:
         with torch.no_grad():
