@@ -172,6 +172,9 @@ def make_dense_hf(path: str, layers: int, hidden: int, ffn: int, seed: int = 0) 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=ffn,
                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
@@ -225,6 +228,9 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true",
                    help="a smaller corpus, model and run (the test suite's end-to-end check)")
     a = p.parse_args(argv)
+    from .train.cli import quiet_library_noise
+
+    quiet_library_noise()
     t0 = time.time()
     out = os.path.abspath(a.output_dir)
     os.makedirs(out, exist_ok=True)

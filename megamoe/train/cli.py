@@ -14,11 +14,31 @@ from typing import Optional, Sequence
 PROG = "megamoe.train"
 
 
+def quiet_library_noise() -> None:
+    """Hide messages of megatron-core 0.16.1 and torch.distributed.checkpoint that say nothing
+    about this run: our MoE MLP is not one of megatron-core's MLP classes ("Unknown MLP type"),
+    its TransformerConfig default cuda_graph_scope deprecation, and torch's ShardedTensor /
+    load_state_dict deprecations inside dist_checkpointing."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.checkpoint.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\.core\.dist_checkpointing.*")
+
+    class _Drop(logging.Filter):
+        def filter(self, record):
+            return not str(record.msg).startswith("Unknown MLP type")
+
+    logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_Drop())
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from ..config import ConfigError, parse_run_config
     from . import preflight
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_library_noise()
     rank0 = os.environ.get("RANK", "0") == "0"
     try:
         run = parse_run_config(argv)
