@@ -180,6 +180,11 @@ class Trainer:
             checkpoint.load_model(plan.pretrained_checkpoint, model)
             if self.lora_spec:
                 self.lora_info = lora.apply_lora(model, self.lora_spec)
+        if self.lora_spec and t.gradient_checkpointing and getattr(model, "embedding", None) is not None:
+            # Frozen embeddings give the first recomputed layer an input that does not require
+            # grad: megatron-core's (reentrant) recomputation would then cut the adapters off the
+            # graph. Mark the embedding output as requiring grad (PEFT's enable_input_require_grads).
+            model.embedding.register_forward_hook(lambda mod, inp, out: out.requires_grad_(True))
         self.model = model
         self.ddp = wrap_model(model, use_distributed_optimizer=plan.use_distributed_optimizer)
         self.opt = TrainOptimizer(self.ddp, model, run.optim, t.bf16,

@@ -29,7 +29,8 @@ def lora_run(tiny):
     out = os.path.join(tiny.root, "run-lora")
     argv = F.train_argv(tiny.moe, tiny.data, None, out, training_mode="lora", lora_rank=4,
                         lora_alpha=8, lora_dropout=0.0, max_steps=4, save_steps=4,
-                        eval_steps=0, learning_rate=1e-2)
+                        eval_steps=0, learning_rate=1e-2,
+                        gradient_checkpointing=True)  # frozen embeddings + recomputation
     r = F.run_train(argv)
     assert r.returncode == 0, r.stderr[-4000:]
     assert "LoRA: rank 4, alpha 8, dropout 0 on q,k,v,o,gate,up,down + gates" in r.stdout
