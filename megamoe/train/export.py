@@ -12,7 +12,6 @@ the converter then exports. Runs in one process (a world of one), like the conve
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 from pathlib import Path

@@ -1,7 +1,6 @@
 """Bad flags fail before any work with a clear message (exit 2); a scale factor that is not
 #experts / #selected only warns. Flags, config files and the learning-rate schedule."""
 import json
-import os
 import subprocess
 import sys
 import time
