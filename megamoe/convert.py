@@ -573,6 +573,10 @@ def megamoe_to_hf(checkpoint_dir: str | os.PathLike, output: str | os.PathLike,
         meta = checkpoint.read_meta(checkpoint_dir)
     except checkpoint.CheckpointError as e:
         raise ConvertError(f"--checkpoint: {e}") from None
+    if meta.get("lora"):
+        # the base weights alone would silently drop the trained adapters
+        raise ConvertError(f"--checkpoint {checkpoint_dir} is a LoRA training checkpoint: merge and "
+                           "export it with `python -m megamoe.train.export` instead")
     m, moe = checkpoint.configs_from_meta(meta)
     kind = meta.get("model_type", "llama_moe" if moe else "llama")
     fmt = fmt or kind
