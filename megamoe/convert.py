@@ -1,4 +1,4 @@
-"""Checkpoint conversion between Hugging Face LLaMA / LLaMA-MoE and megamoe (docs/convert.md).
+"""Checkpoint conversion between Hugging Face LLaMA / LLaMA-MoE and megamoe (README: Checkpoints).
 
     hf-to-megamoe   HF LLaMA (dense) -> megamoe llama, or -> megamoe llama_moe by expert
                     construction (moefy/: random | clustering | graph | gradient split);

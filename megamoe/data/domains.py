@@ -1,6 +1,6 @@
 """The SlimPajama domains, static domain weights (prob_map) and reference losses.
 
-Values are those of LLaMA-MoE / Sheared-LLaMA (see docs/data.md). A user may instead pass a json
+Values are those of LLaMA-MoE / Sheared-LLaMA (see the README, section Data). A user may instead pass a json
 file {"<domain>": value, ...}; every loader checks that the names match the domains in use
 exactly, because a silently missing domain would train on the wrong mixture.
 """
