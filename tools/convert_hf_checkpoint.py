@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert checkpoints between Hugging Face LLaMA / LLaMA-MoE and megamoe (see docs/convert.md).
+"""Convert checkpoints between Hugging Face LLaMA / LLaMA-MoE and megamoe (see the README, section Checkpoints).
 
     # dense LLaMA -> LLaMA-MoE, 16 experts, top-4, random split (as the released models)
     python tools/convert_hf_checkpoint.py hf-to-megamoe --hf-dir llama-2-7b-hf \

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Tokenize jsonl into Megatron indexed datasets (.bin/.idx); see docs/data.md.
+"""Tokenize jsonl into Megatron indexed datasets (.bin/.idx); see the README, section Data.
 
 Example (LLaMA-MoE data, one folder of jsonl per domain):
     python tools/preprocess_data.py --input data/raw/en_arxiv --json-keys content \

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Split raw SlimPajama jsonl into one folder per domain (en_cc, en_c4, github, en_wikipedia,
-en_book, en_arxiv, en_stack) by meta.redpajama_set_name; see docs/data.md.
+en_book, en_arxiv, en_stack) by meta.redpajama_set_name; see the README, section Data.
 
 Example:
     python tools/split_domains.py --input SlimPajama-627B/train --output-dir data/raw
