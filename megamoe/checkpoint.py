@@ -97,17 +97,26 @@ def save(path: str | os.PathLike, model: torch.nn.Module, meta: dict,
     _barrier()
     if _rank0():
         (tmp / META).write_text(json.dumps(meta, indent=2))
-        old = None
-        if path.exists():
-            old = path.with_name(path.name + ".old")
-            if old.exists():
-                shutil.rmtree(old)
-            path.rename(old)
-        tmp.rename(path)
-        if old is not None:
-            shutil.rmtree(old)
+        publish_dir(tmp, path)
     _barrier()
     return path
+
+
+def publish_dir(staging: Path, output: Path) -> None:
+    """Move the finished `staging` directory to `output`. An existing output is moved aside and
+    removed only once the new one is in place, so a crash never loses the last good copy."""
+    old = None
+    if output.exists():
+        if output.is_dir() and not any(output.iterdir()):
+            output.rmdir()
+        else:
+            old = output.with_name(f".{output.name}.old-{os.getpid()}")
+            if old.exists():
+                shutil.rmtree(old)
+            output.rename(old)
+    staging.rename(output)
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def load_model(path: str | os.PathLike, model: torch.nn.Module) -> dict:

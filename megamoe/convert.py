@@ -67,19 +67,9 @@ def _staging(output: Path) -> Path:
 
 
 def _commit(staging: Path, output: Path) -> None:
-    """Move the finished `staging` to `output`; an old output is removed only afterwards."""
-    old = None
-    if output.exists():
-        if output.is_dir() and not any(output.iterdir()):
-            output.rmdir()
-        else:
-            old = output.with_name(f".{output.name}.old-{os.getpid()}")
-            if old.exists():
-                shutil.rmtree(old)
-            output.rename(old)
-    staging.rename(output)
-    if old is not None:
-        shutil.rmtree(old)
+    from .checkpoint import publish_dir
+
+    publish_dir(staging, output)
 
 
 # --------------------------------------------------------------------------------------------

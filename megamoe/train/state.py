@@ -20,7 +20,8 @@ import torch
 
 from .preflight import CKPT_RE, list_checkpoints
 
-STALE_RE = re.compile(r"^checkpoint-\d+(\.tmp-.+|\.old)$")
+# leftovers of an interrupted save: its temporary, or a replaced copy moved aside (publish_dir)
+STALE_RE = re.compile(r"^(checkpoint-\d+\.tmp-.+|\.checkpoint-\d+\.old-\d+)$")
 
 
 def checkpoint_path(output_dir: str, step: int) -> str:
