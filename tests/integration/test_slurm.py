@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import TORCH_DIST_VARS
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,7 +45,10 @@ def _cannot(reason: str):
 
 def _slurm_env(extra: dict | None = None) -> dict:
     """This process's environment without any outer Slurm job's variables, pointed at ours."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
+    # the pytest process's own torch.distributed variables (tests/conftest.py's world1) would
+    # make the launcher reuse a port that is in use
+    env = {k: v for k, v in os.environ.items() if k not in TORCH_DIST_VARS
+           and not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
     env["SLURM_CONF"] = str(SLURM_DIR / "slurm.conf")
     env.update(extra or {})
     return env

@@ -11,12 +11,17 @@ import pytest
 
 import tiny_setup
 
+from tests.conftest import TORCH_DIST_VARS
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_fpt_script_outside_slurm_and_usr1(tmp_path, tmp_path_factory):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))}
+    # the pytest process's own torch.distributed variables (tests/conftest.py's world1) would
+    # make the launcher reuse a port that is in use
+    env = {k: v for k, v in os.environ.items() if k not in TORCH_DIST_VARS
+           and not k.startswith(("SLURM_", "SBATCH_"))}
     tiny = Path(tiny_setup.ensure(tmp_path_factory.getbasetemp() / "tiny-run", env))
     out = tmp_path / "out"
     env.update(MEGAMOE_ROOT=str(ROOT), MEGAMOE_ALLOW_CPU="1", MEGAMOE_PYTHON=sys.executable,
