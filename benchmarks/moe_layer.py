@@ -4,7 +4,9 @@
 
 Compares megamoe's LlamaMoEMLP (gate -> dispatch -> grouped experts -> combine) with (a) a dense
 SwiGLU MLP of the same active width (k * d_ff / E) and (b) the full-width dense MLP (d_ff), bf16.
-TFLOP/s counts the expert matmuls only (6 * tokens * k * 3 * d * size, fwd+bwd).
+TFLOP/s counts the expert matmuls only (6 * tokens * k * 3 * d * size, fwd+bwd). "moe ms" is the
+layer as trained on CUDA (small elementwise parts through torch.compile, model/moe/fusion.py),
+"eager ms" the same layer with MEGAMOE_COMPILE=0. Gradients are fresh each step in every column.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ def dense_mlp(d, width, dev):
 
     def run(x):
         return F.linear(F.silu(F.linear(x, w[0])) * F.linear(x, w[1]), w[2])
+    run.weights = w
     return run
 
 
@@ -65,7 +68,8 @@ def main():
     mc = ModelConfig(hidden_size=d, intermediate_size=ffn, num_hidden_layers=1)
     cfg = transformer_config(mc, parallel.ParallelLayout(), torch.bfloat16)
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}; hidden {d}, {e} experts x {ffn // e}, bf16, fwd+bwd")
-    print(f"{'tokens':>7} {'k':>2} {'moe ms':>8} {'TFLOP/s':>8} {'dense(active) ms':>17} {'ratio':>6} {'dense(full) ms':>15}")
+    print(f"{'tokens':>7} {'k':>2} {'moe ms':>8} {'eager ms':>9} {'TFLOP/s':>8} {'dense(active) ms':>17} "
+          f"{'ratio':>6} {'dense(full) ms':>15}")
     if args.profile:
         profile(cfg, d, ffn, e)
         return
@@ -79,16 +83,28 @@ def main():
             g = torch.randn_like(x)
 
             def moe_step():
+                x.grad = None  # fresh gradients each step (no accumulation), as in the dense steps
+                for p in layer.parameters():
+                    p.grad = None
                 y, _ = layer(x)
                 y.backward(g)
 
             def dense_step(f):
-                return lambda: f(x.view(t, d)).backward(g.view(t, d))
+                def step():
+                    x.grad = None
+                    for w in f.weights:
+                        w.grad = None
+                    f(x.view(t, d)).backward(g.view(t, d))
+                return step
+            os.environ["MEGAMOE_COMPILE"] = "0"
+            ms_eager = timed(moe_step)
+            os.environ["MEGAMOE_COMPILE"] = "1"
             ms = timed(moe_step)
             ms_a = timed(dense_step(active))
             ms_f = timed(dense_step(full))
             flops = 6 * t * k * 3 * d * (ffn // e)
-            print(f"{t:>7} {k:>2} {ms:>8.2f} {flops / ms / 1e9:>8.1f} {ms_a:>17.2f} {ms / ms_a:>6.2f} {ms_f:>15.2f}")
+            print(f"{t:>7} {k:>2} {ms:>8.2f} {ms_eager:>9.2f} {flops / ms / 1e9:>8.1f} {ms_a:>17.2f} "
+                  f"{ms / ms_a:>6.2f} {ms_f:>15.2f}", flush=True)
 
 
 def profile(cfg, d, ffn, e, t=8192, k=4):

@@ -233,6 +233,10 @@ class TrainConfig:
     logging_steps: int = field(default=5, metadata=_h("console line and tensorboard every N steps"))
     save_steps: int = field(default=1000, metadata=_h(
         "checkpoint every N steps (0: only at the end); always one at the end"))
+    exit_interval: Optional[int] = field(default=None, metadata=_h(
+        "save and exit (code 0) after a step that is a multiple of this, keeping the schedule of "
+        "--max_steps: run the same command to go on (Megatron's --exit-interval; fixed-length "
+        "allocations)"))
     save_total_limit: Optional[int] = field(default=None, metadata=_h(
         "keep only the newest N checkpoints (default: keep all)"))
     seed: int = field(default=1227, metadata=_h("seed of the model-side RNG and the data order"))
@@ -323,6 +327,11 @@ class OptimConfig:
     max_grad_norm: float = field(default=1.0, metadata=_h("clip the global gradient norm (0: off)"))
     use_distributed_optimizer: Optional[bool] = field(default=None, metadata=_h(
         "shard the optimizer state over data-parallel ranks (ZeRO-1; default: on with CUDA)"))
+    optimizer_checkpoint_format: str = field(default="fully_reshardable", metadata=_h(
+        "how the distributed optimizer's state is saved: fully_reshardable (resumes at any "
+        "TP/PP/EP/DP layout; gathers each model-parallel shard's state over DP while saving) "
+        "or dp_reshardable (faster saves, no gathering; resumes at the same TP/PP/EP layout, "
+        "any DP size)", choices=("fully_reshardable", "dp_reshardable")))
 
 
 @dataclass

@@ -11,9 +11,13 @@ The clip coefficient is megatron-core's: max_norm / (norm + 1e-6), applied when 
 What the device selects:
 - CUDA: bf16 parameters with fp32 main parameters in the optimizer (--bf16), and megatron-core's
   distributed optimizer (ZeRO-1: optimizer state and main parameters sharded over data-parallel
-  ranks) unless --use_distributed_optimizer false. Its checkpoint uses the "dp_reshardable"
-  format (megatron-core-notes.md: the default format fails to save on 0.16.1): it reloads at
-  any data-parallel size but the same TP/PP/EP layout.
+  ranks) unless --use_distributed_optimizer false. Its checkpoint format is
+  --optimizer_checkpoint_format: "fully_reshardable" (default; per-parameter tensors, gathered
+  over DP while saving, so a run resumes at any TP/PP/EP/DP layout; the experts' state goes
+  through the same per-expert factories as on CPU) or "dp_reshardable" (the flat DP buffers:
+  no gathering, resumes at any DP size but the same TP/PP/EP layout). megatron-core's default,
+  fully_sharded_model_space, fails to save on 0.16.1 (megatron-core-notes.md). The format is
+  recorded in the checkpoint, and loading uses the recorded one.
 - CPU: megatron-core's FP32Optimizer (fp32 parameters; its distributed optimizer needs CUDA).
   Its state is checkpointed per parameter, resharding to any layout. Our experts checkpoint one
   tensor per expert (not per parameter), so the optimizer state of expert parameters is mapped
@@ -39,9 +43,6 @@ from ..parallel.mcore import (
     get_megatron_optimizer,
 )
 
-DP_RESHARDABLE = {"distrib_optim_sharding_type": "dp_reshardable"}
-
-
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
     lr0, w = cfg.learning_rate, cfg.warmup_steps
     if w > 0 and step < w:
@@ -62,6 +63,8 @@ class TrainOptimizer:
         self.cfg = cfg
         self.model = model  # unwrapped (for its sharded state dict)
         self.distributed = use_distributed_optimizer
+        # of the distributed optimizer's checkpoints; set to a checkpoint's own before loading it
+        self.checkpoint_format = cfg.optimizer_checkpoint_format
         mark_expert_params(model)
         params_dtype = next(model.parameters()).dtype
         oc = OptimizerConfig(
@@ -112,8 +115,11 @@ class TrainOptimizer:
         if self.distributed:
             if is_loading:
                 self._create_state()
-            return self.mc.sharded_state_dict(model_sharded_state_dict, is_loading,
-                                              metadata=dict(DP_RESHARDABLE))
+            fmt = self.checkpoint_format
+            sd = (_expert_factories(model_sharded_state_dict, self.model)
+                  if fmt == "fully_reshardable" else model_sharded_state_dict)
+            return self.mc.sharded_state_dict(sd, is_loading,
+                                              metadata={"distrib_optim_sharding_type": fmt})
         sd = _expert_factories(model_sharded_state_dict, self.model)
         return self.mc.sharded_state_dict(sd, is_loading)
 

@@ -234,6 +234,7 @@ class Trainer:
         from .. import checkpoint
 
         tr = meta.get("trainer") or {}
+        self._check_optimizer_layout(tr)
         checkpoint.load_optimizer(self.resume_from, self.model, self.opt)
         self.data.load_state_dict(tr["data"])
         self.step = int(meta["step"])
@@ -255,6 +256,32 @@ class Trainer:
         if self._rng_to_restore is None:
             self.extra_warnings.append(f"no RNG state for rank {self.rank} in {self.resume_from} "
                                        "(different number of processes?): RNG streams restart")
+
+    def _check_optimizer_layout(self, tr: dict) -> None:
+        """Use the checkpoint's distributed-optimizer format; a dp_reshardable one only loads at
+        the TP/PP/EP layout it was saved at: say so instead of failing inside megatron-core."""
+        if "optimizer_format" not in tr:  # saved before the flag: dp_reshardable when distributed
+            tr = dict(tr, optimizer_format="dp_reshardable" if self.opt.distributed else None)
+        fmt = tr["optimizer_format"]
+        if (fmt is None) == self.opt.distributed:
+            saved = "without" if fmt is None else "with"
+            raise TrainingStopped(
+                f"{self.resume_from} was saved {saved} the distributed optimizer; resume with "
+                f"--use_distributed_optimizer {'false' if fmt is None else 'true'}", 2)
+        if not self.opt.distributed:
+            return
+        self.opt.checkpoint_format = fmt
+        if fmt != "dp_reshardable":
+            return
+        keys = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size")
+        saved, now = tr.get("layout") or {}, to_dict(self.run.parallel)
+        changed = [f"--{k} {saved.get(k)} -> {now.get(k)}" for k in keys if saved.get(k, 1) != now.get(k, 1)]
+        if changed:
+            raise TrainingStopped(
+                f"{self.resume_from} holds the distributed optimizer in the dp_reshardable format, "
+                f"which resumes only at the layout it was saved at ({', '.join(changed)}): resume at "
+                "that layout (any data-parallel size works), and save with "
+                "--optimizer_checkpoint_format fully_reshardable to change TP/PP/EP later", 2)
 
     # ------------------------------------------------------------------ header
     def header(self) -> None:
@@ -341,6 +368,9 @@ class Trainer:
                       file=sys.stderr, flush=True)
 
     def _stop_requested(self) -> Optional[str]:
+        every = self.run.train.exit_interval
+        if every and self.step % every == 0 and self.step < self.max_steps:
+            return f"--exit_interval {every} (step {self.step})"
         flag = torch.tensor([1.0 if self._signal else 0.0], device=self.device)
         if self.world > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -435,7 +465,8 @@ class Trainer:
                      "schedule": schedule_state(run.optim, self.max_steps),
                      "lr": self.opt.lr, "last_eval": self.last_eval,
                      "last_eval_step": self.last_eval_step,
-                     "world_size": self.world, "layout": to_dict(run.parallel)},
+                     "world_size": self.world, "layout": to_dict(run.parallel),
+                     "optimizer_format": self.opt.checkpoint_format if self.opt.distributed else None},
             run=to_dict(run), comment=run.train.comment)
         checkpoint.save(path, self.model, meta, optimizer=self.opt, extra_state=extra)
         self.last_save_step = self.step

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .grouped_swiglu import grouped_swiglu
+
 
 def _grouped_mm_available(x: torch.Tensor) -> bool:
     return (x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16
@@ -88,14 +90,7 @@ class GroupedSwiGLUExperts(nn.Module):
         return self._forward_loop(x, tokens_per_expert)
 
     def _forward_grouped(self, x, tokens_per_expert):
-        e, s, d = self.num_experts, self.sizes[0], x.shape[1]
-        offs = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
-        # [E, s, d] viewed as [E, d, s]: the column-major operand grouped_mm wants, no copy.
-        wg = self.weight_gate.view(e, s, d).transpose(1, 2)
-        wu = self.weight_up.view(e, s, d).transpose(1, 2)
-        wd = self.weight_down.view(d, e, s).permute(1, 2, 0)  # [E, s, d]
-        h = F.silu(torch._grouped_mm(x, wg, offs=offs)) * torch._grouped_mm(x, wu, offs=offs)
-        return torch._grouped_mm(h, wd, offs=offs)
+        return grouped_swiglu(x, self.weight_gate, self.weight_up, self.weight_down, tokens_per_expert)
 
     def _forward_loop(self, x, tokens_per_expert):
         counts = tokens_per_expert.tolist()  # CPU path: the host needs the counts anyway

@@ -7,6 +7,7 @@ balance loss (``reduce_fn``), so that TP+SP reproduces the single-process loss e
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config import MoEConfig
+from .fusion import maybe_compile
 
 
 @dataclass
@@ -70,34 +72,56 @@ class TopKBalancedNoisyGate(nn.Module):
                 noise: Optional[torch.Tensor] = None) -> GateOutput:
         """x: [T, d]. `noise` (standard normal [T, E]) may be given for reproducible tests."""
         e, k = self.num_experts, self.k
-        logits_gate = self.gate_network(x)
         noisy = self.training and self.add_noise
-        if noisy:
-            noise_control = F.softplus(self.weight_noise(x)) + self.noise_epsilon
+        mlp = isinstance(self.gate_network, nn.Sequential)
+        first = self.gate_network[0].weight if mlp else self.gate_network.weight
+        second = self.gate_network[2].weight if mlp else None
+        if noisy:  # one GEMM over x for the gate's first layer and the noise scale
+            pre, noise_pre = F.linear(x, torch.cat([first, self.weight_noise.weight])).split(e, 1)
             if noise is None:
-                noise = torch.randn_like(logits_gate)
-            logits_noise = noise.to(logits_gate.dtype) * noise_control
-            logits = logits_gate + logits_noise
+                noise = torch.randn_like(pre)
         else:
-            logits = logits_gate
-        top_logits, top_idx = logits.topk(min(k + 1, e), dim=1)
-        topk_logits, topk_idx = top_logits[:, :k], top_idx[:, :k]
-        scores = F.softmax(topk_logits.float(), dim=1) if self.use_softmax else topk_logits.float()
-        # importance: scores scattered into [T, E] and summed over tokens
-        importance = torch.zeros(e, device=x.device, dtype=torch.float32).index_add(
-            0, topk_idx.reshape(-1), scores.reshape(-1))
-        if noisy and k < e:
-            thr_in = top_logits[:, k:k + 1]  # (k+1)-th largest noisy logit
-            thr_out = top_logits[:, k - 1:k]  # k-th largest
-            is_in = (logits if self.shazeer_rule else logits_noise) > thr_in
-            prob_in = _normal_cdf((logits_gate - thr_in) / noise_control)
-            prob_out = _normal_cdf((logits_gate - thr_out) / noise_control)
-            load = torch.where(is_in, prob_in, prob_out).float().sum(0)
-        else:
-            load = _counts(topk_idx, e)
+            pre, noise_pre, noise = F.linear(x, first), None, None
+        key = ("topk_gate", e, k, mlp, noisy, self.noise_epsilon, self.use_softmax, self.shazeer_rule)
+        route = maybe_compile(key, lambda: functools.partial(
+            _noisy_topk, k=k, mlp=mlp, noisy=noisy, eps=self.noise_epsilon,
+            use_softmax=self.use_softmax, shazeer=self.shazeer_rule), x.device.type)
+        topk_idx, scores, importance, load = route(pre, second, noise_pre, noise)
         return _finish(topk_idx, scores, importance, load, reduce_fn,
                        self.balance_loss_weight if self.use_balance else 0.0,
                        lambda imp, ld: cv_squared(imp) + cv_squared(ld))
+
+
+def _noisy_topk(pre, second, noise_pre, noise, *, k, mlp, noisy, eps, use_softmax, shazeer):
+    """The noisy top-k gate after its GEMMs over x (pure tensor maths: compiled on CUDA).
+
+    pre: first gate layer's output [T, E]; second: the mlp gate's E x E weight (or None);
+    noise_pre: the noise-scale layer's output; noise: standard normal. Returns top-k indices,
+    their scores (fp32), importance and load [E] (fp32)."""
+    logits_gate = F.linear(torch.tanh(pre), second) if mlp else pre
+    e = logits_gate.shape[1]
+    if noisy:
+        noise_control = F.softplus(noise_pre) + eps
+        logits_noise = noise.to(logits_gate.dtype) * noise_control
+        logits = logits_gate + logits_noise
+    else:
+        logits = logits_gate
+    top_logits, top_idx = logits.topk(min(k + 1, e), dim=1)
+    topk_logits, topk_idx = top_logits[:, :k], top_idx[:, :k]
+    scores = F.softmax(topk_logits.float(), dim=1) if use_softmax else topk_logits.float()
+    # importance: scores scattered into [T, E] and summed over tokens
+    importance = torch.zeros(e, device=pre.device, dtype=torch.float32).index_add(
+        0, topk_idx.reshape(-1), scores.reshape(-1))
+    if noisy and k < e:
+        thr_in = top_logits[:, k:k + 1]  # (k+1)-th largest noisy logit
+        thr_out = top_logits[:, k - 1:k]  # k-th largest
+        is_in = (logits if shazeer else logits_noise) > thr_in
+        prob_in = _normal_cdf((logits_gate - thr_in) / noise_control)
+        prob_out = _normal_cdf((logits_gate - thr_out) / noise_control)
+        load = torch.where(is_in, prob_in, prob_out).float().sum(0)
+    else:
+        load = _counts(topk_idx, e)
+    return topk_idx, scores, importance, load
 
 
 class SwitchBalancedGate(nn.Module):

@@ -71,9 +71,12 @@ class LlamaMoEMLP(MegatronModule):
         if config.sequence_parallel:
             for p in self.gate.parameters():  # replicated over TP, grads summed over TP shards
                 p.sequence_parallel = True
+        # on the GPU when there is one: initialising billions of expert weights on the CPU
+        # first takes minutes at LLaMA-MoE sizes
+        device = None if config.use_cpu_initialization else torch.cuda.current_device()
         self.experts = GroupedSwiGLUExperts(
             config.hidden_size, sizes[self.local_start:self.local_start + self.num_local],
-            dtype=config.params_dtype, first_expert=self.local_start)
+            dtype=config.params_dtype, device=device, first_expert=self.local_start)
 
     def forward(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         shape = hidden_states.shape

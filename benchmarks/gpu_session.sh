@@ -1,0 +1,36 @@
+#!/bin/bash
+# Everything GPU-side in one command, for a lent GPU machine with a bare image (the device tool)
+# or any CUDA host:   bash benchmarks/gpu_session.sh STAGE...
+# Stages: setup (wheels from .whl/ if present, build megamoe._C with CUDA), tests (GPU tests),
+# bench (dispatch, MoE layer, training step), multigpu (pytest -m multigpu), scaling.
+# Logs go to $OUT (default ./gpu_out). NVLink multicast stays off.
+set -u
+OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor-cache}
+py=python3
+for stage in "$@"; do
+  t0=$(date +%s); echo "=== $stage"
+  case $stage in
+    setup)
+      if ls .whl/*.whl >/dev/null 2>&1; then
+        $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl > "$OUT/pip.log" 2>&1 || { echo "pip failed"; tail "$OUT/pip.log"; exit 1; }
+      fi
+      $py -c "import torch; print('torch', torch.__version__, 'gpus', torch.cuda.device_count(), torch.cuda.get_device_name())"
+      if [ -f .gpu/_C.so ]; then cp .gpu/_C.so megamoe/_C.cpython-312-x86_64-linux-gnu.so; fi
+      $py -c "import megamoe._C as c; assert c.with_cuda" 2>/dev/null || {
+        # the image's /opt/gcc wrapper builds an extension that segfaults: use the system compiler
+        CXX=/usr/bin/g++ CC=/usr/bin/gcc TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 $py setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { echo "build failed"; tail -30 "$OUT/build.log"; exit 1; }
+        cp megamoe/_C*.so "$OUT/_C.so"; }
+      ;;
+    tests) $py -m pytest -q -p no:cacheprovider tests/gpu tests/unit/test_dispatch.py tests/unit/test_grouped_swiglu.py 2>&1 | tail -15 ;;
+    layer) $py benchmarks/moe_layer.py 2>&1 | grep -v Warning ;;
+    dispatch) $py benchmarks/dispatch.py 2>&1 | grep -v Warning ;;
+    train) $py benchmarks/train_step.py 2>&1 | grep -v -i "warn" | tail -8 ;;
+    multigpu) $py -m pytest -q -s -p no:cacheprovider -m multigpu tests/multigpu 2>&1 | grep -E "worst|passed|failed|Error|error|assert" | tail -60 ;;
+    scaling) $py benchmarks/scaling.py 2>&1 | grep -v -i "warn" | tail -12 ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+  echo "--- $stage: $(( $(date +%s) - t0 )) s"
+done

@@ -1,0 +1,139 @@
+"""Full training steps of a LLaMA-MoE-3.5B-shaped model (and the dense LLaMA of the same shapes).
+
+    python benchmarks/train_step.py                                  # one GPU: top-4, top-2, dense
+    torchrun --nproc_per_node 4 benchmarks/train_step.py --ep 4 --models moe4   # any layout
+
+What runs is the trainer's own step (megamoe.train.step.forward_backward on megatron-core's
+schedule, DDP with fp32 gradient buffers, the distributed optimizer, bf16 parameters) on random
+tokens: hidden 4096, 32 heads, 16 experts x 688 (top-4 / top-2), sequence 4096, with fewer layers
+than the real 32 so that weights, gradients and Adam state fit one GPU. Attention is torch SDPA
+(flash on Hopper). Throughput is tokens per second per GPU over the timed steps; MFU counts the
+FLOPs of the activated parameters (megamoe.train.flops, the same number the trainer logs)
+against 989 TFLOP/s (H100/H200 bf16 dense peak).
+
+Prints a table; with --json FILE also writes the rows (benchmarks/scaling.py reads them).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+MODELS = {"moe4": ("llama_moe", 4), "moe2": ("llama_moe", 2), "dense": ("llama", None)}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["moe4", "moe2", "dense"], choices=list(MODELS))
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--ffn", type=int, default=11008)
+    ap.add_argument("--experts", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--micro-batch", type=int, default=2, help="sequences per micro-batch per data-parallel rank")
+    ap.add_argument("--grad-accum", type=int, default=4, help="micro-batches per step")
+    ap.add_argument("--steps", type=int, default=8, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--ep", type=int, default=1)
+    ap.add_argument("--recompute", action="store_true", help="full activation recomputation")
+    ap.add_argument("--no-distributed-optimizer", action="store_true")
+    ap.add_argument("--json", help="write the result rows to this file (rank 0)")
+    return ap.parse_args(argv)
+
+
+def bench(args, name: str) -> dict:
+    from megamoe import parallel
+    from megamoe.config import ModelConfig, MoEConfig, OptimConfig
+    from megamoe.model.llama import build_model
+    from megamoe.train.flops import flops_per_token, peak_flops
+    from megamoe.train.optim import TrainOptimizer
+    from megamoe.train.step import forward_backward, wrap_model
+
+    kind, k = MODELS[name]
+    m = ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn,
+                    num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                    max_position_embeddings=args.seq)
+    moe = MoEConfig(num_experts=args.experts, num_selects=k) if kind == "llama_moe" else None
+    layout = parallel.ParallelLayout(args.tp, args.pp, args.ep if moe else 1,
+                                     sequence_parallel=args.tp > 1)
+    parallel.initialize(layout, seed=1234, num_experts=moe.num_experts if moe else None)
+    model = build_model(m, moe, layout, dtype=torch.bfloat16, recompute=args.recompute)
+    dist_opt = not args.no_distributed_optimizer
+    ddp = wrap_model(model, use_distributed_optimizer=dist_opt)
+    opt = TrainOptimizer(ddp, model, OptimConfig(learning_rate=1e-5), bf16=True,
+                         use_distributed_optimizer=dist_opt)
+    dp, world = parallel.dp_size(), torch.distributed.get_world_size()
+    g = torch.Generator(device="cuda").manual_seed(parallel.dp_rank())
+    mbs = [torch.randint(0, m.vocab_size, (args.micro_batch, args.seq), device="cuda", generator=g)
+           for _ in range(args.grad_accum)]
+    times, losses = [], []
+    for i in range(args.warmup + args.steps):
+        torch.cuda.synchronize()
+        torch.distributed.barrier()
+        t0 = time.perf_counter()
+        ddp.zero_grad_buffer()
+        opt.zero_grad()
+        out = forward_backward(ddp, mbs, args.grad_accum)
+        opt.step()
+        torch.cuda.synchronize()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+            losses.append(out["lm_loss"])
+    step_s = sorted(times)[len(times) // 2]
+    tokens = args.micro_batch * args.seq * args.grad_accum * dp  # global tokens per step
+    tps_gpu = tokens / step_s / world
+    peak, _ = peak_flops(None)
+    mfu = flops_per_token(m, moe, args.seq) * tps_gpu / peak
+    row = dict(model=name, layers=args.layers, tp=args.tp, pp=args.pp, ep=layout.expert_model_parallel_size,
+               dp=dp, gpus=world, tokens_per_step=tokens, step_ms=1e3 * step_s,
+               tokens_per_s_per_gpu=tps_gpu, mfu=mfu, mem_gib=torch.cuda.max_memory_allocated() / 2**30,
+               loss=losses[-1] if losses else float("nan"))
+    del opt, ddp, model, mbs
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return row
+
+
+def main(argv=None) -> list:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/train_step.py needs CUDA GPUs")
+    from megamoe import parallel
+
+    parallel.init_distributed()
+    rank0 = torch.distributed.get_rank() == 0
+    if rank0:
+        print(f"# {torch.cuda.get_device_name()} x{torch.distributed.get_world_size()}, torch {torch.__version__}; "
+              f"hidden {args.hidden}, {args.heads} heads, {args.layers} layers, seq {args.seq}, "
+              f"{args.experts} experts x {args.ffn // args.experts}, micro-batch {args.micro_batch} x "
+              f"{args.grad_accum}, bf16, median of {args.steps} steps after {args.warmup}")
+        print(f"{'model':>6} {'TP':>2} {'PP':>2} {'EP':>2} {'DP':>2} {'step ms':>8} {'tok/s/GPU':>10} "
+              f"{'MFU':>6} {'GiB':>6} {'loss':>7}", flush=True)
+    rows = []
+    for name in args.models:
+        r = bench(args, name)
+        rows.append(r)
+        if rank0:
+            print(f"{r['model']:>6} {r['tp']:>2} {r['pp']:>2} {r['ep']:>2} {r['dp']:>2} {r['step_ms']:>8.1f} "
+                  f"{r['tokens_per_s_per_gpu']:>10,.0f} {100 * r['mfu']:>5.1f}% {r['mem_gib']:>6.1f} "
+                  f"{r['loss']:>7.3f}", flush=True)
+    if rank0 and args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    parallel.destroy()
+    torch.distributed.destroy_process_group()
+    return rows
+
+
+if __name__ == "__main__":
+    main()
