@@ -6,16 +6,20 @@
     megamoe-to-hf   megamoe llama -> HF LlamaForCausalLM; megamoe llama_moe -> HF LLaMA-MoE
 
 Everything runs in one process on CPU: a world of one (gloo) with megatron-core's groups of size
-one, the model built by model/llama.py, HF tensors streamed into it one layer at a time (the
-model plus about one layer of source tensors in memory), saved with megamoe.checkpoint.save.
-Loading a megamoe checkpoint at any TP/PP/EP layout reshards it, so one converted checkpoint
-serves every layout; the layout flags of hf-to-megamoe only check that the model can be split
-that way. Outputs are written under a temporary name and renamed when complete.
+one. Neither direction holds the model: its checkpoint layout comes from the model built on the
+meta device, and the tensors stream through one layer at a time (formats/mcore_stream.py: HF
+tensors -> megamoe tensors -> the dist_checkpointing files, and back), so memory stays at about
+one layer plus the embeddings and the HF output shard being filled. The graph and gradient splits
+are the exception: they run the dense model over sample text. Loading a megamoe checkpoint at any
+TP/PP/EP layout reshards it, so one converted checkpoint serves every layout; the layout flags of
+hf-to-megamoe only check that the model can be split that way. Outputs are written under a
+temporary name and renamed when complete.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -177,10 +181,9 @@ def _checked_getter(weights: HFWeights, shapes: dict, tie_embeddings: bool,
     return get
 
 
-def _load_stream(model: torch.nn.Module, items: Iterable[tuple[str, torch.Tensor]],
-                 skip: Callable[[str], bool] = lambda n: False) -> None:
-    """Copy (megamoe name, tensor) pairs into the model's parameters; every parameter not
-    skipped must be set exactly once."""
+def _load_stream(model: torch.nn.Module, items: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Copy (megamoe name, tensor) pairs into the model's parameters (the dense model that the
+    graph and gradient splits run); every parameter must be set."""
     params = dict(model.named_parameters())
     seen = set()
     with torch.no_grad():
@@ -193,7 +196,7 @@ def _load_stream(model: torch.nn.Module, items: Iterable[tuple[str, torch.Tensor
                                    f"{list(p.shape)}")
             p.copy_(t)
             seen.add(name)
-    unset = [n for n in params if n not in seen and not skip(n)]
+    unset = [n for n in params if n not in seen]
     if unset:
         raise ConvertError(f"internal: parameters not set from the source: {unset[:5]}")
 
@@ -402,6 +405,7 @@ def hf_to_megamoe(hf_dir: str | os.PathLike, output: str | os.PathLike,
 
     weights = HFWeights(hf_dir)
     from . import checkpoint  # megatron-core: imported once the input looks right
+    from .formats import mcore_stream
     from .model.llama import build_model
 
     tie = bool(cfg.get("tie_word_embeddings", False))
@@ -452,29 +456,26 @@ def hf_to_megamoe(hf_dir: str | os.PathLike, output: str | os.PathLike,
     validate_layout(m, moe, tensor_model_parallel_size, pipeline_model_parallel_size,
                     expert_model_parallel_size)
 
-    _world1(seed)  # the gate initialisation depends on the seed only
-    model = build_model(m, moe, dtype=torch_dtype)
-    bar = _Progress(m.num_hidden_layers, "hf-to-megamoe", progress)
+    _world1(seed)
     if moe is None:
-        _load_stream(model, bar.wrap(_hf_to_mg(dense_get, m)))
+        items = _hf_to_mg(dense_get, m)
     elif src_moe is not None:
-        get = _checked_getter(weights, hf_shapes(m, src_moe), tie, cfg_path)
-        _load_stream(model, bar.wrap(_hf_to_mg(get, m, src_moe)))
+        moe_get = _checked_getter(weights, hf_shapes(m, src_moe), tie, cfg_path)
+        items = _hf_to_mg(moe_get, m, src_moe)
     else:
-        _load_stream(model, bar.wrap(_sliced(_hf_to_mg(dense_get, m), splits)),
-                     skip=lambda n: ".mlp.gate." in n)  # gate: initialised (random / zero)
-    bar.close()
-    unread = weights.unread()
-    if unread:
-        raise ConvertError(f"{hf_dir}: tensors in the weights that the {src_type} model does not "
-                           f"use: {unread[:6]}{' ...' if len(unread) > 6 else ''}; refusing to "
-                           "drop weights silently (is config.json right for these files?)")
-    weights.close()
-
+        items = _with_gates(_sliced(_hf_to_mg(dense_get, m), splits), m.hidden_size, moe, seed)
     meta = checkpoint.make_meta(m, moe, **extra)
     staging = _staging(output)
     try:
-        checkpoint.save(staging, model, meta)
+        staging.mkdir()
+        bar = _Progress(m.num_hidden_layers, "hf-to-megamoe", progress)
+        # the layout of build_model(m, moe, dtype) without its memory; the data is streamed
+        mcore_stream.save_streaming(mcore_stream.meta_model(m, moe, torch_dtype),
+                                    staging / "model", bar.wrap(items))
+        bar.close()
+        _refuse_unread(weights, hf_dir, src_type)
+        weights.close()
+        (staging / checkpoint.META).write_text(json.dumps(meta, indent=2))
         if splits is not None:
             for i, (s, info) in enumerate(zip(splits, infos)):
                 split_io.write_split(staging / split_io.SPLIT_DIR, i, s, m.intermediate_size, **info)
@@ -483,6 +484,38 @@ def hf_to_megamoe(hf_dir: str | os.PathLike, output: str | os.PathLike,
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return output
+
+
+def _refuse_unread(weights: HFWeights, hf_dir: Path, src_type: str) -> None:
+    unread = weights.unread()
+    if unread:
+        raise ConvertError(f"{hf_dir}: tensors in the weights that the {src_type} model does not "
+                           f"use: {unread[:6]}{' ...' if len(unread) > 6 else ''}; refusing to "
+                           "drop weights silently (is config.json right for these files?)")
+
+
+def _with_gates(items: Iterable[tuple[str, torch.Tensor]], hidden: int, moe: MoEConfig,
+                seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """Add each layer's newly initialised gate after its experts (a dense source has none)."""
+    for name, t in items:
+        yield name, t
+        mm = re.match(r"decoder\.layers\.(\d+)\.mlp\.experts\.weight_down$", name)
+        if mm:
+            yield from _init_gate(int(mm.group(1)), hidden, moe, seed)
+
+
+def _init_gate(layer: int, hidden: int, moe: MoEConfig,
+               seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """The gate of one layer as the model initialises it (mlp: random; linear and weight_noise:
+    zero), drawn from its own seed: it depends on (seed, layer) only, not on the rest of the
+    model, the device or the order of construction."""
+    from .model.moe.gates import build_gate
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed((seed * 1_000_003 + layer) % 2**63)
+        gate = build_gate(hidden, moe)
+    for name, p in gate.named_parameters():
+        yield f"decoder.layers.{layer}.mlp.gate.{name}", p.detach()
 
 
 def _sliced(items: Iterable[tuple[str, torch.Tensor]], splits) -> Iterator[tuple[str, torch.Tensor]]:
@@ -554,7 +587,6 @@ def megamoe_to_hf(checkpoint_dir: str | os.PathLike, output: str | os.PathLike,
                   progress: bool = True) -> Path:
     """Export a megamoe checkpoint as an HF LlamaForCausalLM or LLaMA-MoE directory."""
     from . import checkpoint
-    from .model.llama import build_model
 
     checkpoint_dir, output = Path(checkpoint_dir), Path(output)
     if not checkpoint_dir.is_dir():
@@ -585,14 +617,7 @@ def megamoe_to_hf(checkpoint_dir: str | os.PathLike, output: str | os.PathLike,
         raise ConvertError(f"--checkpoint {checkpoint_dir}: the model/ directory is missing")
 
     _world1(0)
-    model = build_model(m, moe)
-    try:
-        checkpoint.load_model(checkpoint_dir, model)
-    except checkpoint.CheckpointError as e:
-        raise ConvertError(str(e)) from None
-    except Exception as e:  # dist_checkpointing's own errors
-        raise ConvertError(f"--checkpoint {checkpoint_dir}: cannot load the weights ({e})") from None
-    state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    get = _checkpoint_getter(checkpoint_dir, m, moe)
     torch_dtype = DTYPES[dtype]
 
     staging = _staging(output)
@@ -600,11 +625,10 @@ def megamoe_to_hf(checkpoint_dir: str | os.PathLike, output: str | os.PathLike,
     try:
         writer = ShardedSafetensorsWriter(staging, max_bytes)
         bar = _Progress(m.num_hidden_layers, "megamoe-to-hf", progress)
-        for name, t in bar.wrap(_mg_to_hf(state.__getitem__, m, moe)):
+        for name, t in bar.wrap(_mg_to_hf(get, m, moe)):
             writer.add(name, t.to(torch_dtype))
         bar.close()
         writer.close()
-        del state, model
         extra = {}
         if remote_code:
             extra["auto_map"] = _copy_remote_code(Path(remote_code), staging)
@@ -618,6 +642,32 @@ def megamoe_to_hf(checkpoint_dir: str | os.PathLike, output: str | os.PathLike,
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return output
+
+
+def _checkpoint_getter(checkpoint_dir: Path, m: ModelConfig,
+                       moe: Optional[MoEConfig]) -> Callable[[str], torch.Tensor]:
+    """get(megamoe name) -> full fp32 tensor (as checkpoint.load_model into build_model reads),
+    loading the checkpoint a layer at a time; checked against the model of its megamoe.json."""
+    from .formats import mcore_stream
+
+    def cannot_load(e: Exception) -> ConvertError:
+        return ConvertError(f"--checkpoint {checkpoint_dir}: cannot load the weights ({e})")
+
+    try:
+        reader = mcore_stream.CheckpointReader(mcore_stream.meta_model(m, moe), checkpoint_dir)
+        missing = reader.missing_keys()
+    except Exception as e:  # unreadable dist_checkpointing metadata
+        raise cannot_load(e) from None
+    if missing:
+        raise ConvertError(f"{checkpoint_dir}: weights do not match the model (missing "
+                           f"{missing[:5]}): was it written for another model type?")
+
+    def get(name: str) -> torch.Tensor:
+        try:
+            return reader.get(name)
+        except Exception as e:  # dist_checkpointing's own errors
+            raise cannot_load(e) from None
+    return get
 
 
 # --------------------------------------------------------------------------------------------
