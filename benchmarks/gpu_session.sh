@@ -24,12 +24,15 @@ for stage in "$@"; do
         CXX=/usr/bin/g++ CC=/usr/bin/gcc TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 $py setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { echo "build failed"; tail -30 "$OUT/build.log"; exit 1; }
         cp megamoe/_C*.so "$OUT/_C.so"; }
       ;;
-    tests) $py -m pytest -q -p no:cacheprovider tests/gpu tests/unit/test_dispatch.py tests/unit/test_grouped_swiglu.py 2>&1 | tail -15 ;;
-    layer) $py benchmarks/moe_layer.py 2>&1 | grep -v Warning ;;
-    dispatch) $py benchmarks/dispatch.py 2>&1 | grep -v Warning ;;
-    train) $py benchmarks/train_step.py 2>&1 | grep -v -i "warn" | tail -8 ;;
-    multigpu) $py -m pytest -q -s -p no:cacheprovider -m multigpu tests/multigpu 2>&1 | grep -E "worst|passed|failed|Error|error|assert" | tail -60 ;;
-    scaling) $py benchmarks/scaling.py 2>&1 | grep -v -i "warn" | tail -12 ;;
+    tests) $py -m pytest -q -p no:cacheprovider --tb=short tests/gpu tests/unit/test_dispatch.py tests/unit/test_grouped_swiglu.py > "$OUT/tests.log" 2>&1
+           grep -E "passed|failed|^E |Error" "$OUT/tests.log" | tail -25 ;;
+    layer) $py benchmarks/moe_layer.py > "$OUT/layer.log" 2>&1; grep -E "^ *[0-9#]|tokens" "$OUT/layer.log" ;;
+    profile) $py benchmarks/moe_layer.py --profile --tokens 4096 8192 --topk 4 > "$OUT/profile.log" 2>&1; grep -E "^##|host sync|CPU time|^  " "$OUT/profile.log" | head -20 ;;
+    dispatch) $py benchmarks/dispatch.py > "$OUT/dispatch.log" 2>&1; grep -E "^ *[a-z#]" "$OUT/dispatch.log" | grep -v -i warn ;;
+    train) $py benchmarks/train_step.py > "$OUT/train.log" 2>&1; grep -E "^ *(#|model|moe|dense)|Error" "$OUT/train.log" | tail -8 ;;
+    multigpu) $py -m pytest -q -s -p no:cacheprovider --tb=short -m multigpu tests/multigpu > "$OUT/multigpu.log" 2>&1
+              grep -E "worst|passed|failed|^E " "$OUT/multigpu.log" | tail -60 ;;
+    scaling) $py benchmarks/scaling.py > "$OUT/scaling.log" 2>&1; grep -E "^ *(#|kind|EP|TP)|failed" "$OUT/scaling.log" | tail -12 ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
   echo "--- $stage: $(( $(date +%s) - t0 )) s"

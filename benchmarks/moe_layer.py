@@ -6,7 +6,9 @@ Compares megamoe's LlamaMoEMLP (gate -> dispatch -> grouped experts -> combine) 
 SwiGLU MLP of the same active width (k * d_ff / E) and (b) the full-width dense MLP (d_ff), bf16.
 TFLOP/s counts the expert matmuls only (6 * tokens * k * 3 * d * size, fwd+bwd). "moe ms" is the
 layer as trained on CUDA (small elementwise parts through torch.compile, model/moe/fusion.py),
-"eager ms" the same layer with MEGAMOE_COMPILE=0. Gradients are fresh each step in every column.
+"eager ms" the same layer with MEGAMOE_COMPILE=0. "graphed" columns replay forward and backward
+from CUDA graphs (the GPU's own time, without host launch overhead), for the MoE layer and the
+dense active-width MLP. Gradients are fresh each step in every column.
 """
 from __future__ import annotations
 
@@ -34,6 +36,35 @@ def timed(fn, warmup=5, iters=20):
         times.append(a.elapsed_time(b))
     times.sort()
     return times[len(times) // 2]
+
+
+class _Graphable(torch.nn.Module):
+    def __init__(self, fn, params):
+        super().__init__()
+        self.fn = fn
+        self.params = torch.nn.ParameterList(params)  # so make_graphed_callables sees them
+
+    def forward(self, inp):
+        return self.fn(inp)
+
+
+def graphed_ms(fn, params, x, g):
+    """fwd+bwd replayed from CUDA graphs (torch.cuda.make_graphed_callables): the GPU's time
+    without the host's launch overhead. NaN if capture fails."""
+    try:
+        mod = _Graphable(fn, params)
+        xg = x.detach().clone().requires_grad_()
+        graphed = torch.cuda.make_graphed_callables(mod, (xg,), num_warmup_iters=3)
+
+        def step():
+            xg.grad = None
+            for p in params:
+                p.grad = None
+            graphed(xg).backward(g)
+        return timed(step)
+    except Exception as e:  # noqa: BLE001 - report and go on
+        print(f"# CUDA-graph capture failed: {str(e).splitlines()[0][:200]}")
+        return float("nan")
 
 
 def dense_mlp(d, width, dev):
@@ -69,9 +100,12 @@ def main():
     cfg = transformer_config(mc, parallel.ParallelLayout(), torch.bfloat16)
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}; hidden {d}, {e} experts x {ffn // e}, bf16, fwd+bwd")
     print(f"{'tokens':>7} {'k':>2} {'moe ms':>8} {'eager ms':>9} {'TFLOP/s':>8} {'dense(active) ms':>17} "
-          f"{'ratio':>6} {'dense(full) ms':>15}")
+          f"{'ratio':>6} {'dense(full) ms':>15} {'graphed moe':>11} {'graphed active':>14} {'g. ratio':>9}")
     if args.profile:
-        profile(cfg, d, ffn, e)
+        for t in args.tokens:
+            for k in args.topk:
+                print(f"## profile: {t} tokens, top-{k}")
+                profile(cfg, d, ffn, e, t, k)
         return
     for k in args.topk:
         moe = MoEConfig(num_experts=e, num_selects=k)
@@ -102,12 +136,20 @@ def main():
             ms = timed(moe_step)
             ms_a = timed(dense_step(active))
             ms_f = timed(dense_step(full))
+            g_moe = graphed_ms(lambda inp: layer(inp)[0], list(layer.parameters()), x, g)
+            g_a = graphed_ms(lambda inp: active(inp.view(t, d)).view_as(inp), active.weights, x, g)
             flops = 6 * t * k * 3 * d * (ffn // e)
             print(f"{t:>7} {k:>2} {ms:>8.2f} {ms_eager:>9.2f} {flops / ms / 1e9:>8.1f} {ms_a:>17.2f} "
-                  f"{ms / ms_a:>6.2f} {ms_f:>15.2f}", flush=True)
+                  f"{ms / ms_a:>6.2f} {ms_f:>15.2f} {g_moe:>11.2f} {g_a:>14.2f} {g_moe / g_a:>9.2f}",
+                  flush=True)
 
 
 def profile(cfg, d, ffn, e, t=8192, k=4):
+    """Where the time goes: host-synchronising calls (sync debug mode), CPU time per step (wall
+    with the GPU idle-waiting removed), and the top ops by CUDA and by CPU time."""
+    import time
+    import warnings
+
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -117,16 +159,37 @@ def profile(cfg, d, ffn, e, t=8192, k=4):
     layer = LlamaMoEMLP(cfg, MoEConfig(num_experts=e, num_selects=k), layer_index=0,
                         intermediate_size=ffn).cuda().train()
     x = torch.randn(t, 1, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn_like(x)
 
     def step():
+        x.grad = None
+        for p in layer.parameters():
+            p.grad = None
         y, _ = layer(x)
-        y.backward(torch.ones_like(y))
+        y.backward(g)
     timed(step)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        step()
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+    print(f"host synchronisations in one step: {len(syncs)}", *syncs[:5], sep="\n  ")
+    issue = []
+    for _ in range(10):  # one step's launches fit the GPU's queue: this is the host's own time
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        issue.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    cpu_ms = sorted(issue)[5] * 1e3
+    print(f"CPU time to issue one step: {cpu_ms:.2f} ms; GPU step: {timed(step):.2f} ms")
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
             step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 
 if __name__ == "__main__":

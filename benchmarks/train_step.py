@@ -16,6 +16,7 @@ Prints a table; with --json FILE also writes the rows (benchmarks/scaling.py rea
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -31,7 +32,7 @@ MODELS = {"moe4": ("llama_moe", 4), "moe2": ("llama_moe", 2), "dense": ("llama",
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["moe4", "moe2", "dense"], choices=list(MODELS))
-    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--ffn", type=int, default=11008)
@@ -51,10 +52,16 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def bench(args, name: str) -> dict:
     from megamoe import parallel
     from megamoe.config import ModelConfig, MoEConfig, OptimConfig
     from megamoe.model.llama import build_model
+    from megamoe.model.moe import stats as moe_stats
     from megamoe.train.flops import flops_per_token, peak_flops
     from megamoe.train.optim import TrainOptimizer
     from megamoe.train.step import forward_backward, wrap_model
@@ -67,25 +74,31 @@ def bench(args, name: str) -> dict:
     layout = parallel.ParallelLayout(args.tp, args.pp, args.ep if moe else 1,
                                      sequence_parallel=args.tp > 1)
     parallel.initialize(layout, seed=1234, num_experts=moe.num_experts if moe else None)
-    model = build_model(m, moe, layout, dtype=torch.bfloat16, recompute=args.recompute)
-    dist_opt = not args.no_distributed_optimizer
+    cuda = torch.cuda.is_available()
+    model = build_model(m, moe, layout, dtype=torch.bfloat16 if cuda else torch.float32,
+                        recompute=args.recompute)
+    dist_opt = cuda and not args.no_distributed_optimizer
     ddp = wrap_model(model, use_distributed_optimizer=dist_opt)
-    opt = TrainOptimizer(ddp, model, OptimConfig(learning_rate=1e-5), bf16=True,
+    opt = TrainOptimizer(ddp, model, OptimConfig(learning_rate=1e-5), bf16=cuda,
                          use_distributed_optimizer=dist_opt)
     dp, world = parallel.dp_size(), torch.distributed.get_world_size()
-    g = torch.Generator(device="cuda").manual_seed(parallel.dp_rank())
-    mbs = [torch.randint(0, m.vocab_size, (args.micro_batch, args.seq), device="cuda", generator=g)
-           for _ in range(args.grad_accum)]
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator(device=dev).manual_seed(parallel.dp_rank())
+
+    def batch():  # fresh random tokens every step (a fixed batch gets memorised)
+        return [torch.randint(0, m.vocab_size, (args.micro_batch, args.seq), device=dev, generator=g)
+                for _ in range(args.grad_accum)]
     times, losses = [], []
     for i in range(args.warmup + args.steps):
-        torch.cuda.synchronize()
+        mbs = batch()
+        _sync()
         torch.distributed.barrier()
         t0 = time.perf_counter()
         ddp.zero_grad_buffer()
         opt.zero_grad()
         out = forward_backward(ddp, mbs, args.grad_accum)
         opt.step()
-        torch.cuda.synchronize()
+        _sync()
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
             losses.append(out["lm_loss"])
@@ -96,24 +109,29 @@ def bench(args, name: str) -> dict:
     mfu = flops_per_token(m, moe, args.seq) * tps_gpu / peak
     row = dict(model=name, layers=args.layers, tp=args.tp, pp=args.pp, ep=layout.expert_model_parallel_size,
                dp=dp, gpus=world, tokens_per_step=tokens, step_ms=1e3 * step_s,
-               tokens_per_s_per_gpu=tps_gpu, mfu=mfu, mem_gib=torch.cuda.max_memory_allocated() / 2**30,
+               tokens_per_s_per_gpu=tps_gpu, mfu=mfu,
+               mem_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
                loss=losses[-1] if losses else float("nan"))
+    moe_stats.clear()  # (holds the last routing tensors)
     del opt, ddp, model, mbs
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     return row
 
 
 def main(argv=None) -> list:
     args = parse_args(argv)
     if not torch.cuda.is_available():
-        sys.exit("benchmarks/train_step.py needs CUDA GPUs")
+        print("# no CUDA: a CPU smoke run (fp32, gloo); the numbers mean nothing")
     from megamoe import parallel
 
     parallel.init_distributed()
     rank0 = torch.distributed.get_rank() == 0
     if rank0:
-        print(f"# {torch.cuda.get_device_name()} x{torch.distributed.get_world_size()}, torch {torch.__version__}; "
+        name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+        print(f"# {name} x{torch.distributed.get_world_size()}, torch {torch.__version__}; "
               f"hidden {args.hidden}, {args.heads} heads, {args.layers} layers, seq {args.seq}, "
               f"{args.experts} experts x {args.ffn // args.experts}, micro-batch {args.micro_batch} x "
               f"{args.grad_accum}, bf16, median of {args.steps} steps after {args.warmup}")
