@@ -742,7 +742,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: the checkpoint's model_type")
     b.add_argument("--tokenizer", help="tokenizer file or directory to copy into the output")
     b.add_argument("--max-shard-size", default="5GB",
-                   help="shard the safetensors above this size (default 5GB)")
+                   help="shard the safetensors above this size (default 5GB); the shard being "
+                   "filled is held in memory")
     b.add_argument("--dtype", choices=list(DTYPES), default="float32")
     b.add_argument("--remote-code", help="llama_moe: directory with LLaMA-MoE's modeling code "
                    "(*.py) to copy; config.json then gets the matching auto_map")

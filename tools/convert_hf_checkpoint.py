@@ -9,7 +9,8 @@
     python tools/convert_hf_checkpoint.py megamoe-to-hf --checkpoint outputs/run/checkpoint-1000 \
         --output hf/llama-moe-3.5B --format llama_moe --tokenizer llama-2-7b-hf
 
-Runs on one process without a GPU; the checkpoint it writes loads at any TP/PP/EP layout.
+Runs on one process without a GPU, a layer at a time (memory: about one layer, plus the output
+shard for megamoe-to-hf); the checkpoint it writes loads at any TP/PP/EP layout.
 """
 import os
 import sys
@@ -23,5 +24,5 @@ def main(argv=None) -> int:
     return convert_main(argv)
 
 
-if __name__ == "__main__":  # the guard is required: dist_checkpointing's save spawns a process
+if __name__ == "__main__":  # the guard is required: code that spawns processes re-imports this
     sys.exit(main())
