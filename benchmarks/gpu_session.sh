@@ -32,7 +32,9 @@ for stage in "$@"; do
     train) $py benchmarks/train_step.py > "$OUT/train.log" 2>&1; grep -E "^ *(#|model|moe|dense)|Error" "$OUT/train.log" | tail -8 ;;
     multigpu) $py -m pytest -q -s -p no:cacheprovider --tb=short -m multigpu tests/multigpu > "$OUT/multigpu.log" 2>&1
               grep -E "worst|passed|failed|^E " "$OUT/multigpu.log" | tail -60 ;;
-    scaling) $py benchmarks/scaling.py > "$OUT/scaling.log" 2>&1; grep -E "^ *(#|kind|EP|TP)|failed" "$OUT/scaling.log" | tail -12 ;;
+    resume) $py -m pytest -q -s -p no:cacheprovider --tb=short -m multigpu tests/multigpu -k "resume and ep2" > "$OUT/resume.log" 2>&1
+            grep -E "worst|passed|failed|^E " "$OUT/resume.log" | tail -20 ;;
+    scaling) $py benchmarks/scaling.py ${SCALING_ARGS:-} > "$OUT/scaling.log" 2>&1; grep -E "^ *(#|kind|EP|TP)|failed" "$OUT/scaling.log" | tail -12 ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
   echo "--- $stage: $(( $(date +%s) - t0 )) s"

@@ -18,9 +18,8 @@ not hold the model (28 GB for LLaMA-7B in fp32), so here:
 - ``CheckpointReader`` loads one layer's pieces per dist_checkpointing.load call, so reading
   reshards exactly like ``checkpoint.load_model``.
 
-This relies on internals of megatron-core 0.16.1's torch_dist strategy (reached through
-the one import of megatron-core outside parallel/mcore.py) and of torch.distributed.checkpoint's
-file writer;
+This relies on internals of megatron-core 0.16.1's torch_dist strategy (imported through
+parallel/mcore.py) and of torch.distributed.checkpoint's file writer;
 tests/convert/test_convert_streaming.py checks the files against ``checkpoint.save``'s.
 """
 from __future__ import annotations
@@ -38,10 +37,9 @@ from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
 from torch.futures import Future
 
 from ..config import ModelConfig, MoEConfig
-from ..parallel.mcore import ShardedTensor, apply_factories, dist_checkpointing  # CPU shim first
+from ..parallel.mcore import ShardedTensor, apply_factories, dist_checkpointing, nested_values
+from ..parallel.mcore import torch_dist_strategy as _torch_strategy
 
-from megatron.core.dist_checkpointing.dict_utils import nested_values  # noqa: E402
-from megatron.core.dist_checkpointing.strategies import torch as _torch_strategy  # noqa: E402
 
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.")
 
@@ -52,22 +50,11 @@ class StreamError(ValueError):
 
 def meta_model(m: ModelConfig, moe: Optional[MoEConfig] = None,
                dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """model/llama.py's world-1 GPTModel on the meta device: the shapes and checkpoint layout of
-    ``build_model(m, moe, dtype=dtype)`` without memory or initialisation.
-    parallel.initialize() first."""
-    from .. import parallel
+    """``build_model(m, moe, dtype=dtype)`` of a world of one on the meta device: the shapes and
+    checkpoint layout without memory or initialisation. parallel.initialize() first."""
     from ..model import llama
-    from ..parallel.mcore import GPTModel
 
-    cfg = llama.transformer_config(m, parallel.ParallelLayout(), dtype)
-    # CPU initialisation, else megatron-core allocates on the GPU explicitly (not on meta)
-    cfg = dataclasses.replace(cfg, use_cpu_initialization=True, perform_initialization=False)
-    with torch.device("meta"):  # the same arguments as llama.build_model
-        return GPTModel(config=cfg, transformer_layer_spec=llama.block_spec(cfg, m, moe),
-                        vocab_size=m.vocab_size, max_sequence_length=m.max_position_embeddings,
-                        pre_process=True, post_process=True,
-                        share_embeddings_and_output_weights=False, position_embedding_type="rope",
-                        rotary_base=int(m.rope_theta), parallel_output=True)
+    return llama.build_model(m, moe, dtype=dtype, meta=True)
 
 
 def layer_group(name: str, num_layers: int) -> int:

@@ -8,6 +8,8 @@ LLaMA-MoE: the same, with every layer's mlp our LlamaMoEMLP (moe/layer.py).
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from typing import Optional
 
 import torch
@@ -149,8 +151,12 @@ def block_spec(config: TransformerConfig, model: ModelConfig,
 
 def build_model(model: ModelConfig, moe: Optional[MoEConfig] = None,
                 layout: Optional[parallel.ParallelLayout] = None,
-                dtype: torch.dtype = torch.float32, recompute: bool = False) -> GPTModel:
-    """This rank's part of a LLaMA (moe=None) or LLaMA-MoE model. parallel.initialize() first."""
+                dtype: torch.dtype = torch.float32, recompute: bool = False,
+                meta: bool = False) -> GPTModel:
+    """This rank's part of a LLaMA (moe=None) or LLaMA-MoE model. parallel.initialize() first.
+
+    ``meta=True``: on the meta device, uninitialised (shapes and checkpoint layout only; the
+    streaming converter uses it)."""
     layout = layout or parallel.ParallelLayout()
     if moe is not None:
         moe.validate(model)
@@ -158,7 +164,19 @@ def build_model(model: ModelConfig, moe: Optional[MoEConfig] = None,
         raise ValueError(f"vocab_size {model.vocab_size} is not divisible by "
                          f"tensor_model_parallel_size {layout.tensor_model_parallel_size}")
     config = transformer_config(model, layout, dtype, recompute)
-    gpt = GPTModel(
+    if meta:  # megatron-core would otherwise allocate on the GPU explicitly, not on meta
+        config = dataclasses.replace(config, use_cpu_initialization=True, perform_initialization=False)
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        gpt = _gpt(config, model, moe)
+    if torch.cuda.is_available() and not meta:
+        gpt.cuda()
+    gpt.megamoe_model_config = model
+    gpt.megamoe_moe_config = moe
+    return gpt
+
+
+def _gpt(config: TransformerConfig, model: ModelConfig, moe: Optional[MoEConfig]) -> GPTModel:
+    return GPTModel(
         config=config,
         transformer_layer_spec=block_spec(config, model, moe),
         vocab_size=model.vocab_size,
@@ -170,11 +188,6 @@ def build_model(model: ModelConfig, moe: Optional[MoEConfig] = None,
         rotary_base=int(model.rope_theta),
         parallel_output=True,
     )
-    if torch.cuda.is_available():
-        gpt.cuda()
-    gpt.megamoe_model_config = model
-    gpt.megamoe_moe_config = moe
-    return gpt
 
 
 def lm_inputs(tokens: torch.Tensor):

@@ -48,6 +48,9 @@ from megatron.core.tensor_parallel.mappings import (  # noqa: E402,F401
 # The trainer (megamoe/train/optim.py): megatron-core's optimizers and checkpoint factories.
 from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory  # noqa: E402,F401
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: E402,F401
+# The streaming converter (megamoe/formats/mcore_stream.py): the torch_dist save strategy it extends.
+from megatron.core.dist_checkpointing.dict_utils import nested_values  # noqa: E402,F401
+from megatron.core.dist_checkpointing.strategies import torch as torch_dist_strategy  # noqa: E402,F401
 
 from . import cpu_compat  # noqa: E402
 
