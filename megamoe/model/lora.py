@@ -46,15 +46,13 @@ from .. import parallel
 from ..parallel.mcore import (
     ColumnParallelLinear,
     RowParallelLinear,
-    ShardedTensor,
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
     make_sharded_tensors_for_checkpoint,
     reduce_from_tensor_model_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
 )
-from .moe import experts as experts_mod
-from .moe.experts import GroupedSwiGLUExperts, _grouped_mm_available
+from .moe.experts import GroupedSwiGLUExperts, _grouped_mm_available, mark_expert_param
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -244,8 +242,8 @@ class LoRAGroupedSwiGLUExperts(GroupedSwiGLUExperts):
                 A = torch.cat([_init_A((r, s), f"{name}.{self.first_expert + j}.lora_down_A", spec.seed)
                                for j, s in enumerate(self.sizes)], 1)
                 B = torch.zeros(d, self.num_experts * r)
-            setattr(self, f"lora_{t}_A", _new_param(A, like, allreduce=False))
-            setattr(self, f"lora_{t}_B", _new_param(B, like, allreduce=False))
+            setattr(self, f"lora_{t}_A", mark_expert_param(_new_param(A, like)))
+            setattr(self, f"lora_{t}_B", mark_expert_param(_new_param(B, like)))
 
     def lora_split_table(self) -> list:
         """[(param name, axis, split sizes)] of the adapters, for per-expert checkpoint tensors."""
@@ -337,36 +335,8 @@ class LoRAGroupedSwiGLUExperts(GroupedSwiGLUExperts):
             out[names[t]] = d
         return out
 
-    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        out = super().sharded_state_dict(prefix, sharded_offsets, metadata)
-        replica_id = (0, 0, parallel.expert_dp_rank())
-        layer_tag = ""
-        if sharded_offsets:
-            (_, layer, _), = sharded_offsets
-            layer_tag = f"layer{layer}."
-        for name, axis, sizes in self.lora_split_table():
-            for j, part in enumerate(getattr(self, name).split(sizes, dim=axis)):
-                suffix = f"{name}.{self.first_expert + j}"
-                out[prefix + suffix] = ShardedTensor.from_rank_offsets(
-                    prefix + layer_tag + suffix, part, replica_id=replica_id)
-        return out
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        for name, axis, _ in self.lora_split_table():
-            keys = [f"{prefix}{name}.{self.first_expert + j}" for j in range(self.num_experts)]
-            if all(k in state_dict for k in keys):
-                state_dict[prefix + name] = torch.cat([state_dict.pop(k) for k in keys], axis)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-
-
-def expert_split_table(module: GroupedSwiGLUExperts) -> list:
-    """[(param name, axis, split sizes)] of every per-expert-checkpointed tensor of `module`."""
-    table = [(name, axis, module.sizes) for name, axis in experts_mod._NAMES]
-    if isinstance(module, LoRAGroupedSwiGLUExperts):
-        table += module.lora_split_table()
-    return table
+    def split_table(self) -> list:
+        return super().split_table() + self.lora_split_table()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -65,7 +65,6 @@ class TrainOptimizer:
         self.distributed = use_distributed_optimizer
         # of the distributed optimizer's checkpoints; set to a checkpoint's own before loading it
         self.checkpoint_format = cfg.optimizer_checkpoint_format
-        mark_expert_params(model)
         params_dtype = next(model.parameters()).dtype
         oc = OptimizerConfig(
             optimizer="adam", lr=cfg.learning_rate, min_lr=0.0, weight_decay=cfg.weight_decay,
@@ -172,41 +171,18 @@ def _use_fused_adam(chain) -> None:
                 group["foreach"], group["fused"] = False, True
 
 
-def mark_expert_params(model: torch.nn.Module) -> int:
-    """Mark the experts' parameters (and their LoRA adapters) `tensor_model_parallel`, as
-    megatron-core's own expert layers are, so that the gradient norm counts them on every rank.
-
-    Why: megatron-core counts a parameter without that mark only on TP rank 0 (a replica of
-    TP rank 0's), and reduces the expert optimizer's norm over the expert tensor x expert x
-    pipeline group, which does not contain the other TP ranks. Our experts are not
-    tensor-parallel, so unmarked, TP ranks > 0 would leave them out of the norm, compute another
-    clip coefficient than rank 0, and the replicated weights would drift apart (seen with TP=2:
-    1e-6 after two steps). Marked, each rank counts the experts it holds, and the expert group
-    sums over the ranks that hold different experts (EP) or layers (PP)."""
-    from ..model.moe.experts import GroupedSwiGLUExperts
-
-    n = 0
-    for mod in model.modules():
-        if isinstance(mod, GroupedSwiGLUExperts):
-            for p in mod.parameters(recurse=False):
-                p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, 0, 1
-                n += 1
-    return n
-
-
 def _expert_factories(model_sd: dict, model: torch.nn.Module) -> dict:
     """Replace each expert parameter's per-expert ShardedTensors (views of the parameter) by one
     ShardedTensorFactory holding the parameter itself, which megatron-core can match to the
     optimizer state and which splits any tensor of the parameter's shape into the same
     per-expert checkpoint tensors (keys `<optimizer prefix>.<param key>.<expert>`)."""
-    from ..model.lora import expert_split_table
     from ..model.moe.experts import GroupedSwiGLUExperts
 
     sd = dict(model_sd)
     for mname, mod in model.named_modules():
         if not isinstance(mod, GroupedSwiGLUExperts):
             continue
-        for pname, axis, sizes in expert_split_table(mod):
+        for pname, axis, sizes in mod.split_table():
             keys = [f"{mname}.{pname}.{mod.first_expert + j}" for j in range(len(sizes))]
             if not all(k in sd for k in keys):
                 continue

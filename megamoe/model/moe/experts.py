@@ -27,6 +27,22 @@ def _grouped_mm_available(x: torch.Tensor) -> bool:
 _NAMES = (("weight_gate", 0), ("weight_up", 0), ("weight_down", 1))  # (name, neuron axis)
 
 
+def mark_expert_param(p: nn.Parameter) -> nn.Parameter:
+    """What megatron-core must know of an expert parameter (weights and LoRA adapters alike).
+
+    - ``allreduce = False``: sharded over the expert-parallel group and replicated over the
+      expert-data-parallel group, where megatron-core's DDP reduces it.
+    - ``tensor_model_parallel = True`` (as megatron-core's own expert layers): the gradient norm
+      then counts it on every TP rank. Unmarked, megatron-core counts it on TP rank 0 only and
+      reduces the expert optimizer's norm over a group without the other TP ranks: TP ranks > 0
+      would compute another clip coefficient and the replicated weights drift apart (seen with
+      TP=2: 1e-6 after two steps). Our experts are not tensor-parallel; each rank counts the
+      experts it holds, and the expert group sums over EP ranks and pipeline stages."""
+    p.allreduce = False
+    p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, 0, 1
+    return p
+
+
 class GroupedSwiGLUExperts(nn.Module):
     def __init__(self, hidden: int, sizes: list[int], dtype=torch.float32, device=None,
                  first_expert: int = 0):
@@ -41,9 +57,7 @@ class GroupedSwiGLUExperts(nn.Module):
         self.weight_down = nn.Parameter(torch.empty(hidden, total, **kw))
         for w in (self.weight_gate, self.weight_up, self.weight_down):
             nn.init.normal_(w, std=0.02)
-            # Experts are sharded over the expert-parallel group and replicated over the
-            # expert-data-parallel group: megatron-core's DDP reduces them there.
-            w.allreduce = False
+            mark_expert_param(w)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         """One checkpoint tensor per global expert (`weight_gate.<j>`, as in HF LLaMA-MoE), so
@@ -61,18 +75,22 @@ class GroupedSwiGLUExperts(nn.Module):
             (_, layer, _), = sharded_offsets
             layer_tag = f"layer{layer}."
         out = {}
-        for name, axis in _NAMES:
-            parts = getattr(self, name).split(self.sizes, dim=axis)
-            for j, part in enumerate(parts):
+        for name, axis, sizes in self.split_table():
+            for j, part in enumerate(getattr(self, name).split(sizes, dim=axis)):
                 suffix = f"{name}.{self.first_expert + j}"
                 out[prefix + suffix] = ShardedTensor.from_rank_offsets(
                     prefix + layer_tag + suffix, part, replica_id=replica_id)
         return out
 
+    def split_table(self) -> list:
+        """[(parameter name, axis, per-expert sizes)] of every tensor checkpointed per expert
+        (subclasses with more per-expert tensors, like LoRA adapters, extend it)."""
+        return [(name, axis, self.sizes) for name, axis in _NAMES]
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         # Accept per-expert tensors (from sharded checkpoints) as well as the flat ones.
-        for name, axis in _NAMES:
+        for name, axis, _ in self.split_table():
             keys = [f"{prefix}{name}.{self.first_expert + j}" for j in range(self.num_experts)]
             if all(k in state_dict for k in keys):
                 state_dict[prefix + name] = torch.cat([state_dict.pop(k) for k in keys], axis)
