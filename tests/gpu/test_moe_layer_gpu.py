@@ -11,22 +11,13 @@ pytestmark = [pytest.mark.gpu,
 
 def test_grouped_mm_experts_match_loop():
     from megamoe.model.moe.experts import GroupedSwiGLUExperts
+    from tests.unit.test_grouped_swiglu import grouped_vs_loop
 
     torch.manual_seed(0)
     ex = GroupedSwiGLUExperts(256, [128] * 8, dtype=torch.bfloat16).cuda()
     counts = torch.tensor([0, 40, 7, 0, 100, 33, 1, 75], device="cuda")  # zero-token experts too
-    x = torch.randn(int(counts.sum()), 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    g = torch.randn(x.shape[0], 256, device="cuda", dtype=torch.bfloat16)
-    outs = []
-    for path in (ex._forward_grouped, ex._forward_loop):
-        x.grad = None
-        for p in ex.parameters():
-            p.grad = None
-        y = path(x, counts)
-        y.backward(g)
-        outs.append([y.float(), x.grad.float()] + [p.grad.float() for p in ex.parameters()])
-    for a, b in zip(*outs):
-        assert rel_err(a, b) < 2e-2, rel_err(a, b)
+    for name, a, b in grouped_vs_loop(ex, counts, torch.bfloat16, "cuda"):
+        assert rel_err(a, b) < 2e-2, (name, rel_err(a, b))
 
 
 def test_layer_cuda_matches_cpu(world1):

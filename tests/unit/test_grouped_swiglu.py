@@ -7,15 +7,14 @@ import torch
 from tests.helpers import rel_err
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
-def test_grouped_matches_loop(dtype, tol):
-    from megamoe.model.moe.experts import GroupedSwiGLUExperts
+NAMES = ["y", "x.grad", "gate.grad", "up.grad", "down.grad"]
 
-    torch.manual_seed(0)
-    ex = GroupedSwiGLUExperts(64, [32] * 6, dtype=dtype)
-    counts = torch.tensor([0, 40, 7, 0, 100, 33])  # empty groups at the start and inside
-    x = torch.randn(int(counts.sum()), 64, dtype=dtype, requires_grad=True)
-    g = torch.randn(x.shape[0], 64, dtype=dtype)
+
+def grouped_vs_loop(ex, counts, dtype, device="cpu"):
+    """[(name, grouped, loop)] of the output and every gradient, fp32, for random x and dL/dy."""
+    x = torch.randn(int(counts.sum()), ex.weight_down.shape[0], dtype=dtype, device=device,
+                    requires_grad=True)
+    g = torch.randn_like(x)
     outs = []
     for path in (ex._forward_grouped, ex._forward_loop):
         x.grad = None
@@ -24,7 +23,17 @@ def test_grouped_matches_loop(dtype, tol):
         y = path(x, counts)
         y.backward(g)
         outs.append([y.float(), x.grad.float()] + [p.grad.float() for p in ex.parameters()])
-    for name, a, b in zip(["y", "x.grad", "gate.grad", "up.grad", "down.grad"], *outs):
+    return list(zip(NAMES, *outs))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_grouped_matches_loop(dtype, tol):
+    from megamoe.model.moe.experts import GroupedSwiGLUExperts
+
+    torch.manual_seed(0)
+    ex = GroupedSwiGLUExperts(64, [32] * 6, dtype=dtype)
+    counts = torch.tensor([0, 40, 7, 0, 100, 33])  # empty groups at the start and inside
+    for name, a, b in grouped_vs_loop(ex, counts, dtype):
         assert rel_err(a, b) < tol, (name, rel_err(a, b))
         assert b.abs().max() > 0, name  # not a comparison of zeros
     # the empty experts' weight gradients are exactly zero
