@@ -251,6 +251,10 @@ class TrainConfig:
     resume: bool = field(default=True, metadata=_h(
         "resume from the newest complete checkpoint in --output_dir (false: refuse to start "
         "when one exists)"))
+    load_optimizer: bool = field(default=True, metadata=_h(
+        "on resume, load the optimizer state; false: the weights, data position, schedule and "
+        "counters only, with fresh Adam moments (Megatron's --no-load-optim; a way on when the "
+        "saved optimizer state cannot be read)"))
     export_hf: bool = field(default=False, metadata=_h(
         "at the end, export the final model (LoRA merged) to <output_dir>/hf in Hugging Face "
         "format"))

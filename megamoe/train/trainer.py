@@ -234,8 +234,21 @@ class Trainer:
         from .. import checkpoint
 
         tr = meta.get("trainer") or {}
-        self._check_optimizer_layout(tr)
-        checkpoint.load_optimizer(self.resume_from, self.model, self.opt)
+        if self.run.train.load_optimizer:
+            self._check_optimizer_layout(tr)
+            from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+            try:
+                checkpoint.load_optimizer(self.resume_from, self.model, self.opt)
+            except (Exception, CheckpointException) as e:
+                raise TrainingStopped(
+                    f"could not load the optimizer state of {self.resume_from} "
+                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); the "
+                    "checkpoint is unchanged. To go on from its weights, data position and "
+                    "counters with fresh Adam moments, add --load_optimizer false", 2) from e
+        else:
+            self.extra_warnings.append(f"--load_optimizer false: the optimizer state of "
+                                       f"{self.resume_from} is not loaded (fresh Adam moments)")
         self.data.load_state_dict(tr["data"])
         self.step = int(meta["step"])
         self.consumed_tokens = int(meta["consumed_tokens"])

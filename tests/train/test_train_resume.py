@@ -202,3 +202,39 @@ def test_exit_interval_stops_saves_and_resumes_exactly(tiny, run_a):
     got, want = _records(out, "train"), _records(ref, "train")
     assert sorted(got) == list(range(1, STEPS + 1))
     assert [got[s]["loss"] for s in sorted(got)] == [want[s]["loss"] for s in sorted(want)]
+
+
+def _copy_at(ref, out, step):
+    """A copy of run `ref` as it stood after its checkpoint at `step` (later ones removed)."""
+    shutil.copytree(ref, out)
+    for d in os.listdir(out):
+        if d.startswith("checkpoint-") and int(d.split("-")[1]) > step:
+            shutil.rmtree(os.path.join(out, d))
+    with open(os.path.join(out, "train_log.jsonl")) as f:
+        keep = [x for x in f if json.loads(x)["step"] <= step]
+    with open(os.path.join(out, "train_log.jsonl"), "w") as f:
+        f.writelines(keep)
+
+
+def test_unreadable_optimizer_state_stops_cleanly_and_load_optimizer_false_goes_on(tiny, run_a):
+    ref, _ = run_a
+    out = os.path.join(tiny.root, "run-noopt")
+    _copy_at(ref, out, STEPS - 4)
+    ckpt = os.path.join(out, f"checkpoint-{STEPS - 4}")
+    for f in glob.glob(os.path.join(ckpt, "optimizer", "*.distcp")):
+        os.remove(f)  # the optimizer's tensors are gone; the weights are intact
+    before = sorted(os.listdir(ckpt)), sorted(os.listdir(os.path.join(ckpt, "model")))
+    r = F.run_train(_argv(tiny, out))
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    err = r.stdout + r.stderr
+    assert "could not load the optimizer state" in err and "--load_optimizer false" in err
+    assert (sorted(os.listdir(ckpt)), sorted(os.listdir(os.path.join(ckpt, "model")))) == before
+    # going on from the weights with fresh Adam moments
+    r = F.run_train(_argv(tiny, out, load_optimizer="false"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "optimizer state of" in r.stdout + r.stderr and "not loaded" in r.stdout + r.stderr
+    got, want = _records(out, "train"), _records(ref, "train")
+    assert sorted(got) == list(range(1, STEPS + 1))
+    first = STEPS - 3  # computed before any update with the fresh moments: the same loss
+    assert got[first]["loss"] == want[first]["loss"]
+    assert got[STEPS]["loss"] != want[STEPS]["loss"]
