@@ -649,6 +649,12 @@ def _check_gpus(o: Mapping[str, Any], report: Report, sbatch: Optional[Mapping[s
             f"EP {pc.expert_model_parallel_size}, DP {plan.dp_size})")
         report.ok(item, f"{plan.num_nodes} node(s) x {plan.gpus_per_node} GPUs = "
                         f"{plan.world_size}{layout}")
+        from .memory import estimate  # what the layout leaves on each GPU
+        t = plan.run.train
+        mem = estimate(plan.model, plan.moe, pc.tensor_model_parallel_size,
+                       pc.pipeline_model_parallel_size, pc.expert_model_parallel_size, plan.dp_size,
+                       plan.use_distributed_optimizer, bf16=t.bf16, lora=t.training_mode == "lora")
+        report.ok(item, f"memory: {mem.line()}")
 
 
 def _check_slurm(t: Target, report: Report) -> None:

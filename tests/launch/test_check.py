@@ -157,6 +157,7 @@ def test_good_script_passes(setup):
     assert "num_selects=2 of 16 experts" in text
     assert "14 node(s) x 8 GPUs = 112" in text
     assert "3 domains code, noise, prose; prob_map uniform" in text
+    assert "GiB per GPU before activations" in text  # megamoe/memory.py for this layout
 
 
 @pytest.mark.parametrize("override,item,status,words", [
