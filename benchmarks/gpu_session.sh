@@ -2,7 +2,8 @@
 # Everything GPU-side in one command, for a lent GPU machine with a bare image (the device tool)
 # or any CUDA host:   bash benchmarks/gpu_session.sh STAGE...
 # Stages: setup (wheels from .whl/ if present, build megamoe._C with CUDA), tests (GPU tests),
-# bench (dispatch, MoE layer, training step), multigpu (pytest -m multigpu), scaling.
+# dispatch, layer, profile, train (benchmarks), multigpu (pytest -m multigpu: all), multigpu4 (its
+# 4-GPU layouts), resume (its resume-at-another-layout tests), scaling.
 # Logs go to $OUT (default ./gpu_out). NVLink multicast stays off.
 set -u
 OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT"
@@ -32,7 +33,10 @@ for stage in "$@"; do
     train) $py benchmarks/train_step.py > "$OUT/train.log" 2>&1; grep -E "^ *(#|model|moe|dense)|Error" "$OUT/train.log" | tail -8 ;;
     multigpu) $py -m pytest -q -s -p no:cacheprovider --tb=short -m multigpu tests/multigpu > "$OUT/multigpu.log" 2>&1
               grep -E "worst|passed|failed|^E " "$OUT/multigpu.log" | tail -60 ;;
-    resume) $py -m pytest -q -s -p no:cacheprovider --tb=short -m multigpu tests/multigpu -k "resume and ep2" > "$OUT/resume.log" 2>&1
+    # the multigpu suite in parts that fit a 10-minute call (each trainer run takes ~40 s)
+    multigpu4) $py -m pytest -q -s -p no:cacheprovider --tb=short -m multigpu tests/multigpu -k "layout and (ep4 or ep2dp2 or tp2ep2 or tp2pp2)" > "$OUT/multigpu4.log" 2>&1
+               grep -E "worst|passed|failed|^E " "$OUT/multigpu4.log" | tail -20 ;;
+    resume) $py -m pytest -q -s -p no:cacheprovider --tb=short -m multigpu tests/multigpu -k "resume" > "$OUT/resume.log" 2>&1
             grep -E "worst|passed|failed|^E " "$OUT/resume.log" | tail -20 ;;
     scaling) $py benchmarks/scaling.py ${SCALING_ARGS:-} > "$OUT/scaling.log" 2>&1; grep -E "^ *(#|kind|EP|TP)|failed" "$OUT/scaling.log" | tail -12 ;;
     *) echo "unknown stage $stage"; exit 2 ;;
