@@ -129,11 +129,13 @@ def test_resume_after_kill9_and_sigterm_is_exact(tiny, run_a):
     out = os.path.join(tiny.root, "run-b")
     argv = _argv(tiny, out)
     cmd = [sys.executable, "-m", "megamoe.train", *argv]
-    # 1. SIGKILL in the middle of the run (after the step-4 checkpoint)
+    # 1. SIGKILL in the middle of the run (after the step-4 checkpoint), to its whole process
+    # group as Slurm kills a job's cgroup (megatron-core's checkpoint writer starts a
+    # multiprocessing manager process that would outlive a lone SIGKILL of the trainer)
     p = subprocess.Popen(cmd, cwd=F.ROOT, env=F.clean_env(), stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
+                         stderr=subprocess.DEVNULL, start_new_session=True)
     assert _wait_for_step(p, out, 6), "run B did not reach step 6"
-    p.send_signal(signal.SIGKILL)
+    os.killpg(p.pid, signal.SIGKILL)
     assert p.wait() == -signal.SIGKILL
     assert not os.path.exists(os.path.join(out, f"checkpoint-{STEPS}"))
     killed_at = max(_records(out, "train"))
