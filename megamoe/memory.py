@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .config import ModelConfig, MoEConfig
+from .train.flops import attention_and_norm_params, gate_params
 
 GIB = 2 ** 30
 
@@ -26,20 +27,16 @@ GIB = 2 ** 30
 def parameter_counts(m: ModelConfig, moe: Optional[MoEConfig]) -> tuple[int, int]:
     """(dense, expert) parameter counts of the whole model. Dense: embeddings, output layer,
     attention, norms, gates (and the FFN of a dense LLaMA); expert: every expert's weights."""
-    d, hd = m.hidden_size, m.head_dim
-    q, kv = m.num_attention_heads * hd, m.kv_heads * hd
+    d = m.hidden_size
     dense = 2 * m.vocab_size * d + d  # untied embedding + output layer, final norm
     experts = 0
     for i in range(m.num_hidden_layers):
-        dense += d * q + 2 * d * kv + q * d + 2 * d
+        dense += attention_and_norm_params(m)
         if moe is None:
             dense += 3 * d * m.intermediate_size
             continue
-        e = moe.num_experts
         experts += 3 * d * sum(moe.expert_sizes(i, m.intermediate_size))
-        dense += d * e + (e * e if moe.gate_network == "mlp" else 0)
-        if moe.gate_type == "TopKBalancedNoisyGate":
-            dense += d * e  # the noise-scale layer
+        dense += gate_params(m, moe, in_use_only=False)
     return dense, experts
 
 

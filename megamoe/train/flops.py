@@ -22,22 +22,34 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "GH200": 989.0, "A10
 CPU_NOMINAL_TFLOPS = 1.0
 
 
-def activated_params(m: ModelConfig, moe: Optional[MoEConfig]) -> int:
-    d, L, hd = m.hidden_size, m.num_hidden_layers, m.head_dim
+def attention_and_norm_params(m: ModelConfig) -> int:
+    """One decoder layer's q, k, v, o projections and its two RMSNorms."""
+    d, hd = m.hidden_size, m.head_dim
     q, kv = m.num_attention_heads * hd, m.kv_heads * hd
-    per_layer = d * q + 2 * d * kv + q * d + 2 * d  # attention + the two norms
+    return d * q + 2 * d * kv + q * d + 2 * d
+
+
+def gate_params(m: ModelConfig, moe: MoEConfig, in_use_only: bool) -> int:
+    """One MoE layer's gate network, plus TopKBalancedNoisyGate's noise-scale layer (with
+    `in_use_only`, only when its noise is on: a token is multiplied by it only then)."""
+    d, e = m.hidden_size, moe.num_experts
+    n = d * e + (e * e if moe.gate_network == "mlp" else 0)
+    if moe.gate_type == "TopKBalancedNoisyGate" and (moe.gate_add_noise or not in_use_only):
+        n += d * e
+    return n
+
+
+def activated_params(m: ModelConfig, moe: Optional[MoEConfig]) -> int:
+    d = m.hidden_size
     total = 0
-    for i in range(L):
+    for i in range(m.num_hidden_layers):
         if moe is None:
             ffn = 3 * d * m.intermediate_size
         else:
             sizes = moe.expert_sizes(i, m.intermediate_size)
             ffn = 3 * d * (sum(sizes) / len(sizes)) * moe.num_selects
-            e = moe.num_experts
-            ffn += d * e + (e * e if moe.gate_network == "mlp" else 0)
-            if moe.gate_type == "TopKBalancedNoisyGate" and moe.gate_add_noise:
-                ffn += d * e
-        total += per_layer + ffn
+            ffn += gate_params(m, moe, in_use_only=True)
+        total += attention_and_norm_params(m) + ffn
     return int(total + d + m.vocab_size * d)  # final norm + output layer
 
 

@@ -43,6 +43,7 @@ from ..parallel.mcore import (
     get_megatron_optimizer,
 )
 
+
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
     lr0, w = cfg.learning_rate, cfg.warmup_steps
     if w > 0 and step < w:

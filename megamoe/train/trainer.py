@@ -273,9 +273,8 @@ class Trainer:
     def _check_optimizer_layout(self, tr: dict) -> None:
         """Use the checkpoint's distributed-optimizer format; a dp_reshardable one only loads at
         the TP/PP/EP layout it was saved at: say so instead of failing inside megatron-core."""
-        if "optimizer_format" not in tr:  # saved before the flag: dp_reshardable when distributed
-            tr = dict(tr, optimizer_format="dp_reshardable" if self.opt.distributed else None)
-        fmt = tr["optimizer_format"]
+        # checkpoints saved before the flag: dp_reshardable when distributed
+        fmt = tr.get("optimizer_format", "dp_reshardable" if self.opt.distributed else None)
         if (fmt is None) == self.opt.distributed:
             saved = "without" if fmt is None else "with"
             raise TrainingStopped(
