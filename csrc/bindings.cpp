@@ -8,7 +8,7 @@
 
 TORCH_LIBRARY(megamoe, m) {
   m.def("make_routing(Tensor topk_idx, int num_experts) -> (Tensor row_id_map, Tensor tokens_per_expert)");
-  m.def("permute(Tensor x, Tensor row_id_map, int topk) -> Tensor");
+  m.def("permute(Tensor x, Tensor row_id_map, int topk, int num_rows=-1) -> Tensor");
   m.def("unpermute(Tensor y, Tensor row_id_map, Tensor? scores, int topk, float scale) -> Tensor");
   m.def(
       "unpermute_backward(Tensor grad_out, Tensor y, Tensor row_id_map, Tensor scores, int topk, "

@@ -19,18 +19,20 @@ int64_t token_grain(int64_t d, int64_t topk) {
 }
 
 // The map comes from make_routing, but a bad one would write out of bounds. Checked once up front,
-// O(T*k) next to the O(T*k*d) copy, so that nothing throws inside the parallel loops.
+// O(T*k) next to the O(T*k*d) copy, so that nothing throws inside the parallel loops. Rows are
+// -1 (dropped) or in [0, num_rows).
 void check_map_range(const at::Tensor& map, int64_t num_rows) {
   const int32_t* m = map.const_data_ptr<int32_t>();
   for (int64_t i = 0; i < map.numel(); ++i) {
-    TORCH_CHECK(m[i] >= 0 && m[i] < num_rows, "megamoe: row_id_map[", i, "] = ", m[i],
-                " is out of range [0, ", num_rows, ")");
+    TORCH_CHECK(m[i] == kDropped || (m[i] >= 0 && m[i] < num_rows), "megamoe: row_id_map[", i, "] = ", m[i],
+                " is out of range [0, ", num_rows, ") and not -1 (dropped)");
   }
 }
 
 }  // namespace
 
-// Stable counting sort: rows of expert e start after all experts < e, in copy order.
+// Stable counting sort: rows of expert e start after all experts < e, in copy order. Copies with
+// expert -1 are dropped: row -1, not counted.
 std::tuple<at::Tensor, at::Tensor> make_routing_cpu(const at::Tensor& topk_idx, int64_t num_experts) {
   check_topk_idx(topk_idx, num_experts);
   const at::Tensor idx = topk_idx.contiguous().to(at::kLong);
@@ -39,8 +41,9 @@ std::tuple<at::Tensor, at::Tensor> make_routing_cpu(const at::Tensor& topk_idx, 
   at::Tensor counts = at::zeros({num_experts}, idx.options());
   int64_t* c = counts.mutable_data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i) {
+    if (e[i] == kDropped) continue;
     TORCH_CHECK(e[i] >= 0 && e[i] < num_experts, "megamoe: expert index ", e[i], " is outside [0, ", num_experts,
-                ")");
+                ") and not -1 (dropped)");
     ++c[e[i]];
   }
   std::vector<int64_t> next(num_experts);  // next free row of each expert
@@ -50,11 +53,11 @@ std::tuple<at::Tensor, at::Tensor> make_routing_cpu(const at::Tensor& topk_idx, 
   }
   at::Tensor row_id_map = at::empty({n}, idx.options().dtype(at::kInt));
   int32_t* r = row_id_map.mutable_data_ptr<int32_t>();
-  for (int64_t i = 0; i < n; ++i) r[i] = static_cast<int32_t>(next[e[i]]++);
+  for (int64_t i = 0; i < n; ++i) r[i] = e[i] == kDropped ? kDropped : static_cast<int32_t>(next[e[i]]++);
   return {row_id_map, counts};
 }
 
-at::Tensor permute_cpu(const at::Tensor& x_in, const at::Tensor& map_in, int64_t topk) {
+at::Tensor permute_cpu(const at::Tensor& x_in, const at::Tensor& map_in, int64_t topk, int64_t num_rows_in) {
   check_row_id_map(map_in, topk);
   check_same_device(x_in, map_in, "row_id_map");
   const int64_t T = map_in.numel() / topk;
@@ -62,7 +65,7 @@ at::Tensor permute_cpu(const at::Tensor& x_in, const at::Tensor& map_in, int64_t
   const at::Tensor x = x_in.contiguous();
   const at::Tensor map = map_in.contiguous();
   const int64_t d = x.size(1);
-  const int64_t num_rows = T * topk;
+  const int64_t num_rows = resolve_num_rows(num_rows_in, T * topk);
   check_map_range(map, num_rows);
   at::Tensor out = at::empty({num_rows, d}, x.options());
   if (out.numel() == 0) return out;
@@ -75,6 +78,7 @@ at::Tensor permute_cpu(const at::Tensor& x_in, const at::Tensor& map_in, int64_t
       for (int64_t t = begin; t < end; ++t) {
         for (int64_t j = 0; j < topk; ++j) {
           const int64_t row = m[t * topk + j];
+          if (row == kDropped) continue;
           std::memcpy(dst + row * d, src + t * d, d * sizeof(scalar_t));
         }
       }
@@ -88,8 +92,8 @@ at::Tensor unpermute_cpu(const at::Tensor& y_in, const at::Tensor& map_in,
   check_row_id_map(map_in, topk);
   check_same_device(y_in, map_in, "row_id_map");
   const int64_t T = map_in.numel() / topk;
-  const int64_t num_rows = T * topk;
-  check_rows(y_in, num_rows, "y");
+  check_buffer(y_in, T * topk, "y");
+  const int64_t num_rows = y_in.size(0);
   const at::Tensor y = y_in.contiguous();
   const at::Tensor map = map_in.contiguous();
   check_map_range(map, num_rows);
@@ -117,6 +121,7 @@ at::Tensor unpermute_cpu(const at::Tensor& y_in, const at::Tensor& map_in,
         std::fill(acc.begin(), acc.end(), acc_t(0));
         for (int64_t j = 0; j < topk; ++j) {
           const int64_t i = t * topk + j;
+          if (m[i] == kDropped) continue;
           const scalar_t* yr = src + static_cast<int64_t>(m[i]) * d;
           const acc_t w = s ? sc * s[i] : acc_t(1);
           for (int64_t c = 0; c < d; ++c) acc[c] += w * static_cast<acc_t>(yr[c]);
@@ -138,8 +143,8 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(const at::Tensor& grad
   check_same_device(y_in, grad_in, "grad_out");
   check_same_device(y_in, scores_in, "scores");
   const int64_t T = map_in.numel() / topk;
-  const int64_t num_rows = T * topk;
-  check_rows(y_in, num_rows, "y");
+  check_buffer(y_in, T * topk, "y");
+  const int64_t num_rows = y_in.size(0);
   check_rows(grad_in, T, "grad_out");
   check_scores(scores_in, T, topk);
   TORCH_CHECK(grad_in.size(1) == y_in.size(1) && grad_in.scalar_type() == y_in.scalar_type(),
@@ -169,6 +174,10 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(const at::Tensor& grad
           for (int64_t j = 0; j < topk; ++j) {
             const int64_t i = t * topk + j;
             const int64_t row = m[i];
+            if (row == kDropped) {
+              gs[i] = 0;
+              continue;
+            }
             const scalar_t* yr = yp + row * d;
             scalar_t* out = gy + row * d;
             const acc_t w = sc * s[i];

@@ -81,13 +81,14 @@ constexpr int kRoutingThreads = 1024;
 constexpr int kRoutingWarps = kRoutingThreads / kWarp;
 constexpr int kRoutingUnroll = 8;  // tiles whose ids are loaded together: hides the load latency
 
-// Expert id of copy i, or -1 past the end or for an id outside [0, num_experts).
+// Expert id of copy i, or -1 past the end, for a dropped copy (-1) or for an id outside [0, num_experts).
 template <typename idx_t>
 __device__ __forceinline__ int load_expert(const idx_t* experts, int64_t i, int64_t end, int num_experts,
                                            bool assert_valid) {
   if (i >= end) return -1;
   const idx_t raw = experts[i];
-  if (assert_valid) CUDA_KERNEL_ASSERT(raw >= 0 && raw < num_experts && "megamoe: expert index out of range");
+  if (assert_valid)
+    CUDA_KERNEL_ASSERT((raw == kDropped || (raw >= 0 && raw < num_experts)) && "megamoe: expert index out of range");
   return raw >= 0 && raw < num_experts ? static_cast<int>(raw) : -1;
 }
 
@@ -153,16 +154,19 @@ __global__ void __launch_bounds__(kRoutingThreads)
       const unsigned same = same_expert_lanes(e[u], bits);
       const int32_t before = e[u] >= 0 ? my_count[e[u]] : 0;
       __syncwarp();  // every lane has read my_count before the leaders advance it
+      const int64_t i = step + u * kWarp + lane;
       if (e[u] >= 0) {
-        row_id_map[step + u * kWarp + lane] = base[e[u]] + before + __popc(same & lower_lanes);
+        row_id_map[i] = base[e[u]] + before + __popc(same & lower_lanes);
         if ((same & lower_lanes) == 0) my_count[e[u]] = before + __popc(same);
+      } else if (i < end) {
+        row_id_map[i] = kDropped;
       }
       __syncwarp();
     }
   }
 }
 
-// out[map[t*k+j]] = x[t]: x[t] is read once, its k copies written from registers.
+// out[map[t*k+j]] = x[t]: x[t] is read once, its k copies written from registers (dropped ones skipped).
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kMaxThreads)
     permute_kernel(const scalar_t* __restrict__ x, const int32_t* __restrict__ map, scalar_t* __restrict__ out,
@@ -174,7 +178,9 @@ __global__ void __launch_bounds__(kMaxThreads)
   const int32_t* rows = map + t * k;
   for (int64_t c = threadIdx.x; c < nvec; c += blockDim.x) {
     const P v = src[c];
-    for (int j = 0; j < k; ++j) reinterpret_cast<P*>(out + static_cast<int64_t>(rows[j]) * d)[c] = v;
+    for (int j = 0; j < k; ++j) {
+      if (rows[j] != kDropped) reinterpret_cast<P*>(out + static_cast<int64_t>(rows[j]) * d)[c] = v;
+    }
   }
 }
 
@@ -194,6 +200,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     // Unrolled so that several independent row loads are in flight before the first use.
 #pragma unroll 4
     for (int j = 0; j < k; ++j) {
+      if (rows[j] == kDropped) continue;
       const acc_t w = scores != nullptr ? scale * scores[t * k + j] : acc_t(1);
       const P v = reinterpret_cast<const P*>(y + static_cast<int64_t>(rows[j]) * d)[c];
 #pragma unroll
@@ -226,6 +233,10 @@ __global__ void __launch_bounds__(kMaxThreads)
   for (int j = 0; j < k; ++j) {
     const int64_t i = t * k + j;
     const int64_t row = map[i];
+    if (row == kDropped) {  // block-uniform: every thread skips, so no barrier is missed
+      if (lane == 0) partial[warp * k + j] = acc_t(0);
+      continue;
+    }
     const acc_t w = scale * scores[i];
     const P* yrow = reinterpret_cast<const P*>(y + row * d);
     P* gyrow = reinterpret_cast<P*>(grad_y + row * d);
@@ -280,7 +291,7 @@ std::tuple<at::Tensor, at::Tensor> make_routing_cuda(const at::Tensor& topk_idx,
   return {row_id_map, tokens_per_expert};
 }
 
-at::Tensor permute_cuda(const at::Tensor& x_in, const at::Tensor& map_in, int64_t topk) {
+at::Tensor permute_cuda(const at::Tensor& x_in, const at::Tensor& map_in, int64_t topk, int64_t num_rows) {
   check_row_id_map(map_in, topk);
   check_same_device(x_in, map_in, "row_id_map");
   const int64_t T = map_in.numel() / topk;
@@ -289,7 +300,7 @@ at::Tensor permute_cuda(const at::Tensor& x_in, const at::Tensor& map_in, int64_
   const at::Tensor x = x_in.contiguous();
   const at::Tensor map = map_in.contiguous();
   const int64_t d = x.size(1);
-  at::Tensor out = at::empty({T * topk, d}, x.options());
+  at::Tensor out = at::empty({resolve_num_rows(num_rows, T * topk), d}, x.options());
   if (out.numel() == 0) return out;
   check_grid(T);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -315,7 +326,7 @@ at::Tensor unpermute_cuda(const at::Tensor& y_in, const at::Tensor& map_in,
   check_row_id_map(map_in, topk);
   check_same_device(y_in, map_in, "row_id_map");
   const int64_t T = map_in.numel() / topk;
-  check_rows(y_in, T * topk, "y");
+  check_buffer(y_in, T * topk, "y");
   c10::cuda::CUDAGuard guard(y_in.device());
   const at::Tensor y = y_in.contiguous();
   const at::Tensor map = map_in.contiguous();
@@ -360,7 +371,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(const at::Tensor& gra
   check_same_device(y_in, grad_in, "grad_out");
   check_same_device(y_in, scores_in, "scores");
   const int64_t T = map_in.numel() / topk;
-  check_rows(y_in, T * topk, "y");
+  check_buffer(y_in, T * topk, "y");
   check_rows(grad_in, T, "grad_out");
   check_scores(scores_in, T, topk);
   TORCH_CHECK(grad_in.size(1) == y_in.size(1) && grad_in.scalar_type() == y_in.scalar_type(),

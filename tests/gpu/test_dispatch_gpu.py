@@ -70,6 +70,26 @@ def test_every_k_up_to_num_experts(k):
     check_combine(16, 40, k, 4, torch.float32, device=CUDA, scale=1.5)
 
 
+@pytest.mark.parametrize("drop", [0.3, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES + [(4096, 4096, 4, 16)], ids=lambda s: "T%d-d%d-k%d-E%d" % s)
+def test_dropped_copies(shape, dtype, drop):
+    check_dispatch(*shape, dtype, device=CUDA, drop=drop)
+    check_combine(*shape, dtype, device=CUDA, scale=0.37, drop=drop)
+    check_combine(*shape, dtype, device=CUDA, with_scores=False, drop=drop)
+
+
+@pytest.mark.parametrize("T,k,E", [(37, 3, 4), (8192, 4, 16), (4099, 2, 256)])
+def test_routing_kernel_with_dropped_copies(T, k, E):
+    idx = random_topk(T, k, E, CUDA)
+    idx = idx.masked_fill(torch.rand(T, k, device=CUDA) < 0.4, -1)
+    n = int((idx >= 0).sum())
+    rows, counts = torch.ops.megamoe.make_routing(idx, E)
+    ref = D.make_routing_reference(idx, E, num_rows=n)
+    assert torch.equal(rows, ref.row_id_map) and torch.equal(counts, ref.tokens_per_expert)
+    assert torch.equal(rows.cpu(), D.make_routing(idx.cpu(), E, num_rows=n).row_id_map)
+
+
 def test_many_experts_per_token():
     # k = E = 64: the backward's shared memory holds num_warps * k partial sums
     check_combine(64, 512, 64, 64, torch.bfloat16, device=CUDA, scale=0.5)

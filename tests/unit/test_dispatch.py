@@ -31,32 +31,43 @@ def random_topk(T: int, k: int, E: int, device="cpu", experts=None, seed=0) -> t
     return pool[pick].to(device)
 
 
-def check_dispatch(T, d, k, E, dtype, device="cpu", experts=None, seed=0) -> dict:
+def routed(T, k, E, device="cpu", experts=None, seed=0, drop=0.0) -> D.Routing:
+    """make_routing of random_topk, with a fraction `drop` of the copies dropped (expert id -1)."""
+    idx = random_topk(T, k, E, device, experts, seed)
+    if not drop:
+        return D.make_routing(idx, E)
+    g = torch.Generator().manual_seed(seed + 1)
+    dropped = (torch.rand(T, k, generator=g) < drop).to(device)
+    idx = idx.masked_fill(dropped, -1)
+    return D.make_routing(idx, E, num_rows=int((~dropped).sum()))
+
+
+def check_dispatch(T, d, k, E, dtype, device="cpu", experts=None, seed=0, drop=0.0) -> dict:
     """dispatch forward (exact: it is a copy) and grad_x against the float64 reference."""
     torch.manual_seed(seed)
-    routing = D.make_routing(random_topk(T, k, E, device, experts, seed), E)
+    routing = routed(T, k, E, device, experts, seed, drop)
     x = torch.randn(T, d, device=device).to(dtype).requires_grad_()
     out = D.dispatch(x, routing)
-    assert out.dtype == dtype and out.shape == (T * k, d)
+    assert out.dtype == dtype and out.shape == (routing.num_rows, d)
     x64 = x.detach().double().requires_grad_()
     ref = D.dispatch_reference(x64, routing)
     assert torch.equal(out.double(), ref), "dispatch must copy rows exactly"
-    g = torch.randn(T * k, d, device=device).to(dtype)
+    g = torch.randn(routing.num_rows, d, device=device).to(dtype)
     (gx,) = torch.autograd.grad(out, x, g)
     (gx_ref,) = torch.autograd.grad(ref, x64, g.double())
     assert gx.dtype == dtype
     errs = {"fwd": rel_err(out, ref), "grad_x": rel_err(gx, gx_ref)}
-    print(f"dispatch {device} {dtype} T={T} d={d} k={k} E={E}: " + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()))
+    print(f"dispatch {device} {dtype} T={T} d={d} k={k} E={E} drop={drop}: " + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()))
     assert errs["grad_x"] < TOL[dtype], errs
     return errs
 
 
 def check_combine(T, d, k, E, dtype, device="cpu", score_dtype=torch.float32, with_scores=True, scale=1.0,
-                  experts=None, seed=0) -> dict:
+                  experts=None, seed=0, drop=0.0) -> dict:
     """combine forward and grads of y and scores against the float64 reference."""
     torch.manual_seed(seed)
-    routing = D.make_routing(random_topk(T, k, E, device, experts, seed), E)
-    y = torch.randn(T * k, d, device=device).to(dtype).requires_grad_()
+    routing = routed(T, k, E, device, experts, seed, drop)
+    y = torch.randn(routing.num_rows, d, device=device).to(dtype).requires_grad_()
     scores = torch.rand(T, k, device=device).to(score_dtype).requires_grad_() if with_scores else None
     out = D.combine(y, routing, scores, scale)
     assert out.dtype == dtype and out.shape == (T, d)
@@ -72,8 +83,10 @@ def check_combine(T, d, k, E, dtype, device="cpu", score_dtype=torch.float32, wi
     if with_scores:
         assert grads[1].dtype == score_dtype
         errs["grad_scores"] = rel_err(grads[1], grads64[1])
+        if drop:  # a dropped copy's score has no effect: its gradient is exactly zero
+            assert not grads[1].reshape(-1)[routing.row_id_map < 0].any()
     print(f"combine {device} {dtype} scores={score_dtype if with_scores else None} scale={scale} "
-          f"T={T} d={d} k={k} E={E}: " + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()))
+          f"T={T} d={d} k={k} E={E} drop={drop}: " + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()))
     # bf16 scores round the weights themselves: bound by the coarser of the two dtypes
     tol = max(TOL[dtype], TOL[score_dtype]) if with_scores else TOL[dtype]
     assert all(e < tol for e in errs.values()), errs
@@ -105,6 +118,33 @@ def test_dispatch_matches_reference(shape, dtype):
 def test_combine_matches_reference(shape, dtype):
     check_combine(*shape, dtype, scale=1.0)
     check_combine(*shape, dtype, scale=0.37)
+
+
+@pytest.mark.parametrize("drop", [0.3, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T%d-d%d-k%d-E%d" % s)
+def test_dropped_copies(shape, dtype, drop):
+    """Copies with expert id -1 (the expert-parallel layer's "served by another rank")."""
+    check_dispatch(*shape, dtype, drop=drop)
+    check_combine(*shape, dtype, scale=0.37, drop=drop)
+    check_combine(*shape, dtype, with_scores=False, drop=drop)
+
+
+def test_dropped_copies_routing():
+    idx = torch.tensor([[2, -1], [-1, 0], [2, 1], [-1, -1]])
+    r = D.make_routing(idx, 3, num_rows=4)
+    ref = D.make_routing_reference(idx, 3, num_rows=4)
+    # stable: expert 0 gets copy (1,1), expert 1 copy (2,1), expert 2 copies (0,0) then (2,0)
+    assert r.row_id_map.tolist() == [2, -1, -1, 0, 3, 1, -1, -1] == ref.row_id_map.tolist()
+    assert r.tokens_per_expert.tolist() == [1, 1, 2] == ref.tokens_per_expert.tolist()
+    with pytest.raises(ValueError, match="num_rows=3 but topk_idx keeps 4"):
+        D.make_routing(idx, 3, num_rows=3)
+    with pytest.raises(ValueError, match="-1 \\(dropped, with num_rows\\)"):
+        D.make_routing(idx, 3)  # without num_rows, -1 is not an expert
+    with pytest.raises(ValueError, match="num_rows=9 must be in"):
+        D.make_routing(idx, 3, num_rows=9)
+    with pytest.raises(RuntimeError, match="num_rows must be -1"):
+        torch.ops.megamoe.permute(torch.randn(4, 8), r.row_id_map, 2, 9)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64])

@@ -9,6 +9,12 @@ expert-contiguous buffer, plus ``tokens_per_expert``. Then
 - :func:`combine`:  ``out[t] = sum_j scale * scores[t, j] * y[row_id_map[t*k+j]]``  ([T*k, d] -> [T, d])
   (a plain sum, without ``scale``, when ``scores`` is None: LLaMA-MoE's ``multiply_gate_scores=False``)
 
+Dropped copies: an expert id of -1 in ``topk_idx`` means copy (t, j) goes nowhere; pass
+``make_routing(..., num_rows=N)`` with N the number of kept copies (known to the caller without a
+host sync: the expert-parallel layer learns it from its count exchange). Dropped copies get
+``row_id_map = -1``, are not counted, are skipped by dispatch, add nothing in combine and get a
+zero score gradient. The expert-parallel layer marks the copies other ranks serve this way.
+
 Both are differentiable (w.r.t. x; y and scores). Sums are accumulated in fp32 (float64 for float64
 inputs) and written in the input's dtype; score gradients come back in the scores' dtype.
 
@@ -66,15 +72,19 @@ _KERNEL_MAX_COPIES = 65536
 class Routing:
     """Everything :func:`dispatch` and :func:`combine` need; tensors stay on the device."""
 
-    row_id_map: torch.Tensor  # [T*k] int32: row of copy t*k+j in the expert-sorted buffer
+    row_id_map: torch.Tensor  # [T*k] int32: row of copy t*k+j in the expert-sorted buffer, -1 if dropped
     tokens_per_expert: torch.Tensor  # [E] int64, on the device
     num_tokens: int
     topk: int
     num_experts: int
+    num_rows: int  # rows of the expert-sorted buffer: T*k less the dropped copies
 
 
-def make_routing(topk_idx: torch.Tensor, num_experts: int) -> Routing:
+def make_routing(topk_idx: torch.Tensor, num_experts: int, num_rows: Optional[int] = None) -> Routing:
     """Routing metadata for ``topk_idx [T, k]`` (expert ids in [0, num_experts)), on its device.
+
+    With ``num_rows`` (the number of copies that are not -1), expert id -1 marks a dropped copy;
+    without it, every copy must go to an expert.
 
     No host synchronisation. The extension's ``make_routing`` op (a stable counting sort; on CUDA one
     launch of one block) is used for up to ``megamoe._C.max_routing_experts`` experts and, on CUDA,
@@ -82,34 +92,37 @@ def make_routing(topk_idx: torch.Tensor, num_experts: int) -> Routing:
     of GPU time against ~75, one launch instead of ~10); otherwise :func:`make_routing_reference`,
     which gives the same result.
     """
-    _check_topk_idx(topk_idx, num_experts)
+    num_rows = _check_topk_idx(topk_idx, num_experts, num_rows)
     if (not HAVE_EXTENSION or num_experts > _MAX_KERNEL_EXPERTS
             or (topk_idx.device.type != "cpu" and topk_idx.numel() > _KERNEL_MAX_COPIES)):
-        return make_routing_reference(topk_idx, num_experts)
+        return make_routing_reference(topk_idx, num_experts, num_rows)
     row_id_map, tokens_per_expert = torch.ops.megamoe.make_routing(topk_idx, num_experts)
-    return Routing(row_id_map, tokens_per_expert, topk_idx.shape[0], topk_idx.shape[1], num_experts)
+    return Routing(row_id_map, tokens_per_expert, topk_idx.shape[0], topk_idx.shape[1], num_experts, num_rows)
 
 
-def make_routing_reference(topk_idx: torch.Tensor, num_experts: int) -> Routing:
+def make_routing_reference(topk_idx: torch.Tensor, num_experts: int, num_rows: Optional[int] = None) -> Routing:
     """:func:`make_routing` with torch ops: a stable sort, a scatter and a searchsorted.
 
     Also free of host synchronisation (CUDA's bincount would synchronise, and scatter_add's atomics
     are nondeterministic), but ~10 launches and a radix sort: slower than the kernel up to ~64K
     copies, faster beyond (the kernel uses one SM).
     """
-    _check_topk_idx(topk_idx, num_experts)
+    num_rows = _check_topk_idx(topk_idx, num_experts, num_rows)
     T, k = topk_idx.shape
     flat = topk_idx.reshape(-1)
     n, dev = flat.numel(), flat.device
-    sorted_experts, order = torch.sort(flat, stable=True)  # order[p] = copy placed at row p
+    sorted_experts, order = torch.sort(flat, stable=True)  # order[p] = copy placed at row p; dropped (-1) first
+    # ends[e+1] = copies with expert <= e; ends[0] = the dropped copies, which sort before row 0
+    ends = torch.searchsorted(sorted_experts, torch.arange(-1, num_experts, dtype=flat.dtype, device=dev), right=True)
+    tokens_per_expert = torch.diff(ends)
+    rows = torch.arange(n, dtype=torch.int32, device=dev) - ends[0].to(torch.int32)
     row_id_map = torch.empty(n, dtype=torch.int32, device=dev)
-    row_id_map.scatter_(0, order, torch.arange(n, dtype=torch.int32, device=dev))  # inverse permutation
-    ends = torch.searchsorted(sorted_experts, torch.arange(num_experts, dtype=flat.dtype, device=dev), right=True)
-    tokens_per_expert = torch.diff(ends, prepend=ends.new_zeros(1))
-    return Routing(row_id_map, tokens_per_expert, T, k, num_experts)
+    row_id_map.scatter_(0, order, rows.clamp_(min=-1))  # inverse permutation; dropped copies get -1
+    return Routing(row_id_map, tokens_per_expert, T, k, num_experts, num_rows)
 
 
-def _check_topk_idx(topk_idx: torch.Tensor, num_experts: int) -> None:
+def _check_topk_idx(topk_idx: torch.Tensor, num_experts: int, num_rows: Optional[int]) -> int:
+    """Validates the arguments and returns the buffer's row count (T*k when num_rows is None)."""
     if topk_idx.dim() != 2:
         raise ValueError(f"topk_idx must be 2-D [tokens, k], got shape {tuple(topk_idx.shape)}")
     if topk_idx.dtype not in (torch.int64, torch.int32):
@@ -121,23 +134,34 @@ def _check_topk_idx(topk_idx: torch.Tensor, num_experts: int) -> None:
         raise ValueError("topk_idx has k = 0 experts per token")
     if T * k >= 2**31:
         raise ValueError(f"{T} tokens x k={k} rows do not fit the int32 row_id_map")
+    if num_rows is not None and not 0 <= num_rows <= T * k:
+        raise ValueError(f"num_rows={num_rows} must be in [0, {T * k}] (the kept copies of {T} tokens x k={k})")
     if topk_idx.device.type == "cpu" or os.environ.get(_DEBUG_ENV) == "1":
-        _check_expert_range(topk_idx, num_experts)
+        _check_expert_range(topk_idx, num_experts, num_rows)
+    return T * k if num_rows is None else num_rows
 
 
-def _check_expert_range(topk_idx: torch.Tensor, num_experts: int) -> None:
+def _check_expert_range(topk_idx: torch.Tensor, num_experts: int, num_rows: Optional[int]) -> None:
     if topk_idx.numel() == 0:
         return
-    lo, hi = topk_idx.min().item(), topk_idx.max().item()  # syncs on CUDA: CPU or debug flag only
-    bad = lo if lo < 0 else hi if hi >= num_experts else None
-    if bad is not None:
-        raise ValueError(f"topk_idx holds expert index {bad}, outside [0, {num_experts})")
+    # syncs on CUDA: CPU or debug flag only
+    kept = topk_idx != -1 if num_rows is not None else torch.ones_like(topk_idx, dtype=torch.bool)
+    ids = topk_idx[kept]
+    if ids.numel():
+        lo, hi = ids.min().item(), ids.max().item()
+        bad = lo if lo < 0 else hi if hi >= num_experts else None
+        if bad is not None:
+            allowed = f"[0, {num_experts}) or -1 (dropped, with num_rows)"
+            raise ValueError(f"topk_idx holds expert index {bad}, outside {allowed}")
+    if num_rows is not None and ids.numel() != num_rows:
+        raise ValueError(f"num_rows={num_rows} but topk_idx keeps {ids.numel()} copies (ids other than -1)")
 
 
 def _check_rows(name: str, t: torch.Tensor, rows: int, routing: Routing) -> None:
     if t.dim() != 2 or t.shape[0] != rows:
         raise ValueError(f"{name} must have shape [{rows}, hidden] for this routing "
-                         f"(T={routing.num_tokens}, k={routing.topk}), got {tuple(t.shape)}")
+                         f"(T={routing.num_tokens}, k={routing.topk}, {routing.num_rows} rows), "
+                         f"got {tuple(t.shape)}")
     if not t.is_floating_point():
         raise ValueError(f"{name} must be floating point, got {t.dtype}")
     if t.device != routing.row_id_map.device:
@@ -156,10 +180,10 @@ def _check_scores(scores: torch.Tensor, routing: Routing) -> None:
 
 class _Permute(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, row_id_map, topk):
+    def forward(ctx, x, row_id_map, topk, num_rows):
         ctx.save_for_backward(row_id_map)
         ctx.topk = topk
-        return torch.ops.megamoe.permute(x, row_id_map, topk)
+        return torch.ops.megamoe.permute(x, row_id_map, topk, num_rows)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -167,7 +191,7 @@ class _Permute(torch.autograd.Function):
         (row_id_map,) = ctx.saved_tensors
         # grad_x[t] = sum_j grad_out[row_id_map[t*k+j]]: an unweighted unpermute
         grad_x = torch.ops.megamoe.unpermute(grad_out.contiguous(), row_id_map, None, ctx.topk, 1.0)
-        return grad_x, None, None
+        return grad_x, None, None, None
 
 
 class _Unpermute(torch.autograd.Function):
@@ -177,7 +201,7 @@ class _Unpermute(torch.autograd.Function):
             ctx.save_for_backward(row_id_map)
         else:
             ctx.save_for_backward(row_id_map, y, scores)  # y is needed for the scores' gradient
-        ctx.topk, ctx.scale, ctx.weighted = topk, scale, scores is not None
+        ctx.topk, ctx.scale, ctx.weighted, ctx.num_rows = topk, scale, scores is not None, y.shape[0]
         return torch.ops.megamoe.unpermute(y, row_id_map, scores, topk, scale)
 
     @staticmethod
@@ -187,7 +211,8 @@ class _Unpermute(torch.autograd.Function):
         if not ctx.weighted:
             (row_id_map,) = ctx.saved_tensors
             # grad_y[row_id_map[t*k+j]] = grad_out[t]: a permute
-            return torch.ops.megamoe.permute(grad_out, row_id_map, ctx.topk), None, None, None, None
+            return (torch.ops.megamoe.permute(grad_out, row_id_map, ctx.topk, ctx.num_rows),
+                    None, None, None, None)
         row_id_map, y, scores = ctx.saved_tensors
         grad_y, grad_scores = torch.ops.megamoe.unpermute_backward(grad_out, y, row_id_map, scores, ctx.topk,
                                                                    ctx.scale)
@@ -195,21 +220,21 @@ class _Unpermute(torch.autograd.Function):
 
 
 def dispatch(x: torch.Tensor, routing: Routing) -> torch.Tensor:
-    """[T, d] -> [T*k, d] expert-contiguous rows: ``out[row_id_map[t*k+j]] = x[t]``. Differentiable."""
+    """[T, d] -> [num_rows, d] expert-contiguous rows: ``out[row_id_map[t*k+j]] = x[t]``. Differentiable."""
     _check_rows("x", x, routing.num_tokens, routing)
     if not HAVE_EXTENSION:
         return dispatch_reference(x, routing)
-    return _Permute.apply(x, routing.row_id_map, routing.topk)
+    return _Permute.apply(x, routing.row_id_map, routing.topk, routing.num_rows)
 
 
 def combine(y: torch.Tensor, routing: Routing, scores: Optional[torch.Tensor] = None,
             scale: float = 1.0) -> torch.Tensor:
-    """[T*k, d] -> [T, d]: ``out[t] = sum_j scale * scores[t, j] * y[row_id_map[t*k+j]]``.
+    """[num_rows, d] -> [T, d]: ``out[t] = sum_j scale * scores[t, j] * y[row_id_map[t*k+j]]``.
 
     With ``scores=None`` a plain sum and ``scale`` is not applied (as LLaMA-MoE does with
     multiply_gate_scores=False). Differentiable w.r.t. y and scores; the output has y's dtype.
     """
-    _check_rows("y", y, routing.num_tokens * routing.topk, routing)
+    _check_rows("y", y, routing.num_rows, routing)
     if scores is not None:
         _check_scores(scores, routing)
     if not HAVE_EXTENSION:
@@ -226,19 +251,22 @@ def _token_of_copy(routing: Routing, device: torch.device) -> torch.Tensor:
 
 def dispatch_reference(x: torch.Tensor, routing: Routing) -> torch.Tensor:
     """:func:`dispatch` as index_select + index_copy (differentiable through autograd)."""
-    rows = x.index_select(0, _token_of_copy(routing, x.device))  # [T*k, d] in copy order
-    return torch.zeros_like(rows).index_copy(0, routing.row_id_map.long(), rows)
+    kept = torch.nonzero(routing.row_id_map >= 0).squeeze(1)
+    rows = x.index_select(0, _token_of_copy(routing, x.device)[kept])  # kept copies, in copy order
+    out = rows.new_zeros(routing.num_rows, x.shape[1])
+    return out.index_copy(0, routing.row_id_map.long()[kept], rows)
 
 
 def combine_reference(y: torch.Tensor, routing: Routing, scores: Optional[torch.Tensor] = None,
                       scale: float = 1.0) -> torch.Tensor:
     """:func:`combine` as index_select + index_add, accumulated in fp32 (float64 for float64 y)."""
     acc = torch.float64 if y.dtype == torch.float64 else torch.float32
-    rows = y.index_select(0, routing.row_id_map.long()).to(acc)  # [T*k, d] in copy order
+    kept = torch.nonzero(routing.row_id_map >= 0).squeeze(1)
+    rows = y.index_select(0, routing.row_id_map.long()[kept]).to(acc)  # kept copies, in copy order
     if scores is not None:
-        rows = rows * (scale * scores.to(acc)).reshape(-1, 1)
+        rows = rows * (scale * scores.to(acc)).reshape(-1)[kept].reshape(-1, 1)
     out = torch.zeros(routing.num_tokens, y.shape[1], dtype=acc, device=y.device)
-    return out.index_add(0, _token_of_copy(routing, y.device), rows).to(y.dtype)
+    return out.index_add(0, _token_of_copy(routing, y.device)[kept], rows).to(y.dtype)
 
 
 # --- shapes for FakeTensor / torch.compile tracing ----------------------------------------------
@@ -249,8 +277,8 @@ def _register_fakes() -> None:
     def make_routing_fake(topk_idx, num_experts):
         return topk_idx.new_empty(topk_idx.numel(), dtype=torch.int32), topk_idx.new_empty(num_experts, dtype=torch.int64)
 
-    def permute_fake(x, row_id_map, topk):
-        return x.new_empty(row_id_map.shape[0], x.shape[1])
+    def permute_fake(x, row_id_map, topk, num_rows=-1):
+        return x.new_empty(row_id_map.shape[0] if num_rows == -1 else num_rows, x.shape[1])
 
     def unpermute_fake(y, row_id_map, scores, topk, scale):
         return y.new_empty(row_id_map.shape[0] // topk, y.shape[1])

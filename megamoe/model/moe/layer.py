@@ -8,7 +8,8 @@ Parallelism inside the layer:
   parallelism, so those are a 1/TP shard of the sequence; importance and load are summed over the
   TP group before the balance loss, so the loss equals the single-process one.
 - Experts are sharded over megatron-core's expert-model-parallel group (E / EP local experts,
-  not tensor-parallel); dispatched rows travel to their expert's rank by all-to-all and back.
+  not tensor-parallel); each token travels by all-to-all once to each rank serving any of its
+  experts, and comes back as one row per rank (expert_parallel.py).
 - The balance loss reaches the gradients through :class:`AuxLossInjector` (added to the LM
   loss's gradient at this layer's output), so it needs no plumbing through pipeline stages.
 """
@@ -21,8 +22,9 @@ from torch import nn
 
 from ... import parallel
 from ...config import MoEConfig
-from ...parallel.mcore import MegatronModule, TransformerConfig, all_to_all, reduce_from_tensor_model_parallel_region
+from ...parallel.mcore import MegatronModule, TransformerConfig, reduce_from_tensor_model_parallel_region
 from . import dispatch as _dispatch
+from .expert_parallel import exchange
 from .experts import GroupedSwiGLUExperts
 from .gates import build_gate
 from . import stats
@@ -87,48 +89,14 @@ class LlamaMoEMLP(MegatronModule):
             reduce_fn = lambda t: reduce_from_tensor_model_parallel_region(t, group=group)  # noqa: E731
         g = self.gate(x, reduce_fn=reduce_fn)
         stats.record(self.layer_index, g)
-        routing = _dispatch.make_routing(g.topk_idx, self.num_experts)
-        rows = _dispatch.dispatch(x, routing)
-        if self.ep_size > 1:
-            out_rows = self._experts_across_ranks(rows, routing.tokens_per_expert)
-        else:
-            out_rows = self.experts(rows, routing.tokens_per_expert)
         scores = g.topk_scores if self.moe.multiply_gate_scores else None
-        y = _dispatch.combine(out_rows, routing, scores, self.scale)
+        if self.ep_size > 1:
+            y = exchange(x, g.topk_idx, scores, self.scale, self.experts, parallel.ep_group(), self.ep_rank,
+                         self.num_local)
+        else:
+            routing = _dispatch.make_routing(g.topk_idx, self.num_experts)
+            out_rows = self.experts(_dispatch.dispatch(x, routing), routing.tokens_per_expert)
+            y = _dispatch.combine(out_rows, routing, scores, self.scale)
         if self.training and g.balance_loss.requires_grad:
             y = AuxLossInjector.apply(y, g.balance_loss)
         return y.view(shape), None
-
-    def _experts_across_ranks(self, rows: torch.Tensor, tokens_per_expert: torch.Tensor):
-        """All-to-all the expert-sorted rows to the ranks owning their experts, and back."""
-        group, ep, n_local = parallel.ep_group(), self.ep_size, self.num_local
-        # counts[r, j]: rows this rank sends to expert j of rank r; gathered: what each rank sends us
-        counts = tokens_per_expert.view(ep, n_local)
-        recv_counts = torch.empty_like(counts)
-        torch.distributed.all_to_all_single(recv_counts, counts, group=group)
-        send_splits = counts.sum(1).tolist()
-        recv_counts_host = recv_counts.tolist()  # one host sync per layer
-        recv_splits = [sum(c) for c in recv_counts_host]
-        received = all_to_all(group, rows, recv_splits, send_splits)
-        # received is [source rank][local expert]; experts want [local expert][source rank]
-        order, chunk_sizes = _regroup(recv_counts_host, ep, n_local)
-        chunks = received.split(chunk_sizes)
-        by_expert = torch.cat([chunks[i] for i in order])
-        per_expert = torch.tensor([sum(recv_counts_host[r][j] for r in range(ep)) for j in range(n_local)],
-                                  device=rows.device)
-        out = self.experts(by_expert, per_expert)
-        # undo the regrouping, then send rows home
-        sizes_by_expert = [chunk_sizes[i] for i in order]
-        back = out.split(sizes_by_expert)
-        inverse = [0] * len(order)
-        for pos, i in enumerate(order):
-            inverse[i] = pos
-        out_by_source = torch.cat([back[inverse[i]] for i in range(len(order))])
-        return all_to_all(group, out_by_source, send_splits, recv_splits)
-
-
-def _regroup(recv_counts, ep, n_local):
-    """Chunk order turning [source][expert] into [expert][source]; chunk i = source*n_local+expert."""
-    chunk_sizes = [recv_counts[r][j] for r in range(ep) for j in range(n_local)]
-    order = [r * n_local + j for j in range(n_local) for r in range(ep)]
-    return order, chunk_sizes
