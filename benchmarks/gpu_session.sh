@@ -2,7 +2,7 @@
 # Everything GPU-side in one command, for a lent GPU machine with a bare image (the device tool)
 # or any CUDA host:   bash benchmarks/gpu_session.sh STAGE...
 # Stages: setup (wheels from .whl/ if present, build megamoe._C with CUDA), tests (GPU tests),
-# dispatch, layer, profile, train (benchmarks), multigpu (pytest -m multigpu: all), multigpu4 (its
+# dispatch, exchange, layer, profile, train (benchmarks), multigpu (pytest -m multigpu: all), multigpu4 (its
 # 4-GPU layouts), resume (its resume-at-another-layout tests), scaling.
 # Logs go to $OUT (default ./gpu_out). NVLink multicast stays off.
 set -u
@@ -19,16 +19,21 @@ for stage in "$@"; do
         $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl > "$OUT/pip.log" 2>&1 || { echo "pip failed"; tail "$OUT/pip.log"; exit 1; }
       fi
       $py -c "import torch; print('torch', torch.__version__, 'gpus', torch.cuda.device_count(), torch.cuda.get_device_name())"
-      if [ -f .gpu/_C.so ]; then cp .gpu/_C.so megamoe/_C.cpython-312-x86_64-linux-gnu.so; fi
+      # a carried .gpu/_C.so is used only if it was built from these sources (.gpu/_C.sha)
+      src_sha=$(cat csrc/* setup.py | sha256sum | cut -c1-16)
+      so=megamoe/_C.cpython-312-x86_64-linux-gnu.so
+      if [ -f .gpu/_C.so ] && [ "$(cat .gpu/_C.sha 2>/dev/null)" = "$src_sha" ]; then cp .gpu/_C.so $so
+      elif [ "$(cat megamoe/_C.sha 2>/dev/null)" != "$src_sha" ]; then rm -f $so; fi
       $py -c "import megamoe._C as c; assert c.with_cuda" 2>/dev/null || {
         # the image's /opt/gcc wrapper builds an extension that segfaults: use the system compiler
         CXX=/usr/bin/g++ CC=/usr/bin/gcc TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 $py setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { echo "build failed"; tail -30 "$OUT/build.log"; exit 1; }
-        cp megamoe/_C*.so "$OUT/_C.so"; }
+        echo "built megamoe._C ($src_sha)"; cp $so "$OUT/_C.so"; echo "$src_sha" | tee megamoe/_C.sha > "$OUT/_C.sha"; }
       ;;
     tests) $py -m pytest -q -p no:cacheprovider --tb=short tests/gpu tests/unit/test_dispatch.py tests/unit/test_grouped_swiglu.py > "$OUT/tests.log" 2>&1
            grep -E "passed|failed|^E |Error" "$OUT/tests.log" | tail -25 ;;
     layer) $py benchmarks/moe_layer.py > "$OUT/layer.log" 2>&1; grep -E "^ *[0-9#]|tokens" "$OUT/layer.log" ;;
     profile) $py benchmarks/moe_layer.py --profile --tokens 4096 8192 --topk 4 > "$OUT/profile.log" 2>&1; grep -E "^##|host sync|CPU time|^  " "$OUT/profile.log" | head -20 ;;
+    exchange) $py benchmarks/ep_exchange.py > "$OUT/exchange.log" 2>&1; grep -E "^ *[0-9#]|Error" "$OUT/exchange.log" ;;
     dispatch) $py benchmarks/dispatch.py > "$OUT/dispatch.log" 2>&1; grep -E "^ *[a-z#]" "$OUT/dispatch.log" | grep -v -i warn ;;
     train) $py benchmarks/train_step.py > "$OUT/train.log" 2>&1; grep -E "^ *(#|model|moe|dense)|Error" "$OUT/train.log" | tail -8 ;;
     multigpu) $py -m pytest -q -s -p no:cacheprovider --tb=short -m multigpu tests/multigpu > "$OUT/multigpu.log" 2>&1
