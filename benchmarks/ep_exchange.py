@@ -11,8 +11,11 @@ at d=4096 in bf16 including the 32-byte metadata row that travels along.
 Table 2 (CUDA): forward+backward of one MoE FFN (LLaMA-MoE-3.5B: d=4096, 16 experts of 688
 neurons, bf16) through the plain single-GPU path and through exchange() in a world of one rank
 (NCCL), so the difference is the exchange's own local work: the send plan, two routings, the
-extra permute/combine pair, the count all-to-all and its host sync. It excludes the network time,
-which needs several GPUs (benchmarks/scaling.py).
+extra permute/combine pair, the count all-to-all and its host sync, and the all-to-all's copies
+(local at one rank). "before" is the previous exchange, one row per (token, expert): dispatch,
+all-to-all, regroup by expert, experts, regroup back, all-to-all, combine (per_copy_exchange
+below, kept here for this comparison). It excludes the network time, which needs several GPUs
+(benchmarks/scaling.py).
 """
 from __future__ import annotations
 
@@ -47,6 +50,35 @@ def rows_table(tokens: int, hidden: int) -> None:
                   f"{1 - kb_now / kb_before:>7.0%}")
 
 
+def per_copy_exchange(x, idx, scores, scale, experts, group, num_experts):
+    """The previous EP path (git history of layer.py), one row per (token, expert)."""
+    from megamoe.model.moe import dispatch as D
+    from megamoe.parallel.mcore import all_to_all
+
+    ep = torch.distributed.get_world_size(group)
+    n_local = num_experts // ep
+    routing = D.make_routing(idx, num_experts)
+    rows = D.dispatch(x, routing)
+    counts = routing.tokens_per_expert.view(ep, n_local)
+    recv_counts = torch.empty_like(counts)
+    torch.distributed.all_to_all_single(recv_counts, counts, group=group)
+    send_splits = counts.sum(1).tolist()
+    recv = recv_counts.tolist()
+    recv_splits = [sum(c) for c in recv]
+    received = all_to_all(group, rows, recv_splits, send_splits)
+    sizes = [recv[r][j] for r in range(ep) for j in range(n_local)]
+    order = [r * n_local + j for j in range(n_local) for r in range(ep)]
+    chunks = received.split(sizes)
+    per_expert = torch.tensor([sum(recv[r][j] for r in range(ep)) for j in range(n_local)], device=x.device)
+    out = experts(torch.cat([chunks[i] for i in order]), per_expert)
+    back = out.split([sizes[i] for i in order])
+    inverse = [0] * len(order)
+    for pos, i in enumerate(order):
+        inverse[i] = pos
+    out_by_source = torch.cat([back[inverse[i]] for i in range(len(order))])
+    return D.combine(all_to_all(group, out_by_source, send_splits, recv_splits), routing, scores, scale)
+
+
 def local_cost_table(tokens_list, topk_list, hidden: int) -> None:
     from megamoe.model.moe import dispatch as D
     from megamoe.model.moe.expert_parallel import exchange
@@ -61,7 +93,7 @@ def local_cost_table(tokens_list, topk_list, hidden: int) -> None:
     experts = GroupedSwiGLUExperts(hidden, [size] * E, dtype=dt, device=dev)
     print(f"\n# one MoE FFN fwd+bwd, d={hidden}, {E} experts x {size}, bf16, {torch.cuda.get_device_name()}; "
           "exchange() in a world of one rank")
-    header = f"{'T':>6}{'k':>3}{'plain ms':>10}{'exchange ms':>13}{'extra ms':>10}{'extra':>7}"
+    header = f"{'T':>6}{'k':>3}{'plain ms':>10}{'before ms':>11}{'extra':>7}{'now ms':>8}{'extra':>7}"
     print(header)
     print("-" * len(header))
     for T in tokens_list:
@@ -80,8 +112,11 @@ def local_cost_table(tokens_list, topk_list, hidden: int) -> None:
             def exchanged():
                 exchange(x, idx, scores, 1.0, experts, group, 0, E).backward(g)
 
-            a, b = timed(plain), timed(exchanged)
-            print(f"{T:>6}{k:>3}{a:>10.3f}{b:>13.3f}{b - a:>10.3f}{(b - a) / a:>7.0%}")
+            def before():
+                per_copy_exchange(x, idx, scores, 1.0, experts, group, E).backward(g)
+
+            a, b, c = timed(plain), timed(before), timed(exchanged)
+            print(f"{T:>6}{k:>3}{a:>10.3f}{b:>11.3f}{(b - a) / a:>7.0%}{c:>8.3f}{(c - a) / a:>7.0%}")
     torch.distributed.destroy_process_group()
 
 

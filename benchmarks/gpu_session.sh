@@ -7,7 +7,7 @@
 # Logs go to $OUT (default ./gpu_out). NVLink multicast stays off.
 set -u
 OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export LC_ALL=C PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor-cache}
 py=python3
@@ -20,11 +20,12 @@ for stage in "$@"; do
       fi
       $py -c "import torch; print('torch', torch.__version__, 'gpus', torch.cuda.device_count(), torch.cuda.get_device_name())"
       # a carried .gpu/_C.so is used only if it was built from these sources (.gpu/_C.sha)
-      src_sha=$(cat csrc/* setup.py | sha256sum | cut -c1-16)
+      src_sha=$(cat csrc/*.h csrc/*.cpp csrc/*.cu setup.py | sha256sum | cut -c1-16)
       so=megamoe/_C.cpython-312-x86_64-linux-gnu.so
       if [ -f .gpu/_C.so ] && [ "$(cat .gpu/_C.sha 2>/dev/null)" = "$src_sha" ]; then cp .gpu/_C.so $so
       elif [ "$(cat megamoe/_C.sha 2>/dev/null)" != "$src_sha" ]; then rm -f $so; fi
-      $py -c "import megamoe._C as c; assert c.with_cuda" 2>/dev/null || {
+      $py -c "import megamoe._C as c; assert c.with_cuda, 'built without CUDA'" 2> "$OUT/import.log" || {
+        echo "building megamoe._C: $(tail -1 "$OUT/import.log")"
         # the image's /opt/gcc wrapper builds an extension that segfaults: use the system compiler
         CXX=/usr/bin/g++ CC=/usr/bin/gcc TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 $py setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { echo "build failed"; tail -30 "$OUT/build.log"; exit 1; }
         echo "built megamoe._C ($src_sha)"; cp $so "$OUT/_C.so"; echo "$src_sha" | tee megamoe/_C.sha > "$OUT/_C.sha"; }

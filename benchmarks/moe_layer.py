@@ -136,7 +136,8 @@ def main():
             ms = timed(moe_step)
             ms_a = timed(dense_step(active))
             ms_f = timed(dense_step(full))
-            g_moe = graphed_ms(lambda inp: layer(inp)[0], list(layer.parameters()), x, g)
+            used = [p for p in layer.parameters() if p.grad is not None]  # graphs take only differentiated ones
+            g_moe = graphed_ms(lambda inp: layer(inp)[0], used, x, g)
             g_a = graphed_ms(lambda inp: active(inp.view(t, d)).view_as(inp), active.weights, x, g)
             flops = 6 * t * k * 3 * d * (ffn // e)
             print(f"{t:>7} {k:>2} {ms:>8.2f} {ms_eager:>9.2f} {flops / ms / 1e9:>8.1f} {ms_a:>17.2f} "

@@ -42,7 +42,7 @@ def test_layer_cuda_matches_cpu(world1):
     x = torch.randn(64, 2, 128)
     res = []
     for layer, dev in ((cpu, "cpu"), (gpu, "cuda")):
-        xi = x.to(dev).requires_grad_()
+        xi = x.to(dev).detach().requires_grad_()  # a leaf on each device (x.to("cpu") is x itself)
         y, _ = layer(xi)
         (y * y).sum().backward()
         # weight_noise gets no gradient with gate_add_noise=False: compare the ones that do
