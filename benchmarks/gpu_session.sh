@@ -24,7 +24,7 @@ for stage in "$@"; do
       so=megamoe/_C.cpython-312-x86_64-linux-gnu.so
       if [ -f .gpu/_C.so ] && [ "$(cat .gpu/_C.sha 2>/dev/null)" = "$src_sha" ]; then cp .gpu/_C.so $so
       elif [ "$(cat megamoe/_C.sha 2>/dev/null)" != "$src_sha" ]; then rm -f $so; fi
-      $py -c "import megamoe._C as c; assert c.with_cuda, 'built without CUDA'" 2> "$OUT/import.log" || {
+      $py -c "import torch, megamoe._C as c; assert c.with_cuda, 'built without CUDA'" 2> "$OUT/import.log" || {
         echo "building megamoe._C: $(tail -1 "$OUT/import.log")"
         # the image's /opt/gcc wrapper builds an extension that segfaults: use the system compiler
         CXX=/usr/bin/g++ CC=/usr/bin/gcc TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 $py setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { echo "build failed"; tail -30 "$OUT/build.log"; exit 1; }
