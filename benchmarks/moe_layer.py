@@ -54,7 +54,13 @@ def graphed_ms(fn, params, x, g):
     try:
         mod = _Graphable(fn, params)
         xg = x.detach().clone().requires_grad_()
-        graphed = torch.cuda.make_graphed_callables(mod, (xg,), num_warmup_iters=3)
+        # allow_unused_input: capture stopped on "a differentiated tensor not used in the graph"
+        # (session 3); say which, from one eager pass
+        grads = torch.autograd.grad(mod(xg), (xg, *params), g, allow_unused=True)
+        unused = [i for i, t in enumerate(grads) if t is None]
+        if unused:
+            print(f"# graphed: no gradient for inputs {unused} (0 = x, i = params[i-1] of {len(params)})")
+        graphed = torch.cuda.make_graphed_callables(mod, (xg,), num_warmup_iters=3, allow_unused_input=True)
 
         def step():
             xg.grad = None
