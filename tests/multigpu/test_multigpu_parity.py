@@ -12,8 +12,6 @@ Skipped without enough GPUs (CI has none): run on the lent 2- and 4-GPU H200 mac
 """
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 
@@ -82,15 +80,6 @@ def train(setup, name, tp=1, pp=1, ep=1, gpus=1, precision="fp32", max_steps=STE
     return out
 
 
-def losses(out):
-    steps = {}
-    for line in open(os.path.join(out, "train_log.jsonl")):
-        r = json.loads(line)
-        if r["kind"] == "train":
-            steps[r["step"]] = r["loss"]
-    return [steps[s] for s in sorted(steps)]
-
-
 def worst_rel(a, b):
     assert len(a) == len(b), (len(a), len(b))
     return max(abs(x - y) / abs(y) for x, y in zip(a, b))
@@ -104,7 +93,7 @@ class _Reference(dict):
         self.setup = setup
 
     def __missing__(self, precision):
-        self[precision] = losses(train(self.setup, "single", precision=precision))
+        self[precision] = F.train_losses(train(self.setup, "single", precision=precision))
         return self[precision]
 
 
@@ -117,7 +106,7 @@ def reference(setup):
 @pytest.mark.parametrize("name,tp,pp,ep,gpus", [pytest.param(*lay, marks=_needs(lay[-1])) for lay in LAYOUTS],
                          ids=[lay[0] for lay in LAYOUTS])
 def test_layout_matches_single_gpu(setup, reference, name, tp, pp, ep, gpus, precision):
-    got = losses(train(setup, name, tp, pp, ep, gpus, precision))
+    got = F.train_losses(train(setup, name, tp, pp, ep, gpus, precision))
     ref = reference[precision]
     err = worst_rel(got, ref)
     print(f"{name} {precision}: worst relative loss difference over {STEPS} steps {err:.2e} "
@@ -139,10 +128,10 @@ def test_resume_at_another_layout(setup, reference, tmp_path, first, second):
     # the schedule must be that of a 20-step run: ask for 20, stop after saving at 10
     train(setup, first[0], *first[1:], out=out, save_steps=half, exit_interval=half,
           use_distributed_optimizer="true")
-    first_half = losses(out)
+    first_half = F.train_losses(out)
     assert len(first_half) == half
     train(setup, second[0], *second[1:], out=out, use_distributed_optimizer="true")
-    got = losses(out)
+    got = F.train_losses(out)
     err = worst_rel(got, reference["fp32"])
     print(f"{first[0]} -> {second[0]}: worst relative loss difference {err:.2e}")
     assert err < TOL["fp32"], (got, reference["fp32"])

@@ -6,6 +6,7 @@ is a megamoe checkpoint of a random tiny model (hidden 64, 2 layers), and runs g
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -125,3 +126,19 @@ def train_argv(pretrained: str, data: str, valid: str, out: str, **flags) -> lis
 def run_train(argv: list, timeout: float = 300, **env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "megamoe.train", *argv], cwd=ROOT,
                           env=clean_env(**env), capture_output=True, text=True, timeout=timeout)
+
+
+def log_records(out: str, kind: str) -> dict:
+    """Per step, the last train_log.jsonl record of `kind` (a resumed run logs redone steps again)."""
+    recs = {}
+    for line in open(os.path.join(out, "train_log.jsonl")):
+        r = json.loads(line)
+        if r["kind"] == kind:
+            recs[r["step"]] = r
+    return recs
+
+
+def train_losses(out: str) -> list:
+    """The training loss of every step, in step order."""
+    recs = log_records(out, "train")
+    return [recs[s]["loss"] for s in sorted(recs)]

@@ -10,8 +10,6 @@ optimizer on GPUs.
 """
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 
@@ -34,27 +32,18 @@ def train(tiny, out, tp=1, pp=1, ep=1, procs=1, **flags):
     assert p.returncode == 0, f"tp={tp} pp={pp} ep={ep} failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
 
 
-def losses(out):
-    steps = {}
-    for line in open(os.path.join(out, "train_log.jsonl")):
-        r = json.loads(line)
-        if r["kind"] == "train":
-            steps[r["step"]] = r["loss"]
-    return [steps[s] for s in sorted(steps)]
-
-
 def test_resume_at_another_layout_each_leg(tiny, tmp_path):
     ref_out = str(tmp_path / "single")
     train(tiny, ref_out)
-    ref = losses(ref_out)
+    ref = F.train_losses(ref_out)
     assert len(ref) == STEPS
 
     out = str(tmp_path / "changing")
     legs = [dict(ep=2, procs=2), dict(pp=2, procs=2), dict(tp=2, procs=2), dict(procs=1)]
     for i, leg in enumerate(legs):
         train(tiny, out, save_steps=LEG, exit_interval=LEG, **leg)
-        assert len(losses(out)) == LEG * (i + 1), (leg, losses(out))
-    got = losses(out)
+        assert len(F.train_losses(out)) == LEG * (i + 1), (leg, F.train_losses(out))
+    got = F.train_losses(out)
     worst = max(abs(a - b) / abs(b) for a, b in zip(got, ref))
     print(f"EP=2 -> PP=2 -> TP=2 -> single, two steps each: losses {got}\n"
           f"single process: {ref}\nworst relative difference {worst:.2e}")

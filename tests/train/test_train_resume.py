@@ -25,16 +25,6 @@ def _argv(tiny, out, **kw):
     return F.train_argv(tiny.moe, tiny.data, tiny.valid, out, **flags)
 
 
-def _records(out, kind):
-    """Per step, the last record of `kind` (a resumed run logs the redone steps again)."""
-    recs = {}
-    for line in open(os.path.join(out, "train_log.jsonl")):
-        r = json.loads(line)
-        if r["kind"] == kind:
-            recs[r["step"]] = r
-    return recs
-
-
 def _wait_for_step(proc, out, step, timeout=240):
     log = os.path.join(out, "train_log.jsonl")
     t0 = time.time()
@@ -138,7 +128,7 @@ def test_resume_after_kill9_and_sigterm_is_exact(tiny, run_a):
     os.killpg(p.pid, signal.SIGKILL)
     assert p.wait() == -signal.SIGKILL
     assert not os.path.exists(os.path.join(out, f"checkpoint-{STEPS}"))
-    killed_at = max(_records(out, "train"))
+    killed_at = max(F.log_records(out, "train"))
     # 2. resume; SIGTERM later: checkpoint at the step boundary, exit 0
     p = subprocess.Popen(cmd, cwd=F.ROOT, env=F.clean_env(), stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)
@@ -155,12 +145,12 @@ def test_resume_after_kill9_and_sigterm_is_exact(tiny, run_a):
     r = F.run_train(argv)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resuming from {os.path.join(out, f'checkpoint-{stop_step}')}" in r.stdout
-    a, b = _records(ref, "train"), _records(out, "train")
+    a, b = F.log_records(ref, "train"), F.log_records(out, "train")
     assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
     for s in a:  # bit for bit: the floats as logged (repr round-trips)
         for k in ("loss", "lm_loss", "balance_loss", "grad_norm", "lr"):
             assert a[s][k] == b[s][k], (s, k, a[s][k], b[s][k], killed_at, stop_step)
-    ea, eb = _records(ref, "eval"), _records(out, "eval")
+    ea, eb = F.log_records(ref, "eval"), F.log_records(out, "eval")
     assert sorted(ea) == sorted(eb)
     for s in ea:
         assert ea[s]["losses"] == eb[s]["losses"] and ea[s]["weights"] == eb[s]["weights"]
@@ -201,7 +191,7 @@ def test_exit_interval_stops_saves_and_resumes_exactly(tiny, run_a):
         stops += [x for x in r.stdout.splitlines() if "received --exit_interval 6" in x]
     assert len(stops) == 2 and "stopped at step 6 of 16" in stops[0] and "step 12 of 16" in stops[1]
     assert os.path.isdir(os.path.join(out, "checkpoint-6")) or os.path.isdir(os.path.join(out, "checkpoint-12"))
-    got, want = _records(out, "train"), _records(ref, "train")
+    got, want = F.log_records(out, "train"), F.log_records(ref, "train")
     assert sorted(got) == list(range(1, STEPS + 1))
     assert [got[s]["loss"] for s in sorted(got)] == [want[s]["loss"] for s in sorted(want)]
 
@@ -235,7 +225,7 @@ def test_unreadable_optimizer_state_stops_cleanly_and_load_optimizer_false_goes_
     r = F.run_train(_argv(tiny, out, load_optimizer="false"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "optimizer state of" in r.stdout + r.stderr and "not loaded" in r.stdout + r.stderr
-    got, want = _records(out, "train"), _records(ref, "train")
+    got, want = F.log_records(out, "train"), F.log_records(ref, "train")
     assert sorted(got) == list(range(1, STEPS + 1))
     first = STEPS - 3  # computed before any update with the fresh moments: the same loss
     assert got[first]["loss"] == want[first]["loss"]
