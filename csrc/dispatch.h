@@ -9,7 +9,8 @@
 // Dropped copies: an expert id of -1 (kDropped) in topk_idx means "copy (t, j) goes nowhere" (the
 // expert-parallel layer marks the copies that other ranks serve this way). make_routing gives them
 // row -1 and does not count them, so the buffer has N = T*k - (dropped) rows; every op skips them
-// (unpermute adds nothing, unpermute_backward gives them a zero score gradient).
+// (unpermute adds nothing, unpermute_backward gives them a zero score gradient). N must be the
+// number of kept copies: the CPU ops check it, the CUDA kernels assert that rows are below N.
 //
 //   permute(x[T,d], map, k, N)              -> out[N,d],  out[map[t*k+j]] = x[t]     (N = -1: T*k)
 //   unpermute(y[N,d], map, scores?, k, s)   -> out[T,d],  out[t] = sum_j s*scores[t,j]*y[map[t*k+j]]

@@ -20,13 +20,17 @@ int64_t token_grain(int64_t d, int64_t topk) {
 
 // The map comes from make_routing, but a bad one would write out of bounds. Checked once up front,
 // O(T*k) next to the O(T*k*d) copy, so that nothing throws inside the parallel loops. Rows are
-// -1 (dropped) or in [0, num_rows).
+// -1 (dropped) or in [0, num_rows), and the kept copies fill the buffer (no row left unwritten).
 void check_map_range(const at::Tensor& map, int64_t num_rows) {
   const int32_t* m = map.const_data_ptr<int32_t>();
+  int64_t kept = 0;
   for (int64_t i = 0; i < map.numel(); ++i) {
     TORCH_CHECK(m[i] == kDropped || (m[i] >= 0 && m[i] < num_rows), "megamoe: row_id_map[", i, "] = ", m[i],
                 " is out of range [0, ", num_rows, ") and not -1 (dropped)");
+    kept += m[i] != kDropped;
   }
+  TORCH_CHECK(kept == num_rows, "megamoe: row_id_map keeps ", kept, " copies but the buffer has ", num_rows,
+              " rows (num_rows must be the number of copies that are not dropped)");
 }
 
 }  // namespace

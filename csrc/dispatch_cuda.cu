@@ -170,12 +170,15 @@ __global__ void __launch_bounds__(kRoutingThreads)
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kMaxThreads)
     permute_kernel(const scalar_t* __restrict__ x, const int32_t* __restrict__ map, scalar_t* __restrict__ out,
-                   int64_t d, int k) {
+                   int64_t d, int k, int64_t num_rows) {
   using P = Pack<scalar_t, VEC>;
   const int64_t t = blockIdx.x;
   const int64_t nvec = d / VEC;
   const P* src = reinterpret_cast<const P*>(x + t * d);
   const int32_t* rows = map + t * k;
+  if (threadIdx.x == 0) {
+    for (int j = 0; j < k; ++j) CUDA_KERNEL_ASSERT(rows[j] < num_rows && "megamoe: row_id_map row >= num_rows");
+  }
   for (int64_t c = threadIdx.x; c < nvec; c += blockDim.x) {
     const P v = src[c];
     for (int j = 0; j < k; ++j) {
@@ -188,11 +191,15 @@ __global__ void __launch_bounds__(kMaxThreads)
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kMaxThreads)
     unpermute_kernel(const scalar_t* __restrict__ y, const int32_t* __restrict__ map,
-                     const acc_t* __restrict__ scores, acc_t scale, scalar_t* __restrict__ out, int64_t d, int k) {
+                     const acc_t* __restrict__ scores, acc_t scale, scalar_t* __restrict__ out, int64_t d, int k,
+                     int64_t num_rows) {
   using P = Pack<scalar_t, VEC>;
   const int64_t t = blockIdx.x;
   const int64_t nvec = d / VEC;
   const int32_t* rows = map + t * k;
+  if (threadIdx.x == 0) {
+    for (int j = 0; j < k; ++j) CUDA_KERNEL_ASSERT(rows[j] < num_rows && "megamoe: row_id_map row >= rows of y");
+  }
   for (int64_t c = threadIdx.x; c < nvec; c += blockDim.x) {
     acc_t acc[VEC];
 #pragma unroll
@@ -220,7 +227,8 @@ template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kMaxThreads)
     unpermute_backward_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ y,
                               const int32_t* __restrict__ map, const acc_t* __restrict__ scores, acc_t scale,
-                              scalar_t* __restrict__ grad_y, acc_t* __restrict__ grad_scores, int64_t d, int k) {
+                              scalar_t* __restrict__ grad_y, acc_t* __restrict__ grad_scores, int64_t d, int k,
+                              int64_t num_rows) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* partial = reinterpret_cast<acc_t*>(smem_raw);  // [num_warps][k]
   using P = Pack<scalar_t, VEC>;
@@ -233,6 +241,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   for (int j = 0; j < k; ++j) {
     const int64_t i = t * k + j;
     const int64_t row = map[i];
+    CUDA_KERNEL_ASSERT(row < num_rows && "megamoe: row_id_map row >= rows of y");
     if (row == kDropped) {  // block-uniform: every thread skips, so no barrier is missed
       if (lane == 0) partial[warp * k + j] = acc_t(0);
       continue;
@@ -312,9 +321,9 @@ at::Tensor permute_cuda(const at::Tensor& x_in, const at::Tensor& map_in, int64_
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     const int32_t* m = map.const_data_ptr<int32_t>();
     if (d % V == 0 && aligned16(src) && aligned16(dst)) {
-      permute_kernel<scalar_t, V><<<T, threads_for(d / V), 0, stream>>>(src, m, dst, d, k);
+      permute_kernel<scalar_t, V><<<T, threads_for(d / V), 0, stream>>>(src, m, dst, d, k, out.size(0));
     } else {
-      permute_kernel<scalar_t, 1><<<T, threads_for(d), 0, stream>>>(src, m, dst, d, k);
+      permute_kernel<scalar_t, 1><<<T, threads_for(d), 0, stream>>>(src, m, dst, d, k, out.size(0));
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -353,9 +362,10 @@ at::Tensor unpermute_cuda(const at::Tensor& y_in, const at::Tensor& map_in,
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     const int32_t* m = map.const_data_ptr<int32_t>();
     if (d % V == 0 && aligned16(src) && aligned16(dst)) {
-      unpermute_kernel<scalar_t, acc_t, V><<<T, threads_for(d / V), 0, stream>>>(src, m, s, sc, dst, d, k);
+      unpermute_kernel<scalar_t, acc_t, V><<<T, threads_for(d / V), 0, stream>>>(src, m, s, sc, dst, d, k,
+                                                                                y.size(0));
     } else {
-      unpermute_kernel<scalar_t, acc_t, 1><<<T, threads_for(d), 0, stream>>>(src, m, s, sc, dst, d, k);
+      unpermute_kernel<scalar_t, acc_t, 1><<<T, threads_for(d), 0, stream>>>(src, m, s, sc, dst, d, k, y.size(0));
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -403,9 +413,11 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(const at::Tensor& gra
       const size_t smem = static_cast<size_t>(threads / kWarp) * k * sizeof(acc_t);
       TORCH_CHECK(smem <= 48 * 1024, "megamoe: topk=", k, " is too large for unpermute_backward");
       if (vec) {
-        unpermute_backward_kernel<scalar_t, acc_t, V><<<T, threads, smem, stream>>>(gp, yp, m, s, sc, gy, gs, d, k);
+        unpermute_backward_kernel<scalar_t, acc_t, V><<<T, threads, smem, stream>>>(gp, yp, m, s, sc, gy, gs, d, k,
+                                                                                  y.size(0));
       } else {
-        unpermute_backward_kernel<scalar_t, acc_t, 1><<<T, threads, smem, stream>>>(gp, yp, m, s, sc, gy, gs, d, k);
+        unpermute_backward_kernel<scalar_t, acc_t, 1><<<T, threads, smem, stream>>>(gp, yp, m, s, sc, gy, gs, d, k,
+                                                                                  y.size(0));
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

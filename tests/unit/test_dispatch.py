@@ -139,12 +139,16 @@ def test_dropped_copies_routing():
     assert r.tokens_per_expert.tolist() == [1, 1, 2] == ref.tokens_per_expert.tolist()
     with pytest.raises(ValueError, match="num_rows=3 but topk_idx keeps 4"):
         D.make_routing(idx, 3, num_rows=3)
-    with pytest.raises(ValueError, match="-1 \\(dropped, with num_rows\\)"):
+    with pytest.raises(ValueError, match="a dropped copy needs make_routing"):
         D.make_routing(idx, 3)  # without num_rows, -1 is not an expert
     with pytest.raises(ValueError, match="num_rows=9 must be in"):
         D.make_routing(idx, 3, num_rows=9)
     with pytest.raises(RuntimeError, match="num_rows must be -1"):
         torch.ops.megamoe.permute(torch.randn(4, 8), r.row_id_map, 2, 9)
+    with pytest.raises(RuntimeError, match="keeps 4 copies but the buffer has 5 rows"):
+        torch.ops.megamoe.permute(torch.randn(4, 8), r.row_id_map, 2, 5)  # a row would stay unwritten
+    with pytest.raises(RuntimeError, match="keeps 4 copies but the buffer has 5 rows"):
+        torch.ops.megamoe.unpermute_backward(torch.randn(4, 8), torch.randn(5, 8), r.row_id_map, torch.rand(4, 2), 2, 1.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64])

@@ -5,13 +5,15 @@ token t has flat index ``i = t*k + j``. :func:`make_routing` sorts the copies by
 within an expert rows keep token order) and records ``row_id_map[i]``, the row of copy i in the
 expert-contiguous buffer, plus ``tokens_per_expert``. Then
 
-- :func:`dispatch`: ``out[row_id_map[t*k+j]] = x[t]``                                ([T, d] -> [T*k, d])
-- :func:`combine`:  ``out[t] = sum_j scale * scores[t, j] * y[row_id_map[t*k+j]]``  ([T*k, d] -> [T, d])
+- :func:`dispatch`: ``out[row_id_map[t*k+j]] = x[t]``                          ([T, d] -> [num_rows, d])
+- :func:`combine`:  ``out[t] = sum_j scale * scores[t, j] * y[row_id_map[t*k+j]]``  ([num_rows, d] -> [T, d])
+  (num_rows = T*k without dropped copies)
   (a plain sum, without ``scale``, when ``scores`` is None: LLaMA-MoE's ``multiply_gate_scores=False``)
 
 Dropped copies: an expert id of -1 in ``topk_idx`` means copy (t, j) goes nowhere; pass
-``make_routing(..., num_rows=N)`` with N the number of kept copies (known to the caller without a
-host sync: the expert-parallel layer learns it from its count exchange). Dropped copies get
+``make_routing(..., num_rows=N)`` with N the number of kept copies (the expert-parallel layer learns
+it from its count exchange, in the host sync it needs anyway for the all-to-all's split sizes).
+N is checked on CPU; on CUDA only with ``MEGAMOE_DEBUG_DISPATCH=1`` (the kernels assert rows < N). Dropped copies get
 ``row_id_map = -1``, are not counted, are skipped by dispatch, add nothing in combine and get a
 zero score gradient. The expert-parallel layer marks the copies other ranks serve this way.
 
@@ -37,7 +39,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["Routing", "make_routing", "make_routing_reference", "dispatch", "combine", "dispatch_reference",
+__all__ = ["Routing", "make_routing", "check_topk_idx", "make_routing_reference", "dispatch", "combine", "dispatch_reference",
            "combine_reference", "HAVE_EXTENSION"]
 
 _ALLOW_REFERENCE_ENV = "MEGAMOE_ALLOW_REFERENCE_DISPATCH"
@@ -92,7 +94,7 @@ def make_routing(topk_idx: torch.Tensor, num_experts: int, num_rows: Optional[in
     of GPU time against ~75, one launch instead of ~10); otherwise :func:`make_routing_reference`,
     which gives the same result.
     """
-    num_rows = _check_topk_idx(topk_idx, num_experts, num_rows)
+    num_rows = check_topk_idx(topk_idx, num_experts, num_rows)
     if (not HAVE_EXTENSION or num_experts > _MAX_KERNEL_EXPERTS
             or (topk_idx.device.type != "cpu" and topk_idx.numel() > _KERNEL_MAX_COPIES)):
         return make_routing_reference(topk_idx, num_experts, num_rows)
@@ -107,7 +109,7 @@ def make_routing_reference(topk_idx: torch.Tensor, num_experts: int, num_rows: O
     are nondeterministic), but ~10 launches and a radix sort: slower than the kernel up to ~64K
     copies, faster beyond (the kernel uses one SM).
     """
-    num_rows = _check_topk_idx(topk_idx, num_experts, num_rows)
+    num_rows = check_topk_idx(topk_idx, num_experts, num_rows)
     T, k = topk_idx.shape
     flat = topk_idx.reshape(-1)
     n, dev = flat.numel(), flat.device
@@ -121,8 +123,9 @@ def make_routing_reference(topk_idx: torch.Tensor, num_experts: int, num_rows: O
     return Routing(row_id_map, tokens_per_expert, T, k, num_experts, num_rows)
 
 
-def _check_topk_idx(topk_idx: torch.Tensor, num_experts: int, num_rows: Optional[int]) -> int:
-    """Validates the arguments and returns the buffer's row count (T*k when num_rows is None)."""
+def check_topk_idx(topk_idx: torch.Tensor, num_experts: int, num_rows: Optional[int] = None) -> int:
+    """Validates the arguments (ids on CPU, or with MEGAMOE_DEBUG_DISPATCH=1) and returns the
+    buffer's row count (T*k when num_rows is None)."""
     if topk_idx.dim() != 2:
         raise ValueError(f"topk_idx must be 2-D [tokens, k], got shape {tuple(topk_idx.shape)}")
     if topk_idx.dtype not in (torch.int64, torch.int32):
@@ -145,14 +148,15 @@ def _check_expert_range(topk_idx: torch.Tensor, num_experts: int, num_rows: Opti
     if topk_idx.numel() == 0:
         return
     # syncs on CUDA: CPU or debug flag only
-    kept = topk_idx != -1 if num_rows is not None else torch.ones_like(topk_idx, dtype=torch.bool)
-    ids = topk_idx[kept]
+    ids = topk_idx if num_rows is None else topk_idx[topk_idx != -1]
     if ids.numel():
         lo, hi = ids.min().item(), ids.max().item()
         bad = lo if lo < 0 else hi if hi >= num_experts else None
+        if bad == -1:
+            raise ValueError("topk_idx holds expert index -1: a dropped copy needs make_routing(..., num_rows=N), "
+                             "N the number of kept copies")
         if bad is not None:
-            allowed = f"[0, {num_experts}) or -1 (dropped, with num_rows)"
-            raise ValueError(f"topk_idx holds expert index {bad}, outside {allowed}")
+            raise ValueError(f"topk_idx holds expert index {bad}, outside [0, {num_experts})")
     if num_rows is not None and ids.numel() != num_rows:
         raise ValueError(f"num_rows={num_rows} but topk_idx keeps {ids.numel()} copies (ids other than -1)")
 

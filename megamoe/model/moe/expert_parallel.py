@@ -5,9 +5,10 @@ Sending one row per (token, expert), as a plain all-to-all of the dispatched buf
 T*k rows each way. A token whose k experts share a rank needs only one row to that rank, and the
 rank can sum the token's local expert outputs before sending one row back. With uniform routing
 this sends EP * (1 - C(E - E/EP, k) / C(E, k)) rows per token instead of k: 1.92 instead of 4 at
-EP=2 (16 experts, top-4), 2.91 at EP=4 (see benchmarks/dispatch.py --ep-bytes).
+EP=2 (16 experts, top-4), 2.91 at EP=4 (benchmarks/ep_exchange.py).
 
-Steps (``exchange``), all on the device except one host sync:
+Steps (``exchange``), all on the device except one host sync (the experts add none on the
+grouped-GEMM path, bf16 on Hopper; their per-expert loop fallback reads its split sizes):
 
 1. sender: ``rank_idx[t, r] = r`` if one of token t's experts lives on rank r, else -1. That is a
    routing over the EP ranks with dropped copies (dispatch.py), so the existing kernels put the
@@ -67,6 +68,7 @@ def exchange(x: torch.Tensor, topk_idx: torch.Tensor, scores: Optional[torch.Ten
     """
     ep = torch.distributed.get_world_size(group)
     k = topk_idx.shape[1]
+    _dispatch.check_topk_idx(topk_idx, ep * num_local)  # ids outside [0, E) would be sent nowhere
     plan = plan_send(topk_idx, ep, num_local)
     recv_counts = torch.empty_like(plan.counts)
     torch.distributed.all_to_all_single(recv_counts, plan.counts, group=group)
@@ -77,9 +79,10 @@ def exchange(x: torch.Tensor, topk_idx: torch.Tensor, scores: Optional[torch.Ten
 
     # 1-3: rows (once per token and rank) and their ids and scores to the ranks
     to_ranks = _dispatch.make_routing(plan.rank_idx, ep, num_rows=sum(send_splits))
-    meta = topk_idx.to(torch.float32)  # expert ids < 2**24: exact in fp32
+    meta_dtype = torch.float32 if scores is None else torch.promote_types(scores.dtype, torch.float32)
+    meta = topk_idx.to(meta_dtype)  # expert ids < 2**24: exact in fp32
     if scores is not None:
-        meta = torch.cat([scores.to(torch.float32), meta], dim=1)
+        meta = torch.cat([scores.to(meta_dtype), meta], dim=1)
     recv_x = all_to_all(group, _dispatch.dispatch(x, to_ranks), recv_splits, send_splits)
     recv_meta = all_to_all(group, _dispatch.dispatch(meta, to_ranks), recv_splits, send_splits)
 
