@@ -351,6 +351,12 @@ class ParallelConfig:
     expert_model_parallel_size: int = field(default=1, metadata=_h("EP"))
     sequence_parallel: Optional[bool] = field(default=None, metadata=_h(
         "sequence parallelism (default: on when TP > 1, which LLaMA-MoE requires)"))
+    overlap_grad_reduce: bool = field(default=False, metadata=_h(
+        "reduce gradients over data-parallel ranks in buckets while the last micro-batch's backward "
+        "still runs (Megatron's --overlap-grad-reduce; megatron-core's DDP)"))
+    ddp_bucket_size: Optional[int] = field(default=None, metadata=_h(
+        "parameters per gradient bucket with --overlap_grad_reduce (default: megatron-core's, "
+        "max(40M, 1M x DP))"))
 
 
 @dataclass

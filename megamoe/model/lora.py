@@ -391,8 +391,8 @@ def apply_lora(model: nn.Module, spec: LoRASpec) -> dict:
                 fc2._lora_setup("down", spec, f"layers.{g}.mlp.down_proj",
                                 fc2.weight.shape[1] * parallel.tp_size())
                 n_modules += 1
-    for name, p in model.named_parameters():
-        p.requires_grad_(is_trainable_in_lora(name, spec))
+    for name, p in model.named_parameters():  # freezes only: what the model froze stays frozen
+        p.requires_grad_(p.requires_grad and is_trainable_in_lora(name, spec))
     model.megamoe_lora = spec
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

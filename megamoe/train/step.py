@@ -23,12 +23,20 @@ from ..parallel.mcore import (
 )
 
 
-def wrap_model(model: torch.nn.Module, use_distributed_optimizer: bool = False) -> DistributedDataParallel:
+def wrap_model(model: torch.nn.Module, use_distributed_optimizer: bool = False,
+               overlap_grad_reduce: bool = False, bucket_size: Optional[int] = None) -> DistributedDataParallel:
+    """With `overlap_grad_reduce`, each bucket of `bucket_size` parameters starts its data-parallel
+    reduction as soon as the last micro-batch's backward has produced all its gradients, as
+    Megatron-LM sets it up: earlier micro-batches run under ddp.no_sync, and the pipeline
+    schedules start the reduction of a stage's remaining buckets (grad_sync_func)."""
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-        use_distributed_optimizer=use_distributed_optimizer, bucket_size=None)
+        grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,
+        use_distributed_optimizer=use_distributed_optimizer, bucket_size=bucket_size)
     ddp = DistributedDataParallel(model.config, ddp_config, model)
     ddp.config.finalize_model_grads_func = finalize_model_grads
+    if overlap_grad_reduce:
+        ddp.config.no_sync_func = ddp.no_sync
+        ddp.config.grad_sync_func = ddp.start_grad_sync
     return ddp
 
 

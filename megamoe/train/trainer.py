@@ -186,7 +186,9 @@ class Trainer:
             # graph. Mark the embedding output as requiring grad (PEFT's enable_input_require_grads).
             model.embedding.register_forward_hook(lambda mod, inp, out: out.requires_grad_(True))
         self.model = model
-        self.ddp = wrap_model(model, use_distributed_optimizer=plan.use_distributed_optimizer)
+        self.ddp = wrap_model(model, use_distributed_optimizer=plan.use_distributed_optimizer,
+                              overlap_grad_reduce=run.parallel.overlap_grad_reduce,
+                              bucket_size=run.parallel.ddp_bucket_size)
         self.opt = TrainOptimizer(self.ddp, model, run.optim, t.bf16,
                                   plan.use_distributed_optimizer)
         # data

@@ -142,3 +142,20 @@ def train_losses(out: str) -> list:
     """The training loss of every step, in step order."""
     recs = log_records(out, "train")
     return [recs[s]["loss"] for s in sorted(recs)]
+
+
+def torchrun_train(tiny, out, tp=1, pp=1, ep=1, procs=1, micro=1, global_batch=4, **flags):
+    """The trainer under torchrun in `procs` CPU processes (gloo) at this layout, on `tiny`'s MoE
+    checkpoint and data, gate noise off, no evaluation; the global batch is the same at every
+    layout (gradient accumulation = global_batch / (micro x DP)), so are the losses."""
+    dp = procs // (tp * pp)
+    opts = dict(per_device_train_batch_size=micro, gradient_accumulation_steps=global_batch // (micro * dp),
+                learning_rate=3e-3, warmup_steps=2, eval_steps=0, save_steps=0,
+                gate_add_noise="false", tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                expert_model_parallel_size=ep, sequence_parallel="true" if tp > 1 else "false")
+    opts.update(flags)
+    argv = train_argv(tiny.moe, tiny.data, None, out, **opts)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
+           "-m", "megamoe.train", *argv]
+    p = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, f"tp={tp} pp={pp} ep={ep} failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"

@@ -61,6 +61,11 @@ class TopKBalancedNoisyGate(nn.Module):
         self.gate_network = gate_network(hidden, cfg.num_experts, cfg.gate_network)
         self.weight_noise = nn.Linear(hidden, cfg.num_experts, bias=False)
         nn.init.zeros_(self.weight_noise.weight)
+        # Without noise the noise layer is unused: frozen, so that the optimizer leaves it as
+        # loaded (Hugging Face's AdamW skips a parameter without a gradient; ours would decay it)
+        # and megatron-core's overlapped gradient reduction, which waits for every trainable
+        # parameter's gradient, does not wait for it.
+        self.weight_noise.weight.requires_grad_(cfg.gate_add_noise)
         self.add_noise = cfg.gate_add_noise
         self.noise_epsilon = cfg.gate_noise_epsilon
         self.use_softmax = cfg.gate_use_softmax

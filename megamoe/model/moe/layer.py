@@ -70,6 +70,10 @@ class LlamaMoEMLP(MegatronModule):
             raise ValueError("MoE layers with tensor parallelism need sequence parallelism "
                              "(--sequence_parallel): each TP rank routes its own tokens")
         self.gate = build_gate(config.hidden_size, moe).to(config.params_dtype)
+        if not moe.multiply_gate_scores and not (moe.gate_use_balance and moe.gate_balance_loss_weight):
+            # neither the scores nor a balance loss reach the loss: the gate gets no gradient, and
+            # trainable parameters without one stall megatron-core's overlapped reduction
+            self.gate.requires_grad_(False)
         if config.sequence_parallel:
             for p in self.gate.parameters():  # replicated over TP, grads summed over TP shards
                 p.sequence_parallel = True
