@@ -50,8 +50,8 @@ def _pretrained_main(path):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    if GPUS < 2:
-        pytest.skip("needs 2 CUDA GPUs")
+    if GPUS < 1:
+        pytest.skip("needs a CUDA GPU")
     root = tmp_path_factory.mktemp("multigpu")
     data = F.write_domains(str(root / "data"), n_docs=200, seed=0)
     pre = str(root / "pre")
@@ -115,11 +115,12 @@ def test_layout_matches_single_gpu(setup, reference, name, tp, pp, ep, gpus, pre
     assert err < TOL[precision], (name, precision, err, got, ref)
 
 
-@_needs(2)
-@pytest.mark.parametrize("first,second", [(("ep2", 1, 1, 2, 2), ("tp2", 2, 1, 1, 2)),
-                                          (("tp2", 2, 1, 1, 2), ("single", 1, 1, 1, 1)),
-                                          (("dp2", 1, 1, 1, 2), ("pp2", 1, 2, 1, 2))],
-                         ids=["ep2->tp2", "tp2->single", "dp2->pp2"])
+@pytest.mark.parametrize("first,second", [
+    pytest.param(("single", 1, 1, 1, 1), ("single", 1, 1, 1, 1), marks=_needs(1)),  # the load path itself
+    pytest.param(("ep2", 1, 1, 2, 2), ("tp2", 2, 1, 1, 2), marks=_needs(2)),
+    pytest.param(("tp2", 2, 1, 1, 2), ("single", 1, 1, 1, 1), marks=_needs(2)),
+    pytest.param(("dp2", 1, 1, 1, 2), ("pp2", 1, 2, 1, 2), marks=_needs(2))],
+    ids=["single->single", "ep2->tp2", "tp2->single", "dp2->pp2"])
 def test_resume_at_another_layout(setup, reference, tmp_path, first, second):
     """Save the distributed optimizer at step 10 in one layout, resume to step 20 in another:
     the curve continues the single-GPU one (fp32)."""
