@@ -243,6 +243,9 @@ class Trainer:
             try:
                 checkpoint.load_optimizer(self.resume_from, self.model, self.opt)
             except (Exception, CheckpointException) as e:
+                if self.rank == 0:  # the details for a bug report; the message below says what to do
+                    import traceback
+                    print(f"loading the optimizer state failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
                 raise TrainingStopped(
                     f"could not load the optimizer state of {self.resume_from} "
                     f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); the "
