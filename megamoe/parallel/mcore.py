@@ -52,6 +52,34 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # n
 from megatron.core.dist_checkpointing.dict_utils import nested_values  # noqa: E402,F401
 from megatron.core.dist_checkpointing.strategies import torch as torch_dist_strategy  # noqa: E402,F401
 
+
+
+def fix_fully_reshardable_load(optimizer) -> None:
+    """Work around megatron-core 0.16.1 loading a fully_reshardable distributed-optimizer
+    checkpoint into torch's Adam/AdamW (no Apex/TE FusedAdam, as on our machines).
+
+    DistributedOptimizer.load_parameter_state_from_fully_reshardable leaves Adam's "step" out of
+    the loaded tensors (load_state_dict restores it from the param groups), but
+    _set_main_param_and_optimizer_states then copies every key of the live state, which has
+    "step": KeyError: 'step' (seen on an H200, 2026-11-29). Copy the loaded keys only. Applied to
+    each DistributedOptimizer of the chain that is not precision-aware (that branch is unchanged).
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(opt, DistributedOptimizer) or opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            continue
+
+        def set_states(model_param, tensors, opt=opt):
+            group_index, group_order = opt.model_param_group_index_map[model_param]
+            main_param = opt.optimizer.param_groups[group_index]["params"][group_order]
+            dst = {"param": main_param, **opt.optimizer.state[main_param]}
+            for key, src in tensors.items():
+                dst[key].copy_(src)
+
+        opt._set_main_param_and_optimizer_states = set_states
+
+
 from . import cpu_compat  # noqa: E402
 
 CPU_SHIM_ACTIVE = cpu_compat.apply()

@@ -40,6 +40,7 @@ from ..parallel.mcore import (
     OptimizerConfig,
     ShardedTensor,
     ShardedTensorFactory,
+    fix_fully_reshardable_load,
     get_megatron_optimizer,
 )
 
@@ -75,6 +76,8 @@ class TrainOptimizer:
             use_distributed_optimizer=use_distributed_optimizer)
         self.mc = get_megatron_optimizer(oc, [ddp_model])
         self.chain = list(getattr(self.mc, "chained_optimizers", [self.mc]))
+        if use_distributed_optimizer:
+            fix_fully_reshardable_load(self.mc)
         if torch.cuda.is_available():
             _use_fused_adam(self.chain)
         self.lr = cfg.learning_rate
