@@ -61,7 +61,8 @@ def fix_fully_reshardable_load(optimizer) -> None:
     DistributedOptimizer.load_parameter_state_from_fully_reshardable leaves Adam's "step" out of
     the loaded tensors (load_state_dict restores it from the param groups), but
     _set_main_param_and_optimizer_states then copies every key of the live state, which has
-    "step": KeyError: 'step' (seen on an H200, 2026-11-29). Copy the loaded keys only. Applied to
+    "step": KeyError: 'step' (seen on an H200, 2026-11-29). Skip "step" when the loaded tensors
+    lack it; everything else is megatron-core's code (the other formats are unaffected). Applied to
     each DistributedOptimizer of the chain that is not precision-aware (that branch is unchanged).
     """
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
@@ -73,9 +74,10 @@ def fix_fully_reshardable_load(optimizer) -> None:
         def set_states(model_param, tensors, opt=opt):
             group_index, group_order = opt.model_param_group_index_map[model_param]
             main_param = opt.optimizer.param_groups[group_index]["params"][group_order]
-            dst = {"param": main_param, **opt.optimizer.state[main_param]}
-            for key, src in tensors.items():
-                dst[key].copy_(src)
+            for key, dst in {"param": main_param, **opt.optimizer.state[main_param]}.items():
+                if key == "step" and key not in tensors:
+                    continue  # restored from the param groups by load_state_dict
+                dst.copy_(tensors[key])
 
         opt._set_main_param_and_optimizer_states = set_states
 
