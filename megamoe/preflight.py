@@ -288,7 +288,8 @@ _ITEM_OF_FLAG = {
     "ref_loss": "data path", "dynamic_data_selection": "data path",
     "num_nodes": "GPUs", "num_gpu_per_node": "GPUs", "tensor_model_parallel_size": "GPUs",
     "pipeline_model_parallel_size": "GPUs", "expert_model_parallel_size": "GPUs",
-    "sequence_parallel": "GPUs", "use_distributed_optimizer": "GPUs",
+    "sequence_parallel": "GPUs", "use_distributed_optimizer": "GPUs", "overlap_grad_reduce": "GPUs",
+    "ddp_bucket_size": "GPUs",
     "comment": "comment",
 }
 

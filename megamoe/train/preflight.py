@@ -287,6 +287,7 @@ def plan(run: RunConfig, env=None, cuda: Optional[bool] = None) -> Plan:
             if moe is not None and moe.num_experts % ep:
                 errors.append(f"--expert_model_parallel_size {ep} must divide the number of "
                               f"experts {moe.num_experts}")
+            warnings.extend(_layout_warnings(tp, ep, dp, nodes, gpn, pc))
         if model is not None:
             checks = [("num_attention_heads", model.num_attention_heads, tp, "--tensor_model_parallel_size"),
                       ("num_key_value_heads", model.kv_heads, tp, "--tensor_model_parallel_size"),
@@ -421,3 +422,22 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _layout_warnings(tp: int, ep: int, dp: int, nodes: int, gpn: int, pc) -> list:
+    """Layouts that run but are slow or do nothing. megatron-core numbers ranks TP first, then EP
+    (experts' TP = TP), so a TP group spans tp consecutive ranks and an EP group tp x ep of them:
+    beyond one node they talk over the inter-node network, every layer."""
+    out = []
+    if nodes > 1 and tp > gpn:
+        out.append(f"--tensor_model_parallel_size {tp} > {gpn} GPUs per node: every layer's tensor-"
+                   "parallel collectives cross nodes; keep TP within a node (PP or DP across nodes)")
+    elif nodes > 1 and ep > 1 and tp * ep > gpn:
+        out.append(f"--expert_model_parallel_size {ep} x --tensor_model_parallel_size {tp} > {gpn} GPUs "
+                   "per node: every MoE layer's all-to-all crosses nodes; keep TP x EP within a node")
+    if pc.overlap_grad_reduce and dp == 1:
+        out.append("--overlap_grad_reduce has nothing to overlap with one data-parallel rank")
+    if pc.ddp_bucket_size is not None and not pc.overlap_grad_reduce:
+        out.append(f"--ddp_bucket_size {pc.ddp_bucket_size} applies with --overlap_grad_reduce only: ignored")
+    return out
+

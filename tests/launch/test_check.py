@@ -183,6 +183,9 @@ def test_good_script_passes(setup):
     (dict(num_nodes=2), "GPUs", P.ERROR, "num_nodes=2 but #SBATCH --nodes=14"),
     (dict(num_gpu_per_node=4), "GPUs", P.ERROR, "num_gpu_per_node=4 but #SBATCH --gres=gpu:8"),
     (dict(tensor_model_parallel_size=3), "GPUs", P.ERROR, "not divisible"),
+    (dict(expert_model_parallel_size=16), "GPUs", P.WARN, "all-to-all crosses nodes"),
+    (dict(tensor_model_parallel_size=2, expert_model_parallel_size=8), "GPUs", P.WARN,
+     "--expert_model_parallel_size 8 x --tensor_model_parallel_size 2 > 8 GPUs per node"),
     (dict(comment=" "), "comment", P.WARN, "no comment"),
 ])
 def test_checklist_items(setup, override, item, status, words):

@@ -41,6 +41,25 @@ def test_scale_factor_not_e_over_k_is_a_warning(tiny, tmp_path):
     assert not _plan(tiny, tmp_path, moe_calculator_score_scale_factor=2.0).warnings
 
 
+def test_overlap_flags_that_do_nothing_warn(tiny, tmp_path):
+    p = _plan(tiny, tmp_path, overlap_grad_reduce="true")  # one process: one data-parallel rank
+    assert any("--overlap_grad_reduce has nothing to overlap" in w for w in p.warnings), p.warnings
+    p = _plan(tiny, tmp_path, ddp_bucket_size=1000)
+    assert any("--ddp_bucket_size 1000 applies with --overlap_grad_reduce only" in w for w in p.warnings)
+
+
+def test_groups_across_nodes_warn():
+    from megamoe.config import ParallelConfig
+
+    pc = ParallelConfig()
+    assert preflight._layout_warnings(tp=2, ep=4, dp=8, nodes=2, gpn=8, pc=pc) == []  # 2 x 4 ranks: one node
+    (w,) = preflight._layout_warnings(tp=16, ep=1, dp=1, nodes=2, gpn=8, pc=pc)
+    assert "--tensor_model_parallel_size 16 > 8 GPUs per node" in w
+    (w,) = preflight._layout_warnings(tp=4, ep=4, dp=4, nodes=2, gpn=8, pc=pc)
+    assert "every MoE layer's all-to-all crosses nodes" in w
+    assert preflight._layout_warnings(tp=4, ep=4, dp=4, nodes=1, gpn=16, pc=pc) == []
+
+
 def test_num_selects_above_num_experts(tiny, tmp_path):
     msg = _error(tiny, tmp_path, num_selects=8)
     assert "--num_selects 8 must be between 1 and the number of experts 4" in msg
