@@ -3,7 +3,8 @@
 # or any CUDA host:   bash benchmarks/gpu_session.sh STAGE...
 # Stages: setup (wheels from .whl/ if present, build megamoe._C with CUDA), tests (GPU tests),
 # dispatch, exchange, layer, profile, train (benchmarks), multigpu (pytest -m multigpu: all), multigpu4 (its
-# 4-GPU layouts), resume (its resume-at-another-layout tests), scaling.
+# 4-GPU layouts), resume (its resume-at-another-layout tests), alltoall (NCCL bandwidth and
+# topology), scaling.
 # Logs go to $OUT (default ./gpu_out). NVLink multicast stays off.
 set -u
 OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT"
@@ -44,6 +45,10 @@ for stage in "$@"; do
                grep -E "worst|passed|failed|^E " "$OUT/multigpu4.log" | tail -20 ;;
     resume) $py -m pytest -q -s -p no:cacheprovider --tb=short -m multigpu tests/multigpu -k "resume" > "$OUT/resume.log" 2>&1
             grep -E "worst|passed|failed|^E " "$OUT/resume.log" | tail -20 ;;
+    alltoall) n=$($py -c "import torch; print(torch.cuda.device_count())")
+              for g in $(printf "%s\n" 2 "$n" | sort -nu); do [ "$g" -ge 2 ] && [ "$g" -le "$n" ] || continue
+                $py -m torch.distributed.run --standalone --nproc_per_node=$g benchmarks/alltoall.py > "$OUT/alltoall$g.log" 2>&1
+                grep -E "^(#|case|equal|MoE)|Error" "$OUT/alltoall$g.log" | grep -v "^#   *$"; done ;;
     scaling) $py benchmarks/scaling.py ${SCALING_ARGS:-} > "$OUT/scaling.log" 2>&1; grep -E "^ *(#|kind|EP|TP)|failed" "$OUT/scaling.log" | tail -12 ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
