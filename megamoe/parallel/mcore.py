@@ -54,7 +54,7 @@ from megatron.core.dist_checkpointing.strategies import torch as torch_dist_stra
 
 
 
-def fix_fully_reshardable_load(optimizer) -> None:
+def fix_fully_reshardable_load(optimizers) -> None:
     """Work around megatron-core 0.16.1 loading a fully_reshardable distributed-optimizer
     checkpoint into torch's Adam/AdamW (no Apex/TE FusedAdam, as on our machines).
 
@@ -63,11 +63,12 @@ def fix_fully_reshardable_load(optimizer) -> None:
     _set_main_param_and_optimizer_states then copies every key of the live state, which has
     "step": KeyError: 'step' (seen on an H200, 2026-11-29). Skip "step" when the loaded tensors
     lack it; everything else is megatron-core's code (the other formats are unaffected). Applied to
-    each DistributedOptimizer of the chain that is not precision-aware (that branch is unchanged).
+    each DistributedOptimizer in `optimizers` (a chain's members) that is not precision-aware (that
+    branch is unchanged).
     """
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for opt in optimizers:
         if not isinstance(opt, DistributedOptimizer) or opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
             continue
 

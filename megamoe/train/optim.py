@@ -77,7 +77,7 @@ class TrainOptimizer:
         self.mc = get_megatron_optimizer(oc, [ddp_model])
         self.chain = list(getattr(self.mc, "chained_optimizers", [self.mc]))
         if use_distributed_optimizer:
-            fix_fully_reshardable_load(self.mc)
+            fix_fully_reshardable_load(self.chain)
         if torch.cuda.is_available():
             _use_fused_adam(self.chain)
         self.lr = cfg.learning_rate

@@ -13,9 +13,9 @@ expert-contiguous buffer, plus ``tokens_per_expert``. Then
 Dropped copies: an expert id of -1 in ``topk_idx`` means copy (t, j) goes nowhere; pass
 ``make_routing(..., num_rows=N)`` with N the number of kept copies (the expert-parallel layer learns
 it from its count exchange, in the host sync it needs anyway for the all-to-all's split sizes).
-N is checked on CPU; on CUDA only with ``MEGAMOE_DEBUG_DISPATCH=1`` (the kernels assert rows < N). Dropped copies get
-``row_id_map = -1``, are not counted, are skipped by dispatch, add nothing in combine and get a
-zero score gradient. The expert-parallel layer marks the copies other ranks serve this way.
+N is checked on CPU; on CUDA only with ``MEGAMOE_DEBUG_DISPATCH=1`` (the kernels assert rows < N).
+Dropped copies get ``row_id_map = -1``, are not counted, are skipped by dispatch, add nothing in
+combine and get a zero score gradient. The expert-parallel layer marks the copies other ranks serve this way.
 
 Both are differentiable (w.r.t. x; y and scores). Sums are accumulated in fp32 (float64 for float64
 inputs) and written in the input's dtype; score gradients come back in the scores' dtype.
@@ -39,8 +39,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["Routing", "make_routing", "check_topk_idx", "make_routing_reference", "dispatch", "combine", "dispatch_reference",
-           "combine_reference", "HAVE_EXTENSION"]
+__all__ = ["Routing", "make_routing", "check_topk_idx", "make_routing_reference", "dispatch", "combine",
+           "dispatch_reference", "combine_reference", "HAVE_EXTENSION"]
 
 _ALLOW_REFERENCE_ENV = "MEGAMOE_ALLOW_REFERENCE_DISPATCH"
 _DEBUG_ENV = "MEGAMOE_DEBUG_DISPATCH"
