@@ -61,7 +61,7 @@ def bench(args, name: str) -> dict:
     from megamoe import parallel
     from megamoe.config import ModelConfig, MoEConfig, OptimConfig
     from megamoe.model.llama import build_model
-    from megamoe.model.moe import stats as moe_stats
+    from megamoe.model.moe import routing_stats as moe_stats
     from megamoe.train.flops import flops_per_token, peak_flops
     from megamoe.train.optim import TrainOptimizer
     from megamoe.train.step import forward_backward, wrap_model

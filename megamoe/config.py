@@ -3,16 +3,37 @@
 Flag names are the LLaMA-MoE training guide's (``--num_selects``, ``--gate_balance_loss_weight``,
 ``--moe_calculator_score_scale_factor``, ``--dynamic_data_selection`` ...), so scripts written for
 the published trainer read the same. A YAML/JSON file may give the same keys; flags override it.
+
+Each knob has one internal name (a field name: ``score_scale_factor``, ``gate_network``); where
+the guide spells its flag otherwise, the field's metadata says so (``flag=...``). Each section
+checks itself (``check()`` returns findings, megamoe/findings.py); the trainer's plan, `megamoe
+check` and the converter call the same checks. This module imports neither torch nor
+megatron-core, so the cheap tools stay cheap.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
+
+from .findings import FLAG_NAMES, ConfigError, Finding, at_least, error, underscore_flag, warning
+from .command import FlagParser
+
+GATE_TYPES = ("TopKBalancedNoisyGate", "SwitchBalancedGate")
+GATE_NETWORKS = ("mlp", "linear")
+GATE_LOAD_RULES = ("shazeer", "published")
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+DEFAULT_NUM_EXPERTS = 16  # a LLaMA-MoE cut from a dense model on the fly (LLaMA-MoE-3.5B's)
+DEFAULT_NUM_SELECTS = 4
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
 
 
 @dataclass
@@ -37,21 +58,31 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
-    def validate(self) -> None:
+    def check(self) -> list[Finding]:
+        out: list[Finding] = []
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "max_position_embeddings"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                out.append(error(name, f"{name} {v!r} must be a positive integer"))
+        if out:
+            return out
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
-                             f"num_attention_heads {self.num_attention_heads}")
-        if self.num_attention_heads % self.kv_heads:
-            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not divisible "
-                             f"by num_key_value_heads {self.kv_heads}")
+            out.append(error("hidden_size", f"hidden_size {self.hidden_size} is not divisible by "
+                                            f"num_attention_heads {self.num_attention_heads}"))
+        if self.kv_heads < 1 or self.num_attention_heads % self.kv_heads:
+            out.append(error("num_key_value_heads", f"num_attention_heads "
+                             f"{self.num_attention_heads} is not divisible by "
+                             f"num_key_value_heads {self.kv_heads}"))
+        return out
 
 
 @dataclass
 class MoEConfig:
     """LLaMA-MoE's MoE fields (HF LLaMA-MoE config names; flags in parentheses)."""
 
-    num_experts: int = 16
-    num_selects: int = 4  # top-k (--num_selects)
+    num_experts: int = DEFAULT_NUM_EXPERTS
+    num_selects: int = DEFAULT_NUM_SELECTS  # top-k (--num_selects)
     # None: equal sizes intermediate_size / num_experts; else one list of sizes per layer.
     size_experts: Optional[list] = None
     gate_type: str = "TopKBalancedNoisyGate"  # or "SwitchBalancedGate" (--gate_type)
@@ -71,6 +102,9 @@ class MoEConfig:
     capacity_factor: float = 1.25  # SwitchBalancedGate with drop_tokens
     drop_tokens: bool = False
 
+    # Knobs fixed by the weights of a LLaMA-MoE model: a run or conversion cannot change them.
+    FIXED = ("num_experts", "gate_network", "gate_type")
+
     def scale_factor(self, layer: int) -> float:
         sf = self.score_scale_factor
         if sf is None:
@@ -84,30 +118,86 @@ class MoEConfig:
             return [intermediate_size // self.num_experts] * self.num_experts
         return [int(s) for s in self.size_experts[layer]]
 
-    def validate(self, model: ModelConfig) -> None:
+    def with_overrides(self, **given) -> tuple["MoEConfig", list[Finding]]:
+        """This config with the knobs a user gave (None: not given) replacing its values. The
+        knobs in FIXED shape the weights: a different value is an error, not an override."""
+        out = dataclasses.replace(self)
+        findings = []
+        for knob, value in given.items():
+            if value is None:
+                continue
+            mine = getattr(self, knob)
+            if knob in self.FIXED and value != mine:
+                findings.append(error(knob, f"{{flag}} {value}: the pretrained model has {knob} "
+                                            f"{mine!r}", "it is fixed by the model's weights; "
+                                            "leave the flag out"))
+            else:
+                setattr(out, knob, value)
+        return out, findings
+
+    def check(self, model: Optional[ModelConfig] = None) -> list[Finding]:
         e, k = self.num_experts, self.num_selects
-        if k < 1 or k > e:
-            raise ValueError(f"--num_selects {k} must be between 1 and the number of experts {e}")
-        if self.gate_type not in ("TopKBalancedNoisyGate", "SwitchBalancedGate"):
-            raise ValueError(f"--gate_type {self.gate_type!r}: choose TopKBalancedNoisyGate or "
-                             "SwitchBalancedGate")
-        if self.gate_type == "SwitchBalancedGate" and k != 1:
-            raise ValueError("SwitchBalancedGate routes each token to one expert: set --num_selects 1")
-        if self.gate_network not in ("mlp", "linear"):
-            raise ValueError(f"--gate_network_type {self.gate_network!r}: choose mlp or linear")
-        if self.gate_load_rule not in ("shazeer", "published"):
-            raise ValueError(f"gate_load_rule {self.gate_load_rule!r}: choose shazeer or published")
-        layers = model.num_hidden_layers
-        if self.size_experts is None:
-            if model.intermediate_size % e:
-                raise ValueError(f"intermediate_size {model.intermediate_size} is not divisible by "
-                                 f"num_experts {e}: give size_experts or another expert count")
-        else:
-            if len(self.size_experts) != layers or any(len(s) != e for s in self.size_experts):
-                raise ValueError(f"size_experts must hold {layers} lists of {e} sizes")
-        if isinstance(self.score_scale_factor, (list, tuple)) and len(self.score_scale_factor) != layers:
-            raise ValueError(f"score_scale_factor has {len(self.score_scale_factor)} values for "
-                             f"{layers} layers")
+        out: list[Finding] = []
+        if not isinstance(e, int) or e < 1:
+            return [error("num_experts", f"{{flag}} {e!r} must be at least 1")]
+        if not isinstance(k, int) or k < 1 or k > e:
+            out.append(error("num_selects", f"{{flag}} {k} must be between 1 and the number of "
+                                            f"experts {e}"))
+        if self.gate_type not in GATE_TYPES:
+            out.append(error("gate_type", f"{{flag}} {self.gate_type!r}: choose "
+                                          f"{' or '.join(GATE_TYPES)}"))
+        elif self.gate_type == "SwitchBalancedGate" and k != 1:
+            out.append(error("num_selects", "SwitchBalancedGate routes each token to one expert",
+                             "set {flag} 1"))
+        if self.gate_network not in GATE_NETWORKS:
+            out.append(error("gate_network", f"{{flag}} {self.gate_network!r}: choose mlp or "
+                                             "linear"))
+        if self.gate_load_rule not in GATE_LOAD_RULES:
+            out.append(error("gate_load_rule", f"{{flag}} {self.gate_load_rule!r}: choose "
+                                               "shazeer or published"))
+        w = self.gate_balance_loss_weight
+        if not _finite(w) or w < 0:
+            out.append(error("gate_balance_loss_weight", f"{{flag}} {w} must be >= 0"))
+        if not _finite(self.capacity_factor) or self.capacity_factor <= 0:
+            out.append(error("capacity_factor", f"capacity_factor {self.capacity_factor} must be "
+                                                "positive"))
+        sf = self.score_scale_factor
+        sfs = sf if isinstance(sf, (list, tuple)) else ([] if sf is None else [sf])
+        if any(not _finite(v) or v <= 0 for v in sfs):
+            out.append(error("score_scale_factor", f"{{flag}} {_fmt(sf)} must be positive"))
+        if out:
+            return out
+        if model is not None:
+            layers = model.num_hidden_layers
+            if self.size_experts is None:
+                if model.intermediate_size % e:
+                    out.append(error("num_experts", f"intermediate_size {model.intermediate_size} "
+                                     f"is not divisible by {{flag}} {e}",
+                                     "choose a number of experts that divides it"))
+            elif len(self.size_experts) != layers or any(len(s) != e for s in self.size_experts):
+                out.append(error("num_experts", f"size_experts must hold {layers} lists of {e} "
+                                                "sizes"))
+            if isinstance(sf, (list, tuple)) and len(sf) != layers:
+                out.append(error("score_scale_factor", f"{{flag}} has {len(sf)} values for "
+                                                       f"{layers} layers"))
+                return out
+            sfs = [self.scale_factor(i) for i in range(layers)]
+        want = e / k
+        off = sorted({v for v in sfs if not math.isclose(v, want, rel_tol=1e-6)})
+        if off:
+            out.append(warning("score_scale_factor", f"{{flag}} {off[0] if len(off) == 1 else off} "
+                               f"is not #experts / #selected = {e}/{k} = {want:g}",
+                               "the experts' output is scaled differently from the dense FFN the "
+                               "model was cut from"))
+        return out
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, float):
+        return f"{x:g}"
+    if isinstance(x, (list, tuple)):
+        return ",".join(_fmt(v) for v in x)
+    return str(x)
 
 
 def _to_jsonable(obj: Any) -> Any:
@@ -132,11 +222,11 @@ def from_dict(cls, data: dict):
 # ---------------------------------------------------------------------------------------------
 # The training run: one dataclass per concern; `build_parser` turns their fields into flags.
 #
-# Every field becomes `--<field name>` (the training guide's names); `metadata["help"]` is its
-# help text, `metadata["choices"]` its allowed values, `metadata["parse"]` a parser for values
-# that are not plain int/float/str/bool. A boolean flag given bare (`--bf16`) means true;
-# `--bf16 false` also works. Fields whose default is None are "not given" (inferred, or taken
-# from the pretrained checkpoint).
+# Every field becomes `--<flag>`, the field's name unless metadata["flag"] gives the guide's
+# spelling; `metadata["help"]` is its help text, `metadata["choices"]` its allowed values,
+# `metadata["parse"]` a parser for values that are not plain int/float/str/bool. A boolean flag
+# given bare (`--bf16`) means true; `--bf16 false` also works. Fields whose default is None are
+# "not given" (inferred, or taken from the pretrained checkpoint).
 
 def _h(help: str, **extra) -> dict:
     return {"help": help, **extra}
@@ -178,7 +268,7 @@ def parse_count(text) -> int:
         mult, s = _SUFFIX[s[-1]], s[:-1]
     try:
         return int(round(float(s) * mult))
-    except ValueError:
+    except (ValueError, OverflowError):
         raise ValueError(f"{text!r}: expected a count such as 100000, 1e11 or 100B") from None
 
 
@@ -193,9 +283,16 @@ def parse_bool(text) -> bool:
     raise ValueError(f"{text!r}: expected true or false")
 
 
-LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
-
-
+def lora_findings(rank: int, dropout: float, targets) -> list[Finding]:
+    """The LoRA hyper-parameters' rules (the trainer's flags and model/lora.py's LoRASpec)."""
+    out = at_least("lora_rank", rank, 1)
+    if not 0.0 <= dropout < 1.0:
+        out.append(error("lora_dropout", f"{{flag}} {dropout} must be in [0, 1)"))
+    bad = [x for x in targets if x not in LORA_TARGETS]
+    if bad or not targets:
+        out.append(error("lora_targets", f"{{flag}} {','.join(targets)}: choose from "
+                                         f"{','.join(LORA_TARGETS)}"))
+    return out
 @dataclass
 class TrainConfig:
     """What to train, where outputs go, how long, and what is logged and saved."""
@@ -239,7 +336,8 @@ class TrainConfig:
         "allocations)"))
     save_total_limit: Optional[int] = field(default=None, metadata=_h(
         "keep only the newest N checkpoints (default: keep all)"))
-    seed: int = field(default=1227, metadata=_h("seed of the model-side RNG and the data order"))
+    seed: int = field(default=1227, metadata=_h(
+        "seed of the model-side RNG and the data order (0 .. 2^32 - 1)"))
     bf16: bool = field(default=False, metadata=_h(
         "bf16 parameters with fp32 main parameters in the optimizer (GPUs); on CPU, fp32 "
         "parameters with bf16 autocast"))
@@ -260,6 +358,27 @@ class TrainConfig:
         "format"))
     comment: str = field(default="", metadata=_h("free text recorded in the logs and checkpoints"))
 
+    def check(self) -> list[Finding]:
+        out = [error(k, "{flag} is required") for k in ("pretrained_model", "output_dir")
+               if not getattr(self, k)]
+        out += at_least("logging_steps", self.logging_steps, 1)
+        out += at_least("eval_steps", self.eval_steps, 0)
+        out += at_least("save_steps", self.save_steps, 0)
+        out += at_least("exit_interval", self.exit_interval, 1, " (or leave it out)")
+        out += at_least("save_total_limit", self.save_total_limit, 1, " (or leave it out)")
+        if not 0 <= self.seed < 2**32:
+            out.append(error("seed", f"{{flag}} {self.seed} must be between 0 and 2^32 - 1"))
+        if (self.max_steps is None) == (self.max_tokens is None):
+            out.append(error("max_steps", "give exactly one of --max_steps and --max_tokens"))
+        else:
+            out += at_least("max_steps", self.max_steps, 1)
+            out += at_least("max_tokens", self.max_tokens, 1)
+        if self.peak_tflops is not None and not (_finite(self.peak_tflops) and self.peak_tflops > 0):
+            out.append(error("peak_tflops", f"{{flag}} {self.peak_tflops} must be positive"))
+        if self.training_mode == "lora":
+            out += lora_findings(self.lora_rank, self.lora_dropout, self.lora_targets)
+        return out
+
 
 @dataclass
 class MoETrainConfig:
@@ -270,23 +389,35 @@ class MoETrainConfig:
         "(default 16); must match a LLaMA-MoE checkpoint"))
     num_selects: Optional[int] = field(default=None, metadata=_h(
         "top-k: experts each token is routed to (default: the checkpoint's, 4 for a conversion)"))
-    moe_calculator_score_scale_factor: Union[float, list, None] = field(default=None, metadata=_h(
+    score_scale_factor: Union[float, list, None] = field(default=None, metadata=_h(
         "scale factor SF on the experts' output, normally #experts / #selected; one number or "
-        "one per layer (comma separated)", parse=parse_float_or_list))
+        "one per layer (comma separated)", parse=parse_float_or_list,
+        flag="moe_calculator_score_scale_factor"))
     gate_balance_loss_weight: Optional[float] = field(default=None, metadata=_h(
         "weight of the balance loss (default: the checkpoint's, 1e-2)"))
     gate_type: Optional[str] = field(default=None, metadata=_h(
         "TopKBalancedNoisyGate or SwitchBalancedGate",
-        choices=("TopKBalancedNoisyGate", "SwitchBalancedGate")))
-    gate_network_type: Optional[str] = field(default=None, metadata=_h(
-        "mlp or linear (for a conversion; a checkpoint keeps its own)", choices=("mlp", "linear")))
+        choices=GATE_TYPES))
+    gate_network: Optional[str] = field(default=None, metadata=_h(
+        "mlp or linear (for a conversion; a checkpoint keeps its own)", choices=GATE_NETWORKS,
+        flag="gate_network_type"))
     gate_add_noise: Optional[bool] = field(default=None, metadata=_h("noisy top-k in training"))
     gate_load_rule: Optional[str] = field(default=None, metadata=_h(
-        "shazeer or published", choices=("shazeer", "published")))
+        "shazeer or published", choices=GATE_LOAD_RULES))
     multiply_gate_scores: Optional[bool] = field(default=None, metadata=_h(
         "weight the experts' outputs by the gate scores (and SF)"))
     split_seed: int = field(default=0, metadata=_h(
         "conversion on the fly: seed of the random expert split and gate initialisation"))
+
+    def overrides(self) -> dict:
+        """The MoEConfig knobs given as flags (None: keep the model's)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(MoEConfig)
+                if hasattr(self, f.name)}
+
+    def check(self) -> list[Finding]:
+        # the MoE knobs are checked on the resolved MoEConfig (MoEConfig.check), where the
+        # checkpoint's values are known; here only what exists before that
+        return at_least("num_experts", self.num_experts, 1)
 
 
 @dataclass
@@ -315,6 +446,24 @@ class DataConfig:
     max_eval_blocks: Optional[int] = field(default=None, metadata=_h(
         "evaluate on at most N blocks per domain (default all)"))
 
+    def check(self) -> list[Finding]:
+        out = [] if self.dataset_dir else [error("dataset_dir", "{flag} is required")]
+        out += at_least("block_size", self.block_size, 2)
+        out += at_least("per_device_train_batch_size", self.per_device_train_batch_size, 1)
+        out += at_least("per_device_eval_batch_size", self.per_device_eval_batch_size, 1)
+        out += at_least("gradient_accumulation_steps", self.gradient_accumulation_steps, 1)
+        out += at_least("max_eval_blocks", self.max_eval_blocks, 1)
+        if self.dynamic_data_selection != "none":
+            if not self.validation_dir:
+                out.append(error("validation_dir", f"--dynamic_data_selection "
+                                 f"{self.dynamic_data_selection} needs {{flag}}",
+                                 "the weights follow the validation losses"))
+            if not (_finite(self.dds_eta) and self.dds_eta > 0):
+                out.append(error("dds_eta", f"{{flag}} {self.dds_eta} must be positive"))
+            if not (_finite(self.dds_c) and 0 <= self.dds_c <= 1):
+                out.append(error("dds_c", f"{{flag}} {self.dds_c} must be between 0 and 1"))
+        return out
+
 
 @dataclass
 class OptimConfig:
@@ -328,7 +477,8 @@ class OptimConfig:
     adam_beta1: float = field(default=0.9, metadata=_h("AdamW beta1"))
     adam_beta2: float = field(default=0.95, metadata=_h("AdamW beta2"))
     adam_epsilon: float = field(default=1e-8, metadata=_h("AdamW epsilon"))
-    max_grad_norm: float = field(default=1.0, metadata=_h("clip the global gradient norm (0: off)"))
+    max_grad_norm: float = field(default=1.0, metadata=_h(
+        "clip the global gradient norm to this (0: no clipping)"))
     use_distributed_optimizer: Optional[bool] = field(default=None, metadata=_h(
         "shard the optimizer state over data-parallel ranks (ZeRO-1; default: on with CUDA)"))
     optimizer_checkpoint_format: str = field(default="fully_reshardable", metadata=_h(
@@ -336,6 +486,29 @@ class OptimConfig:
         "TP/PP/EP/DP layout; gathers each model-parallel shard's state over DP while saving) "
         "or dp_reshardable (faster saves, no gathering; resumes at the same TP/PP/EP layout, "
         "any DP size)", choices=("fully_reshardable", "dp_reshardable")))
+
+    def check(self) -> list[Finding]:
+        out = []
+        if not (_finite(self.learning_rate) and self.learning_rate > 0):
+            out.append(error("learning_rate", f"{{flag}} {self.learning_rate} must be a positive "
+                                              "number"))
+        if not (_finite(self.final_lr_portion) and 0.0 <= self.final_lr_portion <= 1.0):
+            out.append(error("final_lr_portion", f"{{flag}} {self.final_lr_portion} must be "
+                                                 "between 0 and 1"))
+        out += at_least("warmup_steps", self.warmup_steps, 0)
+        if not (_finite(self.weight_decay) and self.weight_decay >= 0):
+            out.append(error("weight_decay", f"{{flag}} {self.weight_decay} must be >= 0",
+                             "0 turns weight decay off"))
+        for name in ("adam_beta1", "adam_beta2"):
+            v = getattr(self, name)
+            if not (_finite(v) and 0.0 <= v < 1.0):
+                out.append(error(name, f"{{flag}} {v} must be in [0, 1)"))
+        if not (_finite(self.adam_epsilon) and self.adam_epsilon > 0):
+            out.append(error("adam_epsilon", f"{{flag}} {self.adam_epsilon} must be positive"))
+        if not (_finite(self.max_grad_norm) and self.max_grad_norm >= 0):
+            out.append(error("max_grad_norm", f"{{flag}} {self.max_grad_norm} must be >= 0",
+                             "0 turns clipping off"))
+        return out
 
 
 @dataclass
@@ -358,6 +531,19 @@ class ParallelConfig:
         "parameters per gradient bucket with --overlap_grad_reduce (default: megatron-core's, "
         "max(40M, 1M x DP))"))
 
+    def check(self) -> list[Finding]:
+        out = []
+        for name in ("num_nodes", "num_gpu_per_node", "tensor_model_parallel_size",
+                     "pipeline_model_parallel_size", "expert_model_parallel_size",
+                     "ddp_bucket_size"):
+            out += at_least(name, getattr(self, name), 1)
+        if self.ddp_bucket_size is not None and not self.overlap_grad_reduce:
+            out.append(warning("ddp_bucket_size", f"{{flag}} {self.ddp_bucket_size} applies with "
+                                                  "--overlap_grad_reduce only: ignored"))
+        return out
+
+
+
 
 @dataclass
 class RunConfig:
@@ -368,16 +554,21 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def flat(self) -> dict:
-        """{flag name: value} over all sections."""
+        """{knob: value} over all sections."""
         return {k: v for sec in SECTIONS for k, v in to_dict(getattr(self, sec)).items()}
+
+    def check(self) -> list[Finding]:
+        """Every section's own rules, and the rules that span sections."""
+        out = [f for sec in SECTIONS for f in getattr(self, sec).check()]
+        d = self.data.dynamic_data_selection
+        if d != "none" and self.train.eval_steps <= 0:
+            out.append(error("eval_steps", f"--dynamic_data_selection {d} needs {{flag}} > 0",
+                             "the weights are updated at each evaluation"))
+        return out
 
 
 SECTIONS = {"train": TrainConfig, "moe": MoETrainConfig, "data": DataConfig,
             "optim": OptimConfig, "parallel": ParallelConfig}
-
-
-class ConfigError(ValueError):
-    """A bad flag or config-file value; the message names it."""
 
 
 def _field_parser(cls, f: dataclasses.Field):
@@ -400,6 +591,20 @@ def _all_fields():
             yield sec, cls, f
 
 
+FLAG_NAMES.update({f.name: f.metadata["flag"] for _, _, f in _all_fields() if "flag" in f.metadata})
+spell_flag = underscore_flag  # --flag as the trainer and `megamoe check` print it
+
+
+def flag_of(knob: str) -> str:
+    """The user-facing flag name of a knob (the guide's spelling), without dashes."""
+    return FLAG_NAMES.get(knob, knob)
+
+
+# every name a config file or flag may use for a knob: its flag and its internal name
+_KNOB_OF = {**{f.name: f.name for _, _, f in _all_fields()},
+            **{v: k for k, v in FLAG_NAMES.items()}}
+
+
 def _convert(cls, f, value, origin: str):
     if value is None:
         return None
@@ -407,21 +612,22 @@ def _convert(cls, f, value, origin: str):
     try:
         v = parse(value)
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"{origin} --{f.name} {value!r}: {e}") from None
+        raise ConfigError(f"{origin}{spell_flag(f.name)} {value!r}: {e}") from None
     choices = f.metadata.get("choices")
     if choices and v not in choices:
-        raise ConfigError(f"{origin} --{f.name} {v!r}: choose one of {', '.join(choices)}")
+        raise ConfigError(f"{origin}{spell_flag(f.name)} {v!r}: choose one of {', '.join(choices)}")
     return v
 
 
-def build_parser(prog: str = "python -m megamoe.train") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser(prog: str = "python -m megamoe.train") -> FlagParser:
+    p = FlagParser(
         prog=prog,
         description="Continual pre-training of LLaMA / LLaMA-MoE on megatron-core. Flags follow "
-        "the LLaMA-MoE training guide; a YAML/JSON --config file may give the same keys (flat, "
-        "or under train/moe/data/optim/parallel) and flags override it.")
+        "the LLaMA-MoE training guide (each also in its '-' spelling); a YAML/JSON --config file "
+        "may give the same keys (flat, or under train/moe/data/optim/parallel) and flags "
+        "override it.")
     p.add_argument("--config", help="YAML or JSON file of flag values")
-    p.add_argument("--local_rank", "--local-rank", dest="local_rank", default=argparse.SUPPRESS,
+    p.add_argument("--local_rank", dest="local_rank", default=argparse.SUPPRESS,
                    help=argparse.SUPPRESS)  # torch.distributed.launch / deepspeed pass it
     for sec, cls in SECTIONS.items():
         g = p.add_argument_group(sec, (cls.__doc__ or "").strip())
@@ -436,24 +642,26 @@ def build_parser(prog: str = "python -m megamoe.train") -> argparse.ArgumentPars
                 kw.update(nargs="?", const="true", metavar="BOOL")
             if f.metadata.get("choices"):
                 kw["metavar"] = "{" + ",".join(f.metadata["choices"]) + "}"
-            g.add_argument(f"--{f.name}", **kw)
+            elif not is_bool:
+                kw["metavar"] = flag_of(f.name).upper()
+            g.add_argument(spell_flag(f.name), **kw)
     return p
 
 
 def load_config_file(path: str) -> dict:
-    """A YAML/JSON file -> {flag name: value} (flat; sections are flattened)."""
+    """A YAML/JSON file -> {knob: value} (flat; sections are flattened)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--config {path}: no such file")
-    text = p.read_text()
     try:
+        text = p.read_text()
         if p.suffix in (".yaml", ".yml"):
             import yaml
 
             data = yaml.safe_load(text) or {}
         else:
             data = json.loads(text)
-    except Exception as e:  # yaml/json syntax errors
+    except Exception as e:  # yaml/json syntax errors, undecodable bytes
         raise ConfigError(f"--config {path}: cannot parse ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of flag names to values")
@@ -461,6 +669,8 @@ def load_config_file(path: str) -> dict:
 
 
 def _flatten(data: dict, origin: str) -> dict:
+    """{knob: value} from a flat or sectioned mapping whose keys are flags (either spelling)
+    or knob names."""
     flat: dict = {}
     for k, v in data.items():
         k = str(k).lstrip("-")
@@ -469,11 +679,16 @@ def _flatten(data: dict, origin: str) -> dict:
                 flat[str(kk).lstrip("-")] = vv
         else:
             flat[k] = v
-    known = {f.name for _, _, f in _all_fields()}
-    unknown = sorted(set(flat) - known)
+    out, unknown = {}, []
+    for k, v in flat.items():
+        knob = _KNOB_OF.get(k) or _KNOB_OF.get(k.replace("-", "_"))
+        if knob is None:
+            unknown.append(k)
+        else:
+            out[knob] = v
     if unknown:
-        raise ConfigError(f"{origin} unknown key(s) {unknown}")
-    return flat
+        raise ConfigError(f"{origin} unknown key(s) {sorted(unknown)}")
+    return out
 
 
 def parse_run_config(argv: Optional[list] = None, config: Optional[dict] = None) -> RunConfig:
@@ -497,35 +712,7 @@ def parse_run_config(argv: Optional[list] = None, config: Optional[dict] = None)
     run = RunConfig()
     for sec, cls, f in _all_fields():
         if f.name in values:
-            setattr(getattr(run, sec), f.name, _convert(cls, f, values[f.name], origin[f.name]))
+            where = origin[f.name]
+            setattr(getattr(run, sec), f.name,
+                    _convert(cls, f, values[f.name], "" if where == "flag" else where + " "))
     return run
-
-
-def parse_flat(argv=(), config: Optional[dict] = None) -> dict:
-    """{flag name: value} over every flag (defaults included), from flags and/or a dict of
-    config keys (flat or by section; flags win). For tools that inspect a run's settings
-    (megamoe check); raises ConfigError / argparse's SystemExit like the trainer."""
-    return parse_run_config(list(argv), config).flat()
-
-
-def run_config_from_dict(data: dict) -> RunConfig:
-    """The inverse of to_dict(RunConfig) (as stored in checkpoints)."""
-    run = RunConfig()
-    for sec, cls in SECTIONS.items():
-        if sec in data:
-            setattr(run, sec, from_dict(cls, data[sec]))
-    return run
-
-
-def to_argv(run: RunConfig) -> list:
-    """Flags that reproduce `run` (values that differ from the defaults)."""
-    out = []
-    default = RunConfig()
-    for sec, cls, f in _all_fields():
-        v, d = getattr(getattr(run, sec), f.name), getattr(getattr(default, sec), f.name)
-        if v == d or v is None:
-            continue
-        if isinstance(v, list):
-            v = ",".join(str(x) for x in v)
-        out += [f"--{f.name}", str(v)]
-    return out

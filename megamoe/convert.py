@@ -31,7 +31,10 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from .config import ModelConfig, MoEConfig
+from . import checkpoint, parallel
+from .config import GATE_NETWORKS, GATE_TYPES, ModelConfig, MoEConfig, parse_float_or_list
+from .findings import ConfigError, Finding, dash_flag, raise_errors
+from .command import FlagParser, run_command
 from .formats import hf_config as hfc
 from .formats.hf_config import HFFormatError
 from .formats.hf_files import HFWeights, ShardedSafetensorsWriter, parse_size
@@ -44,8 +47,21 @@ SPLIT_METHODS = ("random", "clustering", "graph", "gradient")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ConvertError(ValueError):
+class ConvertError(ConfigError):
     """Bad input for a conversion; the message names the file/flag/value and what to do."""
+
+    def __init__(self, findings, spell=dash_flag):
+        super().__init__(findings, spell)
+
+
+def _refuse(findings: list[Finding]) -> list[Finding]:
+    """Raise on errors (flags spelled as this tool's users type them); return the warnings."""
+    return raise_errors(findings, dash_flag, ConvertError)
+
+
+def _warn(findings: list[Finding]) -> None:
+    for f in findings:
+        print(f"convert: warning: {f.text(dash_flag)}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------------
@@ -56,7 +72,7 @@ def _check_output(output: Path, overwrite: bool, flag: str = "--output") -> None
     if output.exists() and not output.is_dir():
         raise ConvertError(f"{flag} {output} exists and is not a directory")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
-        what = "a megamoe checkpoint" if (output / "megamoe.json").exists() else "files"
+        what = "a megamoe checkpoint" if checkpoint.is_checkpoint(output) else "files"
         raise ConvertError(f"{flag} {output} already holds {what}; pass --overwrite to replace "
                            "it, or choose another directory")
     if not output.parent.exists():
@@ -71,25 +87,16 @@ def _staging(output: Path) -> Path:
 
 
 def _commit(staging: Path, output: Path) -> None:
-    from .checkpoint import publish_dir
+    from .checkpoint.layout import publish_dir
 
     publish_dir(staging, output)
 
 
-# --------------------------------------------------------------------------------------------
-# process setup
-
-
 def _world1(seed: int) -> None:
-    import torch.distributed as dist
-
-    from . import parallel
-
-    if dist.is_initialized() and dist.get_world_size() != 1:
-        raise ConvertError("convert runs on one process: start it with python, not torchrun "
-                           "(loading the result at any TP/PP/EP layout reshards it)")
-    # reuses an existing world of one (only reseeds)
-    parallel.initialize(parallel.ParallelLayout(), seed)
+    try:
+        parallel.world_of_one(seed)
+    except RuntimeError as e:
+        raise ConvertError(str(e)) from None
 
 
 class _Progress:
@@ -256,12 +263,12 @@ def compute_splits(opts: SplitOptions, m: ModelConfig, num_experts: Optional[int
             splits.append(clustering_split(w, e, opts.metric, opts.seed + i, sizes))
             bar.update()
     else:
-        from .moefy import stats
+        from .moefy import activations
 
         model = dense_model()
         tokens = opts.tokens
         if tokens is None:
-            tokens = stats.sample_token_windows(opts.data, opts.samples, opts.seq_length,
+            tokens = activations.sample_token_windows(opts.data, opts.samples, opts.seq_length,
                                                 opts.seed, m.vocab_size)
         elif int(tokens.max()) >= m.vocab_size or int(tokens.min()) < 0:
             raise ConvertError(f"sample tokens outside the vocabulary [0, {m.vocab_size})")
@@ -271,7 +278,7 @@ def compute_splits(opts: SplitOptions, m: ModelConfig, num_experts: Optional[int
             from .moefy.graph import graph_split
 
             info.update(active_fraction=opts.graph_active_fraction, threshold=opts.graph_threshold)
-            counters = stats.coactivation_counters(model, tokens, opts.batch_size,
+            counters = activations.coactivation_counters(model, tokens, opts.batch_size,
                                                    opts.graph_active_fraction)
             del model
             for i in range(layers):
@@ -283,8 +290,8 @@ def compute_splits(opts: SplitOptions, m: ModelConfig, num_experts: Optional[int
             from .moefy.gradient import gradient_split
 
             info.update(variant=opts.gradient_variant)
-            clusters = stats.cluster_sequences(model, tokens, e, opts.seed)
-            scores = stats.gradient_importance(model, tokens, clusters, e, opts.batch_size)
+            clusters = activations.cluster_sequences(model, tokens, e, opts.seed)
+            scores = activations.gradient_importance(model, tokens, clusters, e, opts.batch_size)
             del model
             for i in range(layers):
                 splits.append(gradient_split(scores[i], opts.gradient_variant, sizes))
@@ -297,39 +304,11 @@ def compute_splits(opts: SplitOptions, m: ModelConfig, num_experts: Optional[int
 # hf-to-megamoe
 
 
-def validate_layout(m: ModelConfig, moe: Optional[MoEConfig], tp: int = 1, pp: int = 1,
+def validate_layout(m: ModelConfig, num_experts: Optional[int], tp: int = 1, pp: int = 1,
                     ep: int = 1) -> None:
-    """Check that the model can be split at this TP/PP/EP layout (the checkpoint itself is
-    layout-free: loading reshards)."""
-    for flag, v in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp),
-                    ("--expert-model-parallel-size", ep)):
-        if v < 1:
-            raise ConvertError(f"{flag} {v} must be at least 1")
-    checks = [("num_attention_heads", m.num_attention_heads, tp, "--tensor-model-parallel-size"),
-              ("num_key_value_heads", m.kv_heads, tp, "--tensor-model-parallel-size"),
-              ("vocab_size", m.vocab_size, tp, "--tensor-model-parallel-size"),
-              ("num_hidden_layers", m.num_hidden_layers, pp, "--pipeline-model-parallel-size")]
-    if moe is None:
-        checks.append(("intermediate_size", m.intermediate_size, tp, "--tensor-model-parallel-size"))
-        if ep != 1:
-            raise ConvertError("--expert-model-parallel-size applies to llama_moe models only")
-    else:
-        checks.append(("num_experts", moe.num_experts, ep, "--expert-model-parallel-size"))
-    for what, n, size, flag in checks:
-        if n % size:
-            raise ConvertError(f"{flag} {size} does not divide {what} {n}")
-
-
-def _parse_sf(value) -> Optional[float | list]:
-    if value is None or isinstance(value, (float, int, list)):
-        return value if not isinstance(value, int) else float(value)
-    parts = [p for p in str(value).split(",") if p.strip()]
-    try:
-        vals = [float(p) for p in parts]
-    except ValueError:
-        raise ConvertError(f"--score-scale-factor {value!r}: give a number or one number per "
-                           "layer separated by commas") from None
-    return vals[0] if len(vals) == 1 else vals
+    """Check that the model (num_experts None: dense) can be split at this TP/PP/EP layout (the
+    checkpoint itself is layout-free: loading reshards)."""
+    _refuse(parallel.ParallelLayout(tp, pp, ep, sequence_parallel=tp > 1).check(m, num_experts))
 
 
 def hf_to_megamoe(hf_dir: str | os.PathLike, output: str | os.PathLike,
@@ -351,61 +330,45 @@ def hf_to_megamoe(hf_dir: str | os.PathLike, output: str | os.PathLike,
         raise ConvertError(f"--model-type {model_type!r}: choose llama or llama_moe")
     if dtype not in DTYPES:
         raise ConvertError(f"--dtype {dtype!r}: choose one of {list(DTYPES)}")
-    sf = _parse_sf(score_scale_factor)
+    try:
+        sf = None if score_scale_factor is None else parse_float_or_list(score_scale_factor)
+    except ValueError as e:
+        raise ConvertError(f"--moe-calculator-score-scale-factor {e}") from None
     if src_type == "llama_moe" and model_type == "llama":
         raise ConvertError(f"{cfg_path} is a LLaMA-MoE model; convert it with --model-type "
                            "llama_moe (merging experts back into a dense FFN is not supported)")
     moe: Optional[MoEConfig] = None
     src_moe: Optional[MoEConfig] = None
+    given = dict(num_experts=num_experts, num_selects=num_selects, gate_network=gate_network,
+                 gate_type=gate_type, score_scale_factor=sf)
     if src_type == "llama_moe":
         src_moe = hfc.moe_config_from_hf(cfg, m, cfg_path)
-        moe = dataclasses.replace(src_moe)
-        if num_experts is not None and num_experts != moe.num_experts:
-            raise ConvertError(f"--num-experts {num_experts}: {cfg_path} has num_experts "
-                               f"{moe.num_experts}; the number of experts of a LLaMA-MoE model "
-                               "cannot change in conversion")
-        if gate_network is not None and gate_network != moe.gate_network:
-            raise ConvertError(f"--gate-network {gate_network}: {cfg_path} has gate_network "
-                               f"{moe.gate_network!r} (its weights are of that kind)")
-        if gate_type is not None and gate_type != moe.gate_type:
-            raise ConvertError(f"--gate-type {gate_type}: {cfg_path} has gate_type {moe.gate_type!r}")
         if split.split_file or split.method != "random" or split.expert_sizes:
             raise ConvertError("--split, --split-file and --expert-sizes construct experts from a "
                                f"dense LLaMA; {hf_dir} already is a LLaMA-MoE model")
-        if num_selects is not None:
-            moe.num_selects = num_selects
-        if sf is not None:  # the flag overrides the checkpoint's value
-            moe.score_scale_factor = sf
+        moe, found = src_moe.with_overrides(**given)  # the flags override the checkpoint's values
+        _warn(_refuse(found + moe.check(m)))
     elif model_type == "llama_moe":
         if num_experts is None and not split.split_file:
             raise ConvertError("--num-experts is required to construct a LLaMA-MoE from a dense "
                                "LLaMA (or give --split-file)")
         if num_selects is None:
             raise ConvertError("--num-selects (top-k) is required to construct a LLaMA-MoE")
+        if num_experts is not None:  # E, K and the gate, before any expensive work
+            _refuse(MoEConfig(**{k: v for k, v in given.items() if v is not None}).check())
     else:
-        flags = [n for n, v in (("--num-experts", num_experts), ("--num-selects", num_selects),
-                                ("--gate-network", gate_network), ("--gate-type", gate_type),
-                                ("--score-scale-factor", sf),
-                                ("--split-file", split.split_file)) if v is not None]
+        flags = [dash_flag(k) for k, v in given.items() if v is not None]
+        flags += ["--split-file"] if split.split_file else []
         if flags:
             raise ConvertError(f"{flags} apply to --model-type llama_moe only")
 
-    if model_type == "llama_moe" and src_type == "llama":
-        # validate E and K before any expensive work
-        e = num_experts
-        if e is not None and (num_selects < 1 or num_selects > e):
-            raise ConvertError(f"--num-selects {num_selects} must be between 1 and --num-experts "
-                               f"{e} (E >= K)")
-    early = moe
-    if model_type == "llama_moe" and moe is None:  # experts to be constructed
-        early = MoEConfig(num_experts=num_experts or expert_model_parallel_size, num_selects=1)
-    validate_layout(m, early, tensor_model_parallel_size, pipeline_model_parallel_size,
-                    expert_model_parallel_size)
+    layout = (tensor_model_parallel_size, pipeline_model_parallel_size, expert_model_parallel_size)
+    if model_type == "llama" or moe is not None or num_experts is not None:  # E known
+        validate_layout(m, moe.num_experts if moe else num_experts, *layout)
     _check_output(output, overwrite)
 
     weights = HFWeights(hf_dir)
-    from . import checkpoint  # megatron-core: imported once the input looks right
-    from .formats import mcore_stream
+    from .formats import mcore_stream  # megatron-core: imported once the input looks right
     from .model.llama import build_model
 
     tie = bool(cfg.get("tie_word_embeddings", False))
@@ -432,9 +395,6 @@ def hf_to_megamoe(hf_dir: str | os.PathLike, output: str | os.PathLike,
         e = len(splits[0])
         if num_experts is not None and e != num_experts:
             raise ConvertError(f"--split-file has {e} experts per layer, --num-experts {num_experts}")
-        if num_selects < 1 or num_selects > e:
-            raise ConvertError(f"--num-selects {num_selects} must be between 1 and the number of "
-                               f"experts {e} (E >= K)")
         sizes = [[len(s) for s in layer] for layer in splits]
         equal = m.intermediate_size % e == 0 and all(
             s == m.intermediate_size // e for layer in sizes for s in layer)
@@ -444,17 +404,12 @@ def hf_to_megamoe(hf_dir: str | os.PathLike, output: str | os.PathLike,
         moe = MoEConfig(num_experts=e, num_selects=num_selects,
                         gate_network=gate_network or "mlp", score_scale_factor=sf,
                         size_experts=None if equal else sizes, **kw)
+        _warn(_refuse(moe.check(m)))
         extra.update(split=infos[0].get("method", split.method),
                      split_seed=infos[0].get("seed", split.seed), split_dir=split_io.SPLIT_DIR)
         if split.split_file:
             extra["split_file"] = str(Path(split.split_file).resolve())
-    if moe is not None:
-        try:
-            moe.validate(m)
-        except ValueError as err:
-            raise ConvertError(str(err)) from None
-    validate_layout(m, moe, tensor_model_parallel_size, pipeline_model_parallel_size,
-                    expert_model_parallel_size)
+    validate_layout(m, moe.num_experts if moe else None, *layout)
 
     _world1(seed)
     if moe is None:
@@ -585,9 +540,9 @@ def megamoe_to_hf(checkpoint_dir: str | os.PathLike, output: str | os.PathLike,
                   max_shard_size: str | int = "5GB", dtype: str = "float32",
                   remote_code: Optional[str] = None, overwrite: bool = False,
                   progress: bool = True) -> Path:
-    """Export a megamoe checkpoint as an HF LlamaForCausalLM or LLaMA-MoE directory."""
-    from . import checkpoint
-
+    """Export a megamoe checkpoint as an HF LlamaForCausalLM or LLaMA-MoE directory. A LoRA
+    training checkpoint is merged first (W + alpha/r x B A), through a temporary megamoe
+    checkpoint beside the output that is removed afterwards."""
     checkpoint_dir, output = Path(checkpoint_dir), Path(output)
     if not checkpoint_dir.is_dir():
         raise ConvertError(f"--checkpoint {checkpoint_dir}: no such directory")
@@ -595,10 +550,6 @@ def megamoe_to_hf(checkpoint_dir: str | os.PathLike, output: str | os.PathLike,
         meta = checkpoint.read_meta(checkpoint_dir)
     except checkpoint.CheckpointError as e:
         raise ConvertError(f"--checkpoint: {e}") from None
-    if meta.get("lora"):
-        # the base weights alone would silently drop the trained adapters
-        raise ConvertError(f"--checkpoint {checkpoint_dir} is a LoRA training checkpoint: merge and "
-                           "export it with `python -m megamoe.train.export` instead")
     m, moe = checkpoint.configs_from_meta(meta)
     kind = meta.get("model_type", "llama_moe" if moe else "llama")
     fmt = fmt or kind
@@ -617,10 +568,14 @@ def megamoe_to_hf(checkpoint_dir: str | os.PathLike, output: str | os.PathLike,
         raise ConvertError(f"--checkpoint {checkpoint_dir}: the model/ directory is missing")
 
     _world1(0)
+    staging = _staging(output)
+    merged = None
+    if meta.get("lora"):  # the base weights alone would silently drop the trained adapters
+        merged = staging.with_name(staging.name + ".merged")
+        merge_lora_checkpoint(checkpoint_dir, merged)
+        checkpoint_dir = merged
     get = _checkpoint_getter(checkpoint_dir, m, moe)
     torch_dtype = DTYPES[dtype]
-
-    staging = _staging(output)
     staging.mkdir()
     try:
         writer = ShardedSafetensorsWriter(staging, max_bytes)
@@ -641,6 +596,28 @@ def megamoe_to_hf(checkpoint_dir: str | os.PathLike, output: str | os.PathLike,
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        if merged is not None:
+            shutil.rmtree(merged, ignore_errors=True)
+    return output
+
+
+def merge_lora_checkpoint(checkpoint_dir: Path, output: Path) -> Path:
+    """Load a LoRA training checkpoint with its adapters, merge them into the weights and save
+    an ordinary megamoe checkpoint at `output` (a world of one)."""
+    from .checkpoint import io as checkpoint_io
+    from .model import lora
+    from .model.llama import build_model
+
+    meta = checkpoint.read_meta(checkpoint_dir)
+    m, moe = checkpoint.configs_from_meta(meta)
+    model = build_model(m, moe)
+    lora.apply_lora(model, lora.LoRASpec(**meta["lora"]))
+    checkpoint_io.load_model(checkpoint_dir, model)
+    lora.merge_lora(model)
+    keep = {k: v for k, v in meta.items() if k not in ("lora", "trainer")}
+    keep["merged_from"] = str(Path(checkpoint_dir).resolve())
+    checkpoint_io.save(output, model, keep)
     return output
 
 
@@ -681,9 +658,9 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected integers separated by commas") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="convert_hf_checkpoint.py",
+def build_parser(prog: str = "convert_hf_checkpoint.py") -> argparse.ArgumentParser:
+    p = FlagParser(
+        prog=prog,
         description="Convert between Hugging Face LLaMA / LLaMA-MoE and megamoe checkpoints.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -698,6 +675,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = a.add_argument_group("LLaMA-MoE from a dense LLaMA")
     g.add_argument("--num-experts", type=int, help="E")
     g.add_argument("--num-selects", type=int, help="K (top-k); also overrides an HF LLaMA-MoE's")
+    g.add_argument("--moe-calculator-score-scale-factor", "--score-scale-factor",
+                   dest="score_scale_factor", help="SF: one number, or one per layer comma "
+                   "separated (default E/K); overrides an HF LLaMA-MoE's value")
     g.add_argument("--split", choices=SPLIT_METHODS, default="random",
                    help="expert construction method (default random, as the released models)")
     g.add_argument("--split-seed", type=int, default=0,
@@ -707,10 +687,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--expert-sizes", type=_ints, help="unequal expert sizes, comma separated "
                    "(every layer); must sum to intermediate_size except for gradient "
                    "sharing-inner")
-    g.add_argument("--gate-network", choices=["mlp", "linear"], help="gate network (default mlp)")
-    g.add_argument("--gate-type", choices=["TopKBalancedNoisyGate", "SwitchBalancedGate"])
-    g.add_argument("--score-scale-factor", help="SF: one number, or one per layer comma "
-                   "separated (default E/K); overrides an HF LLaMA-MoE's value")
+    g.add_argument("--gate-network-type", "--gate-network", dest="gate_network",
+                   choices=GATE_NETWORKS, help="gate network (default mlp)")
+    g.add_argument("--gate-type", choices=GATE_TYPES)
     g.add_argument("--split-metric", choices=["l2", "cosine"], default="l2", help="clustering")
     g.add_argument("--split-key", choices=["up", "gate"], default="up",
                    help="clustering: cluster the rows of up_proj (default) or gate_proj")
@@ -752,9 +731,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run(argv: Optional[Sequence[str]] = None) -> Path:
+def run(argv: Optional[Sequence[str]] = None, prog: str = "convert_hf_checkpoint.py") -> Path:
     """Parse and convert; raises on bad input."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     if args.command == "hf-to-megamoe":
         opts = SplitOptions(
             method=args.split, seed=args.split_seed, expert_sizes=args.expert_sizes,
@@ -772,17 +751,10 @@ def run(argv: Optional[Sequence[str]] = None) -> Path:
                          not args.no_progress)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """The command line: 0 on success; 1 with one clear error line on bad input."""
-    try:
-        out = run(argv)
-    except Exception as e:
-        ckpt = sys.modules.get("megamoe.checkpoint")  # not imported for early errors
-        user_error = isinstance(e, (ValueError, OSError)) or (
-            ckpt is not None and isinstance(e, ckpt.CheckpointError))
-        if not user_error:
-            raise
-        print(f"convert_hf_checkpoint.py: error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {out}", file=sys.stderr)
-    return 0
+def main(argv: Optional[Sequence[str]] = None, prog: str = "convert_hf_checkpoint.py") -> int:
+    """The command line: 0 on success; 2 with one clear error line on bad input."""
+    def convert(args) -> int:
+        print(f"wrote {run(args, prog)}", file=sys.stderr)
+        return 0
+
+    return run_command(prog, convert, list(sys.argv[1:] if argv is None else argv))

@@ -32,6 +32,9 @@ import time
 
 import numpy as np
 
+from .checkpoint import is_checkpoint
+from .command import FlagParser
+
 DOMAINS = ["code", "logs", "math", "chat", "wiki", "prose", "noise"]
 VOCAB = 512
 
@@ -218,16 +221,16 @@ def _show(cmd: str, argv: list) -> None:
 
 # ---------------------------------------------------------------------------------------------
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m megamoe.demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None, prog: str = "python -m megamoe.demo") -> int:
+    p = FlagParser(prog=prog, description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output_dir", default="demo_output")
     p.add_argument("--max_steps", type=int, default=120)
     p.add_argument("--eval_steps", type=int, default=10)
     p.add_argument("--quick", action="store_true",
                    help="a smaller corpus, model and run (the test suite's end-to-end check)")
     a = p.parse_args(argv)
-    from .train.cli import quiet_library_noise
+    from .train.main import quiet_library_noise
 
     quiet_library_noise()
     t0 = time.time()
@@ -260,7 +263,7 @@ def main(argv=None) -> int:
         make_dense_hf(hf, layers, hidden, ffn)
     moe = os.path.join(out, "llama-moe-16x4")
     print(f"[5/6] LLaMA-MoE: 16 experts, top-4, random split -> {moe}", flush=True)
-    if not os.path.isfile(os.path.join(moe, "megamoe.json")):
+    if not is_checkpoint(moe):
         convert(hf, moe)
     refs = bigram_ref_losses(data)
     ref_file = os.path.join(out, "ref_loss.json")
@@ -292,7 +295,7 @@ def main(argv=None) -> int:
     print(f"[6/6] continual pre-training{' on ' + torch.cuda.get_device_name() if cuda else ' on CPU'}",
           flush=True)
     _show("python -m megamoe.train", targv)
-    from .train.cli import main as train_main
+    from .train.main import main as train_main
 
     code = train_main(targv)
     if code != 0:
@@ -303,7 +306,7 @@ def main(argv=None) -> int:
 
 
 def summary(run_dir: str, seconds: float) -> None:
-    from .train.preflight import list_checkpoints
+    from .checkpoint import list_checkpoints
 
     evals, end = [], None
     for line in open(os.path.join(run_dir, "train_log.jsonl")):

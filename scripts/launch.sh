@@ -12,17 +12,11 @@
 # makes the trainer checkpoint and stop; the job is then requeued and resumes.
 # Outside Slurm the same flags run through torchrun on this machine.
 #
-# The logic is Python (megamoe/launch.py, unit-tested); this file only finds the interpreter.
+# The logic is Python (megamoe/ops/launcher.py, unit-tested); this file only finds the interpreter.
 # Environment: MEGAMOE_PYTHON (interpreter; default ./.venv/bin/python, else python3),
 # MEGAMOE_ALLOW_CPU=1 (no GPUs: run num_gpu_per_node CPU processes per node), MASTER_PORT,
 # MEGAMOE_SKIP_CHECK=1, MEGAMOE_NO_REQUEUE=1.
 set -euo pipefail
-
-# `megamoe check SCRIPT` runs a script with this set to a file: record the flags, start nothing.
-if [ -n "${MEGAMOE_LAUNCH_DRY_RUN:-}" ]; then
-  printf '%s\0' "$@" > "$MEGAMOE_LAUNCH_DRY_RUN"
-  exit 0
-fi
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 python=${MEGAMOE_PYTHON:-}
@@ -39,4 +33,4 @@ if [ -z "$python" ]; then
 fi
 export MEGAMOE_PYTHON=$python
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
-exec "$python" -u -m megamoe.launch "$@"
+exec "$python" -u -m megamoe launch "$@"

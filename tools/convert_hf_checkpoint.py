@@ -18,11 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def main(argv=None) -> int:
-    from megamoe.convert import main as convert_main
-
-    return convert_main(argv)
-
+from megamoe.convert import main  # noqa: E402
 
 if __name__ == "__main__":  # the guard is required: code that spawns processes re-imports this
     sys.exit(main())

@@ -24,6 +24,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 
+from ..command import FlagParser, run_command
 from .indexed import IndexedDatasetWriter, optimal_dtype
 from .jsonl import EXTENSIONS, input_files, iter_lines
 
@@ -260,9 +261,9 @@ def _domain_jobs(input_dir: str, output_dir: str):
     return jobs
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="preprocess_data.py",
+def build_parser(prog: str = "preprocess_data.py") -> argparse.ArgumentParser:
+    p = FlagParser(
+        prog=prog,
         description="Tokenize jsonl into Megatron indexed datasets (.bin/.idx).")
     g = p.add_argument_group("input data")
     g.add_argument("--input", required=True, nargs="+",
@@ -298,8 +299,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    a = build_parser().parse_args(argv)
+PROG = "preprocess_data.py"
+
+
+def main(argv=None, prog: str = PROG) -> int:
+    """The command line: 0 on success; 2 with one clear error line on bad input."""
+    return run_command(prog, lambda args: run(args, prog), sys.argv[1:] if argv is None else argv)
+
+
+def run(argv, prog: str = PROG) -> int:
+    """The command, raising on bad input."""
+    a = build_parser(prog).parse_args(argv)
     common = dict(tokenizer_model=a.tokenizer_model, json_keys=a.json_keys,
                   append_eod=a.append_eod, workers=a.workers, skip_bad_lines=a.skip_bad_lines,
                   add_bos=a.tokenizer_type == "Llama2Tokenizer", dtype=a.dtype,

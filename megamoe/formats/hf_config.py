@@ -3,7 +3,7 @@
 Reading accepts the configs transformers 4.x writes (``rope_theta``, ``rope_scaling``,
 ``torch_dtype``) and 5.x writes (``rope_parameters``, ``dtype``). Writing produces the 4.x
 layout, which both read, and which the LLaMA-MoE remote code (transformers 4.x era) expects.
-The LLaMA-MoE fields are those of llama-moe-facts.md section 3.
+The LLaMA-MoE fields are those the released LLaMA-MoE configs carry (README, "Checkpoints").
 """
 from __future__ import annotations
 
@@ -19,6 +19,12 @@ CONFIG = "config.json"
 
 class HFFormatError(ValueError):
     """A Hugging Face directory or file that cannot be converted (names the file and the fix)."""
+
+
+def _refuse(path: str, findings) -> None:
+    bad = [f.text() for f in findings if f.is_error]
+    if bad:
+        raise HFFormatError(f"{path}: " + "; ".join(bad))
 
 
 def _dtype_name(cfg: dict) -> Optional[str]:
@@ -91,10 +97,7 @@ def model_config_from_hf(cfg: dict, path: str = CONFIG) -> ModelConfig:
     )
     if m.num_key_value_heads == m.num_attention_heads:
         m.num_key_value_heads = None
-    try:
-        m.validate()
-    except ValueError as e:
-        raise HFFormatError(f"{path}: {e}") from None
+    _refuse(path, m.check())
     head_dim = cfg.get("head_dim")
     if head_dim is not None and int(head_dim) != m.head_dim:
         raise HFFormatError(f"{path}: head_dim {head_dim} differs from hidden_size / "
@@ -136,10 +139,7 @@ def moe_config_from_hf(cfg: dict, m: ModelConfig, path: str = CONFIG) -> MoEConf
         if all(s == m.intermediate_size // e for layer in moe.size_experts for s in layer) \
                 and m.intermediate_size % e == 0:
             moe.size_experts = None  # equal sizes: the canonical form
-    try:
-        moe.validate(m)
-    except ValueError as err:
-        raise HFFormatError(f"{path}: {err}") from None
+    _refuse(path, moe.check(m))
     return moe
 
 
@@ -180,7 +180,7 @@ def llama_config_dict(m: ModelConfig, dtype: str = "float32",
 
 def llama_moe_config_dict(m: ModelConfig, moe: MoEConfig, dtype: str = "float32",
                           extra: Optional[dict[str, Any]] = None) -> dict:
-    """config.json of an HF LLaMA-MoE model (llama-moe-facts.md section 3): every MoE field."""
+    """config.json of an HF LLaMA-MoE model, with every MoE field of the released configs."""
     sf = moe.score_scale_factor
     if sf is None:
         sf = moe.num_experts / moe.num_selects

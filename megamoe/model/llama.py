@@ -18,6 +18,7 @@ from torch import nn
 
 from .. import parallel
 from ..config import ModelConfig, MoEConfig
+from ..findings import raise_errors
 from ..parallel.mcore import (
     MLP,
     AttnMaskType,
@@ -83,7 +84,7 @@ class SDPAttention(MegatronModule):
 
 def transformer_config(model: ModelConfig, layout: parallel.ParallelLayout,
                        dtype: torch.dtype = torch.float32, recompute: bool = False) -> TransformerConfig:
-    model.validate()
+    raise_errors(model.check(), exc=ValueError)
     return TransformerConfig(
         num_layers=model.num_hidden_layers,
         hidden_size=model.hidden_size,
@@ -158,11 +159,9 @@ def build_model(model: ModelConfig, moe: Optional[MoEConfig] = None,
     ``meta=True``: on the meta device, uninitialised (shapes and checkpoint layout only; the
     streaming converter uses it)."""
     layout = layout or parallel.ParallelLayout()
-    if moe is not None:
-        moe.validate(model)
-    if model.vocab_size % layout.tensor_model_parallel_size:
-        raise ValueError(f"vocab_size {model.vocab_size} is not divisible by "
-                         f"tensor_model_parallel_size {layout.tensor_model_parallel_size}")
+    raise_errors((moe.check(model) if moe is not None else [])
+                 + layout.check(model, moe.num_experts if moe is not None else None),
+                 exc=ValueError)
     config = transformer_config(model, layout, dtype, recompute)
     if meta:  # megatron-core would otherwise allocate on the GPU explicitly, not on meta
         config = dataclasses.replace(config, use_cpu_initialization=True, perform_initialization=False)

@@ -43,6 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import parallel
+from ..config import LORA_TARGETS, lora_findings
+from ..findings import raise_errors
 from ..parallel.mcore import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -52,9 +54,8 @@ from ..parallel.mcore import (
     reduce_from_tensor_model_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
 )
-from .moe.experts import GroupedSwiGLUExperts, _grouped_mm_available, mark_expert_param
+from .moe.experts import GroupedSwiGLUExperts, grouped_mm_available, mark_expert_param
 
-TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 @dataclass
@@ -62,7 +63,7 @@ class LoRASpec:
     rank: int = 8
     alpha: float = 32.0
     dropout: float = 0.05
-    targets: list = field(default_factory=lambda: list(TARGETS))
+    targets: list = field(default_factory=lambda: list(LORA_TARGETS))
     train_gates: bool = True
     seed: int = 0
 
@@ -71,13 +72,7 @@ class LoRASpec:
         return self.alpha / self.rank
 
     def validate(self) -> None:
-        if self.rank < 1:
-            raise ValueError(f"--lora_rank {self.rank} must be at least 1")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"--lora_dropout {self.dropout} must be in [0, 1)")
-        bad = [t for t in self.targets if t not in TARGETS]
-        if bad or not self.targets:
-            raise ValueError(f"--lora_targets {','.join(self.targets)}: choose from {','.join(TARGETS)}")
+        raise_errors(lora_findings(self.rank, self.dropout, self.targets), exc=ValueError)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -272,7 +267,7 @@ class LoRAGroupedSwiGLUExperts(GroupedSwiGLUExperts):
         return F.linear(F.linear(x, A), B) * self.lora_scale
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        if self.equal and _grouped_mm_available(x) and (self.lora_rank * x.element_size()) % 16 == 0:
+        if self.equal and grouped_mm_available(x) and (self.lora_rank * x.element_size()) % 16 == 0:
             return self._forward_grouped_lora(x, tokens_per_expert)
         counts = tokens_per_expert.tolist()
         outs, row, col = [], 0, 0

@@ -6,66 +6,56 @@ groups and the model-parallel RNG.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
-import torch
-import torch.distributed as dist
-
-
-@dataclass(frozen=True)
-class ParallelLayout:
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    expert_model_parallel_size: int = 1
-    sequence_parallel: bool = False
-
-    def data_parallel_size(self, world_size: int) -> int:
-        mp = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
-        if world_size % mp:
-            raise ValueError(
-                f"world size {world_size} is not divisible by tensor_model_parallel_size x "
-                f"pipeline_model_parallel_size = {mp}; change --tensor_model_parallel_size or "
-                "--pipeline_model_parallel_size, or the number of processes")
-        return world_size // mp
-
-    def validate(self, world_size: int, num_experts: int | None = None) -> None:
-        dp = self.data_parallel_size(world_size)
-        ep = self.expert_model_parallel_size
-        # Experts are not tensor-parallel (expert TP = 1): EP folds over the TP x DP ranks.
-        if (self.tensor_model_parallel_size * dp) % ep:
-            raise ValueError(
-                f"--expert_model_parallel_size {ep} must divide tensor x data parallel size "
-                f"{self.tensor_model_parallel_size * dp} (world {world_size})")
-        if num_experts is not None and num_experts % ep:
-            raise ValueError(
-                f"--expert_model_parallel_size {ep} must divide the number of experts {num_experts}")
+from .layout import ParallelLayout
 
 
 _current = None  # (tp, pp, ep) of the groups megatron-core holds now
 
 
 def init_distributed(backend: str | None = None) -> None:
-    """Start torch.distributed from torchrun's environment (or as a single process)."""
+    """Start torch.distributed from torchrun's environment, or as a world of one."""
+    import torch
+    import torch.distributed as dist
+
     if dist.is_initialized():
         return
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if "RANK" not in os.environ:  # plain `python -m megamoe.train`: a world of one
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if "RANK" not in os.environ:
+        # plain `python -m megamoe.train`, the converter: an in-process store, so no TCP port
+        # is taken (a port picked as free can be taken by another process before we bind it)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")  # what libraries read
+        return
     dist.init_process_group(backend)
 
 
+def world_of_one(seed: int) -> None:
+    """A world of one process with megatron-core's groups of size one (the converter and the
+    export work this way); reuses an existing world of one and only reseeds it."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() != 1:
+        raise RuntimeError("this runs as one process: start it with python, not torchrun "
+                           "(loading the result at any TP/PP/EP layout reshards it)")
+    initialize(ParallelLayout(), seed)
+
+
 def initialize(layout: ParallelLayout, seed: int, num_experts: int | None = None) -> None:
-    """Create megatron-core's process groups for `layout` and seed every RNG."""
+    """Create megatron-core's process groups for `layout` (a model with `num_experts` experts
+    per layer, None: dense) and seed every RNG."""
+    import torch
+    import torch.distributed as dist
+
+    from ..findings import raise_errors
     from .mcore import model_parallel_cuda_manual_seed, ps
 
     global _current
     init_distributed()
-    layout.validate(dist.get_world_size(), num_experts)
+    raise_errors(layout.check_world(dist.get_world_size(), num_experts), exc=ValueError)
     key = (layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size,
            layout.expert_model_parallel_size)
     if ps.model_parallel_is_initialized() and _current == key:

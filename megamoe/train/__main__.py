@@ -1,7 +1,7 @@
-"""python -m megamoe.train FLAGS (also under torchrun); see megamoe/train/cli.py."""
+"""python -m megamoe.train FLAGS (also under torchrun): the trainer; see megamoe/train/main.py."""
 import sys
 
-from .cli import main
+from .main import main
 
 if __name__ == "__main__":  # the guard is required: dist_checkpointing's save spawns a process
     sys.exit(main())

@@ -16,7 +16,8 @@ What the device selects:
   over DP while saving, so a run resumes at any TP/PP/EP/DP layout; the experts' state goes
   through the same per-expert factories as on CPU) or "dp_reshardable" (the flat DP buffers:
   no gathering, resumes at any DP size but the same TP/PP/EP layout). megatron-core's default,
-  fully_sharded_model_space, fails to save on 0.16.1 (megatron-core-notes.md). The format is
+  fully_sharded_model_space, fails to save on 0.16.1 ("ShardedTensor.flattened_range is not
+  supported"). The format is
   recorded in the checkpoint, and loading uses the recorded one.
 - CPU: megatron-core's FP32Optimizer (fp32 parameters; its distributed optimizer needs CUDA).
   Its state is checkpointed per parameter, resharding to any layout. Our experts checkpoint one

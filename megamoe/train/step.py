@@ -13,7 +13,7 @@ import torch
 
 from .. import parallel
 from ..model.llama import lm_inputs
-from ..model.moe import stats as moe_stats
+from ..model.moe import routing_stats as moe_stats
 from ..model.moe.layer import AuxLossInjector
 from ..parallel.mcore import (
     DistributedDataParallel,

@@ -30,9 +30,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..checkpoint import layout as ckpt
 from ..config import RunConfig, to_dict
-from . import preflight as pf
 from .logs import RunLogger, default_logging_dir, fmt_duration, specialisation
+from .plan import Plan
 
 
 class TrainingStopped(RuntimeError):
@@ -51,19 +52,13 @@ def _clean_env() -> dict:
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
                         "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                         "GROUP_WORLD_SIZE") and not k.startswith("TORCHELASTIC")}
-    from socket import socket
-
-    with socket() as s:
-        s.bind(("127.0.0.1", 0))
-        env["MASTER_PORT"] = str(s.getsockname()[1])
-    env["MASTER_ADDR"] = "127.0.0.1"
-    return env
+    return env  # without RANK it starts a world of one on an in-process store (no port)
 
 
-def ensure_converted(plan: pf.Plan, say) -> None:
-    """--pretrained_model is an HF directory: rank 0 converts it (a world-of-one subprocess,
-    megamoe.convert) into plan.convert_to unless a matching conversion is there; the other
-    ranks wait for it. Before torch.distributed starts, so no collective times out."""
+def ensure_converted(plan: Plan, say) -> None:
+    """--pretrained_model is an HF directory: rank 0 converts it (`megamoe convert` in a
+    world-of-one subprocess) into plan.convert_to unless a matching conversion is there; the
+    other ranks wait for it. Before torch.distributed starts, so no collective times out."""
     target = plan.convert_to
     if target is None:
         return
@@ -71,7 +66,7 @@ def ensure_converted(plan: pf.Plan, say) -> None:
     src = os.path.abspath(run.train.pretrained_model)
 
     def matching() -> bool:
-        f = os.path.join(target, pf.META)
+        f = os.path.join(target, ckpt.META)
         if not os.path.isfile(f):
             return False
         try:
@@ -86,15 +81,14 @@ def ensure_converted(plan: pf.Plan, say) -> None:
     if _rank() == 0:
         args = ["hf-to-megamoe", "--hf-dir", src, "--output", target, "--model-type",
                 run.train.model_type, "--overwrite", "--no-progress"]
-        if run.train.model_type == "llama_moe" and plan.source_meta.get("model_type") == "llama":
+        if run.train.model_type == "llama_moe" and plan.source.moe is None:
             args += ["--num-experts", str(plan.moe.num_experts), "--num-selects",
                      str(plan.moe.num_selects), "--split", "random", "--split-seed",
-                     str(run.moe.split_seed), "--gate-network", plan.moe.gate_network,
+                     str(run.moe.split_seed), "--gate-network-type", plan.moe.gate_network,
                      "--gate-type", plan.moe.gate_type]
-        say(f"pretrained: converting {src} -> {target} (megamoe.convert {' '.join(args[:1])} "
+        say(f"pretrained: converting {src} -> {target} (megamoe convert {' '.join(args[:1])} "
             f"{' '.join(args[5:])})")
-        code = ("import sys\nfrom megamoe.convert import main\nsys.exit(main(sys.argv[1:]))\n")
-        res = subprocess.run([sys.executable, "-c", code, *args], env=_clean_env())
+        res = subprocess.run([sys.executable, "-m", "megamoe", "convert", *args], env=_clean_env())
         if res.returncode != 0 or not matching():
             raise TrainingStopped(f"converting --pretrained_model {src} failed (exit "
                                   f"{res.returncode}; see the error above)", 1)
@@ -107,7 +101,7 @@ def ensure_converted(plan: pf.Plan, say) -> None:
 
 
 class Trainer:
-    def __init__(self, plan: pf.Plan):
+    def __init__(self, plan: Plan):
         self.plan = plan
         self.run: RunConfig = plan.run
         self._signal: Optional[str] = None
@@ -115,7 +109,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
-        from .. import checkpoint, parallel
+        from .. import parallel
+        from ..checkpoint import io as checkpoint
         from ..model import lora
         from ..model.llama import build_model
         from .optim import TrainOptimizer
@@ -130,39 +125,23 @@ class Trainer:
         self.log = RunLogger(t.output_dir, None, enabled=rank0)
         if rank0:
             os.makedirs(t.output_dir, exist_ok=True)
-            from .state import remove_stale
-
-            for name in remove_stale(t.output_dir):
+            for name in ckpt.remove_stale(t.output_dir):
                 self.log.info(f"removed {name} (left by an interrupted save)")
         dist.barrier()
-        # what the weights are: the newest checkpoint of this run, else the pretrained model
+        # the weights: the newest checkpoint of this run, else the pretrained model (the plan
+        # resolved their configs)
         self.resume_from = plan.resume_from
-        src = self.resume_from or plan.pretrained_checkpoint
-        meta = checkpoint.read_meta(src)
-        warn: list = []
-        errs: list = []
-        self.model_cfg, _ = checkpoint.configs_from_meta(meta)
-        self.moe_cfg = pf._moe_config(run, "megamoe", meta, errs, warn, self.model_cfg)
-        if errs:
-            raise TrainingStopped("\n".join(errs), 2)
-        self.extra_warnings = [w for w in warn if w not in plan.warnings]
+        meta = ckpt.read_meta(self.resume_from) if self.resume_from else {}
+        self.model_cfg, self.moe_cfg = plan.model, plan.moe
+        self.extra_warnings: list = []
         self.lora_spec = None
-        ckpt_lora = meta.get("lora") if self.resume_from else None
-        if self.resume_from and bool(ckpt_lora) != (t.training_mode == "lora"):
-            raise TrainingStopped(
-                f"{self.resume_from} was trained with --training_mode "
-                f"{'lora' if ckpt_lora else 'fpt'}, this run asks for {t.training_mode}: use the "
-                "same mode, or another --output_dir", 2)
+        ckpt_lora = meta.get("lora")
         if t.training_mode == "lora":
             self.lora_spec = (lora.LoRASpec(**ckpt_lora) if ckpt_lora else lora.LoRASpec(
                 rank=t.lora_rank, alpha=t.lora_alpha, dropout=t.lora_dropout,
                 targets=list(t.lora_targets),
                 train_gates=t.lora_train_gates and self.moe_cfg is not None, seed=t.seed))
-        pc = run.parallel
-        self.layout = parallel.ParallelLayout(pc.tensor_model_parallel_size,
-                                              pc.pipeline_model_parallel_size,
-                                              pc.expert_model_parallel_size,
-                                              sequence_parallel=plan.sequence_parallel)
+        self.layout = plan.layout
         parallel.initialize(self.layout, t.seed,
                             num_experts=self.moe_cfg.num_experts if self.moe_cfg else None)
         self.dp_rank, self.dp_size = parallel.dp_rank(), parallel.dp_size()
@@ -233,7 +212,7 @@ class Trainer:
                                         device=self.device)
 
     def _resume(self, meta: dict) -> None:
-        from .. import checkpoint
+        from ..checkpoint import io as checkpoint
 
         tr = meta.get("trainer") or {}
         if self.run.train.load_optimizer:
@@ -311,7 +290,7 @@ class Trainer:
         log.info(f"processes: {self.world} = {plan.num_nodes} node(s) x {plan.gpus_per_node} "
                  f"per node; TP {pc.tensor_model_parallel_size} PP "
                  f"{pc.pipeline_model_parallel_size} EP {pc.expert_model_parallel_size} DP "
-                 f"{self.dp_size}; sequence parallel {plan.sequence_parallel}; "
+                 f"{self.dp_size}; sequence parallel {plan.layout.sequence_parallel}; "
                  f"{'CUDA' if self.cuda else 'CPU'}; params {self.param_dtype}; optimizer "
                  f"{'distributed (ZeRO-1)' if plan.use_distributed_optimizer else 'megatron-core FP32/Float16'}")
         m, moe = self.model_cfg, self.moe_cfg
@@ -466,15 +445,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, reason: str = "") -> str:
-        from .. import checkpoint
+        from ..checkpoint import io as checkpoint
         from .optim import schedule_state
-        from .state import checkpoint_path, rotate, rng_state
+        from .rng_state import rng_state
 
         run = self.run
-        path = checkpoint_path(run.train.output_dir, self.step)
+        path = ckpt.checkpoint_path(run.train.output_dir, self.step)
         t0 = time.time()
         extra = rng_state()
-        meta = checkpoint.make_meta(
+        meta = ckpt.make_meta(
             self.model_cfg, self.moe_cfg, step=self.step, consumed_tokens=self.consumed_tokens,
             consumed_samples=self.consumed_samples, max_steps=self.max_steps,
             lora=self.lora_spec.to_dict() if self.lora_spec else None,
@@ -484,23 +463,23 @@ class Trainer:
                      "last_eval_step": self.last_eval_step,
                      "world_size": self.world, "layout": to_dict(run.parallel),
                      "optimizer_format": self.opt.checkpoint_format if self.opt.distributed else None},
+            pretrained_model=os.path.abspath(run.train.pretrained_model),
             run=to_dict(run), comment=run.train.comment)
         checkpoint.save(path, self.model, meta, optimizer=self.opt, extra_state=extra)
         self.last_save_step = self.step
-        gone = rotate(run.train.output_dir, run.train.save_total_limit) if self.rank == 0 else []
+        gone = ckpt.rotate(run.train.output_dir, run.train.save_total_limit) if self.rank == 0 else []
         self.log.info(f"saved {path} ({time.time() - t0:.1f} s){' ' + reason if reason else ''}"
                       + (f"; removed {', '.join(os.path.basename(g) for g in gone)}" if gone else ""))
         self.log.record("save", self.step, {"path": path})
         return path
 
     def last_good_checkpoint(self) -> Optional[str]:
-        ck = pf.list_checkpoints(self.run.train.output_dir)
-        return ck[-1][1] if ck else None
+        return ckpt.newest_checkpoint(self.run.train.output_dir)
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> int:
         from .optim import lr_at
-        from .state import set_rng_state
+        from .rng_state import set_rng_state
         from .step import forward_backward
 
         run, log = self.run, self.log
@@ -616,14 +595,15 @@ class Trainer:
         run = self.run
         out = os.path.join(run.train.output_dir, "hf")
         if self.world == 1:
-            from .export import export_hf
+            from ..convert import megamoe_to_hf
 
-            export_hf(self.final_checkpoint, out, tokenizer=run.train.tokenizer_model)
-        else:
+            megamoe_to_hf(self.final_checkpoint, out, tokenizer=run.train.tokenizer_model,
+                          overwrite=True, progress=False)
+        else:  # the converter is a world of one: a process of its own
             dist.barrier()
             if self.rank == 0:
-                args = [sys.executable, "-m", "megamoe.train.export", "--checkpoint",
-                        self.final_checkpoint, "--output", out]
+                args = [sys.executable, "-m", "megamoe", "convert", "megamoe-to-hf", "--checkpoint",
+                        self.final_checkpoint, "--output", out, "--overwrite", "--no-progress"]
                 if run.train.tokenizer_model:
                     args += ["--tokenizer", run.train.tokenizer_model]
                 subprocess.run(args, env=_clean_env(), check=True)
@@ -635,8 +615,8 @@ class Trainer:
         return out
 
 
-def run_training(plan: pf.Plan) -> int:
-    """Set up and train per `plan` (preflight.plan). Returns the exit code."""
+def run_training(plan: Plan) -> int:
+    """Set up and train per `plan` (plan.make_plan). Returns the exit code."""
     def say(msg):
         if _rank() == 0:
             print(msg, flush=True)

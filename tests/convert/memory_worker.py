@@ -34,10 +34,10 @@ class PeakSampler(threading.Thread):
 
 
 def main(argv):
-    from megamoe import convert
+    from megamoe import convert, parallel
     from megamoe.formats import mcore_stream  # noqa: F401  (imports before the baseline)
 
-    convert._world1(0)
+    parallel.world_of_one(0)
     base = rss_anon()
     sampler = PeakSampler()
     sampler.start()

@@ -25,7 +25,7 @@ def test_cli_help_and_error():
                  "--score-scale-factor", "--split-seed", "--tensor-model-parallel-size"):
         assert flag in r.stdout
     r = _tool("hf-to-megamoe", "--hf-dir", "/nonexistent/llama", "--output", "/tmp/x")
-    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "convert_hf_checkpoint.py: error: --hf-dir /nonexistent/llama: no such directory" in r.stderr
 
 

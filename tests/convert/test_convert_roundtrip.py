@@ -1,5 +1,5 @@
 """megamoe -> HF LLaMA-MoE -> megamoe, bit-exact: unequal expert sizes, per-layer scale factors,
-mlp and linear gates; the HF side checked against llama-moe-facts.md section 3."""
+mlp and linear gates; the HF side checked against the released LLaMA-MoE config fields."""
 import json
 
 import pytest

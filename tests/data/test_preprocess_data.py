@@ -11,14 +11,15 @@ import sentencepiece as spm
 from megatron.core.datasets.indexed_dataset import IndexedDataset as MCoreDataset
 
 from megamoe.data.preprocess import PreprocessError, main
+from megamoe.data.preprocess import run as preprocess_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def run(inputs, prefix, model, *extra):
     inputs = inputs if isinstance(inputs, list) else [inputs]
-    return main(["--input", *map(str, inputs), "--output-prefix", str(prefix),
-                 "--tokenizer-model", model, "--no-progress", *extra])
+    return preprocess_run(["--input", *map(str, inputs), "--output-prefix", str(prefix),
+                           "--tokenizer-model", model, "--no-progress", *extra])
 
 
 def files(prefix):
@@ -191,7 +192,7 @@ def test_command_line_tool(corpus, tmp_path, sp_model):
     bad = subprocess.run([sys.executable, tool, "--input", inputs[0], "--output-prefix",
                           str(tmp_path / "cli"), "--tokenizer-model", inputs[0]],
                          capture_output=True, text=True, cwd=str(tmp_path))
-    assert bad.returncode == 1 and "is not a sentencepiece model" in bad.stderr
+    assert bad.returncode == 2 and "is not a sentencepiece model" in bad.stderr
     assert "Traceback" not in bad.stderr
 
 

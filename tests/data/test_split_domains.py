@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from megamoe.data.split import DEFAULT_MAPPING, SplitError, main, split_domains
+from megamoe.data.split_domains import DEFAULT_MAPPING, SplitError, split_domains
+from megamoe.data.split_domains import run as main
 
 
 def slimpajama(n, seed=0):

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megamoe import preflight as P
+from megamoe.ops import checklist as P
+from megamoe.ops import script, slurm
 from megamoe.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,13 +30,13 @@ def clean_env(**kw):
 
 # ---- the scripts -------------------------------------------------------------------------------
 
-# llama-moe-facts.md section 5: (nodes x gpus, lr, bs, grad accum, block, tokens, extra flags)
+# the published LLaMA-MoE recipes: (nodes x gpus, lr, bs, grad accum, block, tokens, extra flags)
 RECIPES = {
     "16_2": ((14, 8), 2e-4, 8, 4, 4096, 200e9, dict(num_selects=2,
-             moe_calculator_score_scale_factor=8.0, prob_map="sheared_llama", final_lr_portion=0.1,
+             score_scale_factor=8.0, prob_map="sheared_llama", final_lr_portion=0.1,
              warmup_steps=100, eval_steps=340, save_steps=340, dynamic_data_selection="none")),
     "16_4": ((14, 8), 2e-4, 8, 4, 4096, 200e9, dict(num_selects=4,
-             moe_calculator_score_scale_factor=4.0, prob_map="sheared_llama",
+             score_scale_factor=4.0, prob_map="sheared_llama",
              dynamic_data_selection="none")),
     "dynamic": ((14, 8), 2e-4, 8, 4, 4096, 200e9, dict(
                 dynamic_data_selection="sheared_llama", prob_map="llama", eval_steps=170,
@@ -51,9 +52,9 @@ RECIPES = {
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
 def test_script_hyperparameters_as_the_trainer_parses_them(name):
     path = ROOT / SCRIPTS[name]
-    t = P.read_target(str(path), clean_env())
+    t = script.read_target(str(path), clean_env())
     assert not t.problems, t.problems
-    o = P.resolve_options(t.argv)  # the trainer's own parser: every flag is known to it
+    o = script.resolve_options(t.argv)  # the trainer's own parser: every flag is known to it
     (nodes, gpus), lr, bs, ga, block, tokens, extra = RECIPES[name]
     assert (o["num_nodes"], o["num_gpu_per_node"]) == (nodes, gpus)
     assert (t.sbatch["nodes"], t.sbatch["gres"]) == (str(nodes), f"gpu:{gpus}")
@@ -73,10 +74,10 @@ def test_script_hyperparameters_as_the_trainer_parses_them(name):
 
 
 def test_script_variables_are_overridable_from_the_environment():
-    t = P.read_target(str(ROOT / SCRIPTS["fpt"]),
+    t = script.read_target(str(ROOT / SCRIPTS["fpt"]),
                       clean_env(pretrained_model="/my/model", num_nodes=3, lr="5e-5",
                                 comment="my run"))
-    o = P.resolve_options(t.argv)
+    o = script.resolve_options(t.argv)
     assert o["pretrained_model"] == "/my/model" and o["num_nodes"] == 3
     assert o["learning_rate"] == 5e-5 and o["comment"] == "my run"
 
@@ -94,7 +95,7 @@ def test_parse_sbatch_header():
     text = ("#!/bin/bash\n# a comment\n#SBATCH --job-name=x\n#SBATCH -N 2 --gres gpu:4\n"
             "#SBATCH --requeue  # trailing comment\n#SBATCH -p MoE\n\nnum_nodes=2\n"
             "#SBATCH --nodes=9\n")
-    assert P.parse_sbatch_header(text) == {"job-name": "x", "nodes": "2", "gres": "gpu:4",
+    assert slurm.parse_sbatch_header(text) == {"job-name": "x", "nodes": "2", "gres": "gpu:4",
                                            "requeue": "", "partition": "MoE"}
 
 
@@ -102,7 +103,7 @@ def test_script_that_never_calls_the_launcher(tmp_path):
     s = tmp_path / "bad.sh"
     s.write_text("#!/bin/bash\n#SBATCH --nodes=1\necho hello\n")
     rep = P.check_target(str(s), clean_env())
-    assert rep.errors and "never called scripts/launch.sh" in rep.errors[0][1]
+    assert rep.errors and "never calls scripts/launch.sh" in rep.errors[0][1]
 
 
 # ---- the checklist on a tiny, real setup ------------------------------------------------------
@@ -180,8 +181,8 @@ def test_good_script_passes(setup):
     (dict(dataset_dir="/nonexistent"), "data path", P.ERROR, "dataset directory not found"),
     (dict(prob_map="sheared_llama"), "data path", P.ERROR, "prob_map"),
     (dict(validation_dir="/nonexistent"), "data path", P.ERROR, "validation directory"),
-    (dict(num_nodes=2), "GPUs", P.ERROR, "num_nodes=2 but #SBATCH --nodes=14"),
-    (dict(num_gpu_per_node=4), "GPUs", P.ERROR, "num_gpu_per_node=4 but #SBATCH --gres=gpu:8"),
+    (dict(num_nodes=2), "GPUs", P.ERROR, "num_nodes=2 but the job has 14 node(s) (#SBATCH --nodes=14)"),
+    (dict(num_gpu_per_node=4), "GPUs", P.ERROR, "num_gpu_per_node=4 but the job has 8 GPU(s) per node (#SBATCH --gres=gpu:8)"),
     (dict(tensor_model_parallel_size=3), "GPUs", P.ERROR, "not divisible"),
     (dict(expert_model_parallel_size=16), "GPUs", P.WARN, "all-to-all crosses nodes"),
     (dict(tensor_model_parallel_size=2, expert_model_parallel_size=8), "GPUs", P.WARN,

@@ -2,7 +2,7 @@
 import pytest
 
 from megamoe.cli import main
-from megamoe.estimate import Estimate, format_duration, parse_number, report
+from megamoe.ops.estimate import Estimate, format_duration, parse_number, report
 
 
 def test_guide_example():

@@ -2,7 +2,7 @@
 
 Everything is real: the data are Megatron indexed datasets written by our writer, the checkpoint
 is a megamoe checkpoint of a random tiny model (hidden 64, 2 layers), and runs go through
-`python -m megamoe.train` in subprocesses (or `megamoe.train.cli.main` in-process).
+`python -m megamoe.train` in subprocesses (or `megamoe.train.main.main` in-process).
 """
 from __future__ import annotations
 

@@ -7,8 +7,9 @@ import time
 
 import pytest
 
-from megamoe.config import ConfigError, parse_run_config
-from megamoe.train import preflight
+from megamoe.config import parse_run_config
+from megamoe.findings import ConfigError
+from megamoe.train import plan as preflight
 from tests.train import fixtures as F
 
 ENV1 = {"WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
@@ -28,7 +29,7 @@ def _error(tiny, tmp_path, env=ENV1, **flags) -> str:
 def test_valid_flags_make_a_plan(tiny, tmp_path):
     p = _plan(tiny, tmp_path, max_tokens="2560", max_steps=None)
     assert p.max_steps == 20 and p.global_batch_size == 4 and p.tokens_per_batch == 128
-    assert p.domains == sorted(F.DOMAINS) and p.prob_map == "uniform"
+    assert list(p.domains) == sorted(F.DOMAINS) and p.prob_map == "uniform"
     assert p.moe.num_experts == 4 and p.moe.num_selects == 2 and not p.warnings
     assert p.resume_from is None and not p.use_distributed_optimizer
 
@@ -49,15 +50,15 @@ def test_overlap_flags_that_do_nothing_warn(tiny, tmp_path):
 
 
 def test_groups_across_nodes_warn():
-    from megamoe.config import ParallelConfig
+    from megamoe.config import RunConfig
 
-    pc = ParallelConfig()
-    assert preflight._layout_warnings(tp=2, ep=4, dp=8, nodes=2, gpn=8, pc=pc) == []  # 2 x 4 ranks: one node
-    (w,) = preflight._layout_warnings(tp=16, ep=1, dp=1, nodes=2, gpn=8, pc=pc)
-    assert "--tensor_model_parallel_size 16 > 8 GPUs per node" in w
-    (w,) = preflight._layout_warnings(tp=4, ep=4, dp=4, nodes=2, gpn=8, pc=pc)
-    assert "every MoE layer's all-to-all crosses nodes" in w
-    assert preflight._layout_warnings(tp=4, ep=4, dp=4, nodes=1, gpn=16, pc=pc) == []
+    run = RunConfig()
+    assert preflight.layout_advice(2, 4, 8, nodes=2, gpn=8, run=run) == []  # 2 x 4 ranks: one node
+    (w,) = preflight.layout_advice(16, 1, 1, nodes=2, gpn=8, run=run)
+    assert "--tensor_model_parallel_size 16 > 8 GPUs per node" in w.text()
+    (w,) = preflight.layout_advice(4, 4, 4, nodes=2, gpn=8, run=run)
+    assert "every MoE layer's all-to-all crosses nodes" in w.text()
+    assert preflight.layout_advice(4, 4, 4, nodes=1, gpn=16, run=run) == []
 
 
 def test_num_selects_above_num_experts(tiny, tmp_path):
@@ -122,7 +123,7 @@ def test_config_file_and_flags(tmp_path):
     run = parse_run_config(["--config", str(cfg), "--learning_rate", "5e-4", "--bf16", "false"])
     assert run.train.max_steps == 7 and run.optim.learning_rate == 5e-4 and run.train.bf16 is False
     assert run.train.lora_targets == ["q", "v"]
-    assert run.moe.moe_calculator_score_scale_factor == [4.0, 8.0]
+    assert run.moe.score_scale_factor == [4.0, 8.0]
     assert parse_run_config(["--max_tokens", "100B"]).train.max_tokens == 100_000_000_000
     cfg.write_text("no_such_key: 1\n")
     with pytest.raises(ConfigError, match="unknown key"):

@@ -64,7 +64,7 @@ def test_merge_is_exact_in_model_and_hf_export(tiny, lora_run, tmp_path):
     from megamoe import parallel
     from megamoe.model import lora
     from megamoe.model.llama import lm_inputs
-    from megamoe.train.export import export_hf
+    from megamoe.convert import megamoe_to_hf
 
     F.world1()
     model, meta = _load(lora_run)
@@ -88,7 +88,7 @@ def test_merge_is_exact_in_model_and_hf_export(tiny, lora_run, tmp_path):
     assert rel < 1e-6, rel
     parallel.destroy()
 
-    out = export_hf(lora_run, str(tmp_path / "hf"))
+    out = megamoe_to_hf(lora_run, str(tmp_path / "hf"), progress=False)  # merges the adapters
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["model_type"] == "llama_moe" and cfg["num_experts"] == 4
     hf = {}
@@ -132,5 +132,7 @@ def test_adapters_start_neutral_and_merge_exactly(moe):
         assert (y1 - y0).abs().max() > 1e-2
         lora.merge_lora(model)
         y2 = model(tokens, pos, None)
-    assert ((y2 - y1).norm() / y1.norm()).item() < 1e-6
+    # fp32: W + s B A rounds once where the adapted path rounds twice; measured 2e-7 .. 1.04e-6
+    # over runs (the reduction order of the 2-core matmuls varies), so a few ulp of headroom
+    assert ((y2 - y1).norm() / y1.norm()).item() < 4e-6
     parallel.destroy()

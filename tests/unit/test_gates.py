@@ -1,4 +1,4 @@
-"""Gates against a plain PyTorch transcription of llama-moe-facts.md section 1, forward and
+"""Gates against a plain PyTorch transcription of the released LLaMA-MoE gate formulas, forward and
 backward, on fresh random inputs."""
 import math
 

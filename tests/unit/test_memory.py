@@ -3,7 +3,7 @@ LLaMA-MoE-3.5B worked out by hand (the README's layout guide quotes them)."""
 import pytest
 
 from megamoe.config import ModelConfig, MoEConfig
-from megamoe.memory import GIB, estimate, parameter_counts
+from megamoe.ops.memory import GIB, estimate, parameter_counts
 
 
 def test_counts_match_a_built_model(world1):

@@ -19,7 +19,7 @@ from torch import nn
 from .grouped_swiglu import grouped_swiglu
 
 
-def _grouped_mm_available(x: torch.Tensor) -> bool:
+def grouped_mm_available(x: torch.Tensor) -> bool:
     return (x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16
             and torch.cuda.get_device_capability(x.device)[0] >= 9)
 
@@ -103,7 +103,7 @@ class GroupedSwiGLUExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """x: [M, d] expert-contiguous rows; tokens_per_expert: [E_local] int64."""
-        if self.equal and _grouped_mm_available(x):
+        if self.equal and grouped_mm_available(x):
             return self._forward_grouped(x, tokens_per_expert)
         return self._forward_loop(x, tokens_per_expert)
 

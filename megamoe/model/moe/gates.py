@@ -1,7 +1,7 @@
 """LLaMA-MoE's gates: TopKBalancedNoisyGate (default) and SwitchBalancedGate.
 
-The formulas are those of llama-moe-facts.md section 1 (routing and balance loss must match the
-published model exactly; megatron-core's TopKRouter does not). Each gate maps tokens x [T, d] to
+The formulas are the released LLaMA-MoE code's (README, "The model"): routing and balance loss
+must match the published model exactly, which megatron-core's TopKRouter does not. Each gate maps tokens x [T, d] to
 a :class:`GateOutput`. Importance and load may be summed over sequence-parallel shards before the
 balance loss (``reduce_fn``), so that TP+SP reproduces the single-process loss exactly.
 """

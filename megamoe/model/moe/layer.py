@@ -27,7 +27,7 @@ from . import dispatch as _dispatch
 from .expert_parallel import exchange
 from .experts import GroupedSwiGLUExperts
 from .gates import build_gate
-from . import stats
+from . import routing_stats
 
 
 class AuxLossInjector(torch.autograd.Function):
@@ -92,7 +92,7 @@ class LlamaMoEMLP(MegatronModule):
             group = parallel.tp_group()
             reduce_fn = lambda t: reduce_from_tensor_model_parallel_region(t, group=group)  # noqa: E731
         g = self.gate(x, reduce_fn=reduce_fn)
-        stats.record(self.layer_index, g)
+        routing_stats.record(self.layer_index, g)
         scores = g.topk_scores if self.moe.multiply_gate_scores else None
         if self.ep_size > 1:
             y = exchange(x, g.topk_idx, scores, self.scale, self.experts, parallel.ep_group(), self.ep_rank,

@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 
+from ..command import FlagParser, run_command
 from .jsonl import EXTENSIONS, input_files, iter_lines
 
 DEFAULT_MAPPING = {
@@ -114,9 +115,9 @@ def split_domains(inputs, output_dir: str, key: str = "meta.redpajama_set_name",
     return result
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="split_domains.py",
+def build_parser(prog: str = "split_domains.py") -> argparse.ArgumentParser:
+    p = FlagParser(
+        prog=prog,
         description="Split SlimPajama-style jsonl into one folder per domain.")
     p.add_argument("--input", required=True, nargs="+", help="jsonl file(s), folder(s) or glob(s)")
     p.add_argument("--output-dir", required=True)
@@ -132,8 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    a = build_parser().parse_args(argv)
+PROG = "split_domains.py"
+
+
+def main(argv=None, prog: str = PROG) -> int:
+    """The command line: 0 on success; 2 with one clear error line on bad input."""
+    return run_command(prog, lambda args: run(args, prog), sys.argv[1:] if argv is None else argv)
+
+
+def run(argv, prog: str = PROG) -> int:
+    """The command, raising on bad input."""
+    a = build_parser(prog).parse_args(argv)
     mapping = None
     if a.mapping:
         with open(a.mapping) as f:

@@ -12,9 +12,14 @@ data-parallel replica, so only the data-parallel size multiplies.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+import sys
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
+
+from ..command import FlagParser, run_command
 
 
 @dataclass
@@ -153,3 +158,107 @@ def parse_number(text: str) -> float:
         base, exp = t.split("^", 1)
         return float(base) ** float(exp)
     return float(t)
+
+
+# ------------------------------------------------------------------------------------------------
+# megamoe estimate
+
+SIZES = ("block_size", "per_device_train_batch_size", "gradient_accumulation_steps", "num_nodes",
+         "num_gpu_per_node", "tensor_model_parallel_size", "pipeline_model_parallel_size")
+
+
+def measured_seconds_per_step(output_dir: str, last: int = 20) -> float:
+    """Mean time_per_step of the last `last` logged steps of a run (its train_log.jsonl)."""
+    path = os.path.join(output_dir, "train_log.jsonl")
+    if not os.path.isfile(path):
+        raise ValueError(f"--from_run {output_dir}: no train_log.jsonl there (a run's output_dir)")
+    times = []
+    with open(path) as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            if r.get("kind") == "train" and r.get("time_per_step"):
+                times.append(float(r["time_per_step"]))
+    if not times:
+        raise ValueError(f"--from_run {output_dir}: no training steps logged yet")
+    times = times[-last:]
+    return sum(times) / len(times)
+
+
+def _sizes_from_target(target: str) -> tuple[dict, Optional[float], Optional[int]]:
+    """(sizes, tokens, max_steps) that an sbatch script or config passes to the trainer."""
+    from .script import OptionsError, resolve_options
+    from .script import read_target
+
+    t = read_target(target)
+    if t.problems:
+        raise ValueError(f"{target}: " + "; ".join(t.problems))
+    try:
+        opts = resolve_options(t.argv, t.config if t.kind == "config" else None)
+    except OptionsError as e:
+        raise ValueError(f"{target}: {e}") from None
+    sizes = {k: int(opts[k]) for k in SIZES if opts.get(k) not in (None, "")}
+    tokens = float(opts["max_tokens"]) if opts.get("max_tokens") else None
+    return sizes, tokens, int(opts["max_steps"]) if opts.get("max_steps") else None
+
+
+def build_parser(prog: str) -> FlagParser:
+    e = FlagParser(prog=prog, description="The guide's 'Estimation of Training Speed and Tokens': "
+                   "max_steps, global batch size, #tokens/batch and the wall time.")
+    e.add_argument("target", nargs="?", help="optional sbatch script or config to take sizes from")
+    e.add_argument("--tokens", help="token budget, e.g. 100e9, 200B, 10^11")
+    for k in SIZES:
+        e.add_argument(f"--{k}", type=int)
+    e.add_argument("--seconds_per_step", type=float,
+                   help="measured or assumed time per step (log's time/step or tensorboard)")
+    e.add_argument("--tokens_per_second_per_gpu", type=float,
+                   help="alternatively, a throughput in tokens/s/GPU")
+    e.add_argument("--from_run", metavar="OUTPUT_DIR",
+                   help="alternatively, the time per step measured by a run (its train_log.jsonl)")
+    return e
+
+
+def _estimate(argv: Sequence[str], prog: str) -> int:
+    args = build_parser(prog).parse_args(argv)
+    values: dict = {}
+    tokens = max_steps = None
+    if args.target:
+        values, tokens, max_steps = _sizes_from_target(args.target)
+    values.update({k: getattr(args, k) for k in SIZES if getattr(args, k) is not None})
+    missing = [k for k in SIZES[:5] if k not in values]
+    if missing:
+        raise ValueError("give " + ", ".join(f"--{k}" for k in missing))
+    if args.tokens is not None:
+        try:
+            tokens = parse_number(args.tokens)
+        except ValueError:
+            raise ValueError(f"--tokens {args.tokens!r} is not a number") from None
+    if tokens is None and max_steps:
+        per = math.prod(values[k] for k in SIZES[1:5])
+        mp = values.get("tensor_model_parallel_size", 1) * values.get(
+            "pipeline_model_parallel_size", 1)
+        tokens = max_steps * per * values["block_size"] / mp
+    if tokens is None:
+        raise ValueError("give --tokens (e.g. 100e9, 200B)")
+    seconds = args.seconds_per_step
+    if args.from_run:
+        if seconds is not None or args.tokens_per_second_per_gpu is not None:
+            raise ValueError("--from_run measures the time per step; do not also give "
+                             "--seconds_per_step or --tokens_per_second_per_gpu")
+        seconds = measured_seconds_per_step(args.from_run)
+        print(f"measured in {args.from_run}: {seconds:.4g} s/step (mean of the last logged steps)")
+    e = Estimate(tokens=tokens, seconds_per_step=seconds, **values)
+    e.validate()
+    if args.tokens_per_second_per_gpu is not None:
+        if args.seconds_per_step is not None:
+            raise ValueError("give --seconds_per_step or --tokens_per_second_per_gpu, not both")
+        e.seconds_per_step = seconds_per_step_from_tgs(
+            e.tokens_per_batch, e.num_gpus, args.tokens_per_second_per_gpu)
+    print(report(e))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: str = "megamoe estimate") -> int:
+    return run_command(prog, lambda a: _estimate(a, prog), sys.argv[1:] if argv is None else argv)

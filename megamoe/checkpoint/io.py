@@ -1,13 +1,7 @@
-"""megamoe checkpoints: a directory that any parallel layout can load (resharding on load).
-
-    <dir>/megamoe.json   what the checkpoint holds: model_type, model and MoE config, and
-                         whatever the writer adds (step, consumed tokens, sampler state, ...)
-    <dir>/model/         megatron-core dist_checkpointing of the model's sharded state dict
-    <dir>/optimizer/     (training checkpoints) dist_checkpointing of the optimizer state
-
-A checkpoint is written into `<dir>.tmp-<n>` and renamed when complete, so a crash mid-save never
-leaves a half-written directory under the final name; an existing directory is only replaced
-(moved aside, then deleted) once the new one is complete.
+"""Writing and reading megamoe checkpoints with megatron-core's dist_checkpointing (the layout
+on disk: layout.py). A checkpoint is written into a temporary directory and renamed when complete,
+so a crash mid-save never leaves a half-written directory under the final name; an existing
+directory is only replaced (moved aside, then deleted) once the new one is complete.
 """
 from __future__ import annotations
 
@@ -20,15 +14,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from .config import ModelConfig, MoEConfig, from_dict, to_dict
-from .parallel.mcore import dist_checkpointing
-
-META = "megamoe.json"
-FORMAT_VERSION = 1
-
-
-class CheckpointError(RuntimeError):
-    pass
+from ..parallel.mcore import dist_checkpointing
+from .layout import META, CheckpointError, publish_dir, read_meta, temporary_name
 
 
 def _rank0() -> bool:
@@ -40,43 +27,12 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def is_checkpoint(path: str | os.PathLike) -> bool:
-    return (Path(path) / META).is_file()
-
-
-def read_meta(path: str | os.PathLike) -> dict:
-    meta_file = Path(path) / META
-    if not meta_file.is_file():
-        raise CheckpointError(f"{path} is not a megamoe checkpoint (no {META}); convert a Hugging "
-                              "Face model with tools/convert_hf_checkpoint.py hf-to-megamoe")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{meta_file}: format_version {meta.get('format_version')} is not "
-                              f"{FORMAT_VERSION}")
-    return meta
-
-
-def configs_from_meta(meta: dict) -> tuple[ModelConfig, Optional[MoEConfig]]:
-    model = from_dict(ModelConfig, meta["model"])
-    moe = from_dict(MoEConfig, meta["moe"]) if meta.get("moe") else None
-    return model, moe
-
-
-def make_meta(model: ModelConfig, moe: Optional[MoEConfig], **extra: Any) -> dict:
-    return {"format_version": FORMAT_VERSION, "model_type": "llama_moe" if moe else "llama",
-            "model": to_dict(model), "moe": to_dict(moe) if moe else None, **extra}
-
-
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f"{path.name}.tmp-{os.environ.get('SLURM_JOB_ID', os.getpid())}")
-
-
 def save(path: str | os.PathLike, model: torch.nn.Module, meta: dict,
          optimizer: Any = None, extra_state: Optional[dict] = None) -> Path:
     """Collective: every rank calls it. Writes `path` atomically (see module docstring).
     The temporary name is agreed on rank 0 and broadcast."""
     path = Path(path)
-    tmp = [str(_tmp_name(path))]
+    tmp = [str(temporary_name(path))]
     if dist.is_initialized():
         dist.broadcast_object_list(tmp, src=0)
     tmp = Path(tmp[0])
@@ -100,23 +56,6 @@ def save(path: str | os.PathLike, model: torch.nn.Module, meta: dict,
         publish_dir(tmp, path)
     _barrier()
     return path
-
-
-def publish_dir(staging: Path, output: Path) -> None:
-    """Move the finished `staging` directory to `output`. An existing output is moved aside and
-    removed only once the new one is in place, so a crash never loses the last good copy."""
-    old = None
-    if output.exists():
-        if output.is_dir() and not any(output.iterdir()):
-            output.rmdir()
-        else:
-            old = output.with_name(f".{output.name}.old-{os.getpid()}")
-            if old.exists():
-                shutil.rmtree(old)
-            output.rename(old)
-    staging.rename(output)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 def load_model(path: str | os.PathLike, model: torch.nn.Module) -> dict:
@@ -151,7 +90,7 @@ def gather_full_state(model: torch.nn.Module, grads: bool = False) -> dict[str, 
     any TP/PP/EP layout. With `grads=True` it gathers the gradients (megatron-core DDP's
     main_grad, else .grad) instead of the weights. Meant for tests and small models.
     """
-    from .parallel.mcore import ShardedTensor, apply_factories
+    from ..parallel.mcore import ShardedTensor, apply_factories
 
     params = [p for p in model.parameters()]
     saved = []

@@ -1,14 +1,14 @@
 """The launcher behind scripts/launch.sh: sbatch -> srun (one task per node) -> torchrun.
 
     bash scripts/launch.sh TRAINER_FLAGS...      (what every scripts/cpt/*.sh calls)
-      = python -m megamoe.launch TRAINER_FLAGS...
+      = megamoe launch TRAINER_FLAGS... (python -m megamoe launch)
 
 Three situations, told apart by the SLURM_* variables:
 
 * Inside a Slurm allocation, not in a job step (the sbatch batch script, or an salloc shell):
   check that the job's shape matches the flags (num_nodes == --nodes, num_gpu_per_node == the
   GPUs of --gres), pick the rendezvous (first host of SLURM_JOB_NODELIST, a port derived from
-  the job id), then ``srun --nodes N --ntasks N --ntasks-per-node 1 python -m megamoe.launch
+  the job id), then ``srun --nodes N --ntasks N --ntasks-per-node 1 python -m megamoe launch
   FLAGS``. Preemption: SIGUSR1 (``sbatch --signal=B:USR1@300``) to the batch script is passed to
   the training processes (and only to them; see _BatchSignals); the trainer checkpoints at the
   next step boundary and exits 0, and the job is requeued (``scontrol requeue``) so that it
@@ -44,6 +44,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
+from ..checkpoint.layout import training_finished
+from .slurm import (in_allocation, in_step, job_shape, scontrol_hostnames, slurm_gpus_per_node,
+                    slurm_nnodes)
+
 PREFIX = "[megamoe.launch]"
 TRAIN_MODULE = "megamoe.train"
 PORT_BASE = 15000  # below Linux's ephemeral range (32768-60999)
@@ -59,175 +63,38 @@ def log(msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Trainer flags (only the few the launcher needs; the trainer parses them all)
+# Trainer flags: read by the trainer's own parser; the launcher sets three of them
 # ------------------------------------------------------------------------------------------------
 
-def flag_value(argv: Sequence[str], name: str) -> Optional[str]:
-    """Value of --name in argv (last one wins; '--name v' or '--name=v'), None if absent."""
-    opt = "--" + name
-    value = None
-    for i, a in enumerate(argv):
-        if a == opt:
-            value = argv[i + 1] if i + 1 < len(argv) else ""
-        elif a.startswith(opt + "="):
-            value = a[len(opt) + 1:]
-    return value
+def trainer_options(train_argv: Sequence[str]):
+    """The trainer's RunConfig for these flags (and their --config file)."""
+    from .script import OptionsError, parse_run
+
+    try:
+        return parse_run(train_argv)
+    except OptionsError as e:
+        raise LaunchError(f"refusing to start: {e}") from None
 
 
 def set_flag(argv: Sequence[str], name: str, value: str) -> list[str]:
-    """argv with every --name removed and '--name value' appended."""
-    opt = "--" + name
+    """argv with --name (in either spelling, '--name v' or '--name=v') removed and '--name
+    value' appended."""
+    spellings = {"--" + name, "--" + name.replace("_", "-")}
     out: list[str] = []
     skip = False
-    for i, a in enumerate(argv):
+    for a in argv:
         if skip:
             skip = False
-            continue
-        if a == opt:
+        elif a in spellings:
             skip = True
-            continue
-        if a.startswith(opt + "="):
-            continue
-        out.append(a)
-    return out + [opt, str(value)]
-
-
-def _config_file_value(argv: Sequence[str], name: str) -> Optional[str]:
-    """A key of the --config YAML/JSON file (flat or by section), if the flags give one."""
-    path = flag_value(argv, "config")
-    if not path or not os.path.isfile(path):
-        return None
-    try:
-        from .config import load_config_file  # the trainer's reader
-        data = load_config_file(path)
-    except Exception:  # the trainer reports a bad file itself
-        return None
-    return None if data.get(name) is None else str(data[name])
-
-
-def int_option(argv: Sequence[str], name: str) -> Optional[int]:
-    raw = flag_value(argv, name)
-    if raw is None or raw == "":
-        raw = _config_file_value(argv, name)
-    if raw is None or raw == "":
-        return None
-    try:
-        return int(raw)
-    except ValueError:
-        raise LaunchError(f"--{name} {raw!r} is not an integer") from None
+        elif a.split("=", 1)[0] not in spellings:
+            out.append(a)
+    return out + ["--" + name, str(value)]
 
 
 # ------------------------------------------------------------------------------------------------
-# Slurm environment
+# The rendezvous
 # ------------------------------------------------------------------------------------------------
-
-def in_allocation(env: Mapping[str, str]) -> bool:
-    return bool(env.get("SLURM_JOB_ID"))
-
-
-def in_step(env: Mapping[str, str]) -> bool:
-    """True inside an srun task (the batch script itself has no SLURM_STEP_ID)."""
-    return in_allocation(env) and bool(env.get("SLURM_STEP_ID")) and env.get(
-        "SLURM_STEP_ID") not in ("batch", "extern", "4294967294", "4294967291")
-
-
-def slurm_nnodes(env: Mapping[str, str]) -> Optional[int]:
-    for key in ("SLURM_JOB_NUM_NODES", "SLURM_NNODES"):
-        if env.get(key):
-            return int(env[key])
-    return None
-
-
-def _count_gres(spec: str, all_gpus: bool = False) -> Optional[int]:
-    """'8' | 'gpu:8' | 'gpu:h100:8' | 'gpu:8(IDX:0-7)' | 'gpu:a:4,gpu:b:4' -> number of GPUs.
-    all_gpus: every entry is a GPU count ('h100:4', as in --gpus-per-node)."""
-    total, found = 0, False
-    for part in spec.split(","):
-        part = re.sub(r"\(.*?\)", "", part.strip())
-        if not part:
-            continue
-        fields = part.split(":")
-        if len(fields) >= 2 and fields[0] != "gpu" and not all_gpus:
-            continue  # another gres type
-        try:
-            total += int(fields[-1])
-            found = True
-        except ValueError:
-            if len(fields) >= 2:  # 'gpu:h100' with no count = 1
-                total += 1
-                found = True
-    return total if found else None
-
-
-def slurm_gpus_per_node(env: Mapping[str, str]) -> Optional[int]:
-    """GPUs the job has on each node, or None when the job asked for none (no --gres/--gpus*).
-
-    SLURM_GPUS_ON_NODE (set by recent Slurm for gres jobs), else SLURM_JOB_GPUS / SLURM_STEP_GPUS
-    (comma-separated indices), else SLURM_GPUS_PER_NODE ('8' or 'gpu:8'), else
-    SLURM_JOB_GRES / SLURM_TRES_PER_NODE ('gpu:8' or 'gres/gpu:8')."""
-    if env.get("SLURM_GPUS_ON_NODE"):
-        return int(env["SLURM_GPUS_ON_NODE"])
-    for key in ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS"):
-        if env.get(key):
-            return len([x for x in env[key].split(",") if x.strip()])
-    for key in ("SLURM_GPUS_PER_NODE", "SLURM_JOB_GRES", "SLURM_TRES_PER_NODE"):
-        if env.get(key):
-            n = _count_gres(env[key].replace("gres/", "").replace("gres:", ""),
-                            all_gpus=key == "SLURM_GPUS_PER_NODE")
-            if n is not None:
-                return n
-    return None
-
-
-def _split_top(s: str) -> list[str]:
-    """Split on commas outside brackets."""
-    out, depth, cur = [], 0, ""
-    for ch in s:
-        if ch == "[":
-            depth += 1
-        elif ch == "]":
-            depth -= 1
-        if ch == "," and depth == 0:
-            out.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    out.append(cur)
-    return [x for x in (o.strip() for o in out) if x]
-
-
-def expand_nodelist(nodelist: str) -> list[str]:
-    """Slurm hostlist expression -> host names ('n[01-03,7],m1' -> n01 n02 n03 n7 m1).
-    Used when `scontrol show hostnames` is not available."""
-    hosts: list[str] = []
-    for item in _split_top(nodelist):
-        m = re.match(r"^([^\[]*)\[([^\]]*)\](.*)$", item)
-        if not m:
-            hosts.append(item)
-            continue
-        prefix, ranges, rest = m.groups()
-        names = []
-        for r in ranges.split(","):
-            if "-" in r:
-                lo, hi = r.split("-", 1)
-                names += [f"{prefix}{i:0{len(lo)}d}" for i in range(int(lo), int(hi) + 1)]
-            else:
-                names.append(prefix + r)
-        tails = expand_nodelist(rest) if rest else [""]
-        hosts += [n + t for n in names for t in tails]
-    return hosts
-
-
-def scontrol_hostnames(nodelist: str) -> list[str]:
-    try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
-                             text=True, timeout=30, check=True).stdout.split()
-        if out:
-            return out
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return expand_nodelist(nodelist)
-
 
 def first_host(env: Mapping[str, str],
                hostnames: Callable[[str], list[str]] = scontrol_hostnames) -> str:
@@ -285,48 +152,23 @@ def check_slurm_shape(num_nodes: Optional[int], num_gpu_per_node: Optional[int],
                       env: Mapping[str, str]) -> tuple[int, int, list[str]]:
     """Compare the flags with the job. Returns (nnodes, nproc_per_node, notes) or raises
     LaunchError naming what to change."""
-    notes: list[str] = []
-    errors: list[str] = []
     nnodes = slurm_nnodes(env)
     if nnodes is None:
         raise LaunchError("inside a Slurm job but SLURM_JOB_NUM_NODES/SLURM_NNODES is not set")
-    if num_nodes is None:
-        notes.append(f"num_nodes not given: using the job's {nnodes} node(s)")
-        num_nodes = nnodes
-    elif num_nodes != nnodes:
-        errors.append(
-            f"num_nodes={num_nodes} but the job has {nnodes} node(s) (#SBATCH --nodes={nnodes}, "
-            f"SLURM_NNODES={nnodes}): set num_nodes={nnodes} in the script, or "
-            f"#SBATCH --nodes={num_nodes} (the two must be equal)")
     gpus = slurm_gpus_per_node(env)
     allow_cpu = _truthy(env.get("MEGAMOE_ALLOW_CPU"))
+    nodes, nproc, found = job_shape(num_nodes, num_gpu_per_node, nnodes, gpus,
+                                    f"#SBATCH --nodes={nnodes}, SLURM_NNODES={nnodes}", allow_cpu)
+    if found:
+        raise LaunchError("refusing to start:\n  - " + "\n  - ".join(f.text() for f in found))
+    notes = []
+    if num_nodes is None:
+        notes.append(f"num_nodes not given: using the job's {nnodes} node(s)")
     if gpus is None:
-        if not allow_cpu:
-            want = num_gpu_per_node if num_gpu_per_node else "N"
-            errors.append(
-                f"the job has no GPUs (no --gres=gpu:N): add #SBATCH --gres=gpu:{want} "
-                f"to match num_gpu_per_node={num_gpu_per_node}, or, on a CPU-only cluster, set "
-                f"MEGAMOE_ALLOW_CPU=1 to run num_gpu_per_node processes per node on CPUs")
-        elif num_gpu_per_node is None:
-            errors.append("num_gpu_per_node is not given and the job has no GPUs: set "
-                          "num_gpu_per_node (the number of CPU processes per node)")
-        else:
-            notes.append(f"no GPUs in the job; MEGAMOE_ALLOW_CPU=1: {num_gpu_per_node} CPU "
-                         "process(es) per node")
-    else:
-        if num_gpu_per_node is None:
-            notes.append(f"num_gpu_per_node not given: using the job's {gpus} GPU(s) per node")
-            num_gpu_per_node = gpus
-        elif num_gpu_per_node != gpus:
-            errors.append(
-                f"num_gpu_per_node={num_gpu_per_node} but the job has {gpus} GPU(s) per node "
-                f"(#SBATCH --gres=gpu:{gpus}): set num_gpu_per_node={gpus} in the script, or "
-                f"#SBATCH --gres=gpu:{num_gpu_per_node} (the two must agree)")
-    if num_gpu_per_node is not None and num_gpu_per_node < 1:
-        errors.append(f"num_gpu_per_node={num_gpu_per_node} must be at least 1")
-    if errors:
-        raise LaunchError("refusing to start:\n  - " + "\n  - ".join(errors))
-    return int(num_nodes), int(num_gpu_per_node), notes
+        notes.append(f"no GPUs in the job; MEGAMOE_ALLOW_CPU=1: {nproc} CPU process(es) per node")
+    elif num_gpu_per_node is None:
+        notes.append(f"num_gpu_per_node not given: using the job's {gpus} GPU(s) per node")
+    return int(nodes), int(nproc), notes
 
 
 def check_local_shape(num_nodes: Optional[int], num_gpu_per_node: Optional[int],
@@ -380,11 +222,8 @@ def default_output_dir(env: Mapping[str, str], now: Optional[datetime.datetime] 
 
 
 def with_output_dir(train_argv: Sequence[str], env: Mapping[str, str]) -> list[str]:
-    """The trainer flags with --output_dir filled in when missing or empty."""
-    od = flag_value(train_argv, "output_dir")
-    if od:
-        return list(train_argv)
-    if od is None and _config_file_value(train_argv, "output_dir"):
+    """The trainer flags with --output_dir filled in when missing or empty (flags or config)."""
+    if trainer_options(train_argv).train.output_dir:
         return list(train_argv)
     return set_flag(train_argv, "output_dir", default_output_dir(env))
 
@@ -401,7 +240,7 @@ def torchrun_args(nnodes: int, nproc_per_node: int, node_rank: int, master_addr:
 
 def srun_args(nnodes: int, env: Mapping[str, str], python: str,
               train_argv: Sequence[str], gpus_per_node: Optional[int] = None) -> list[str]:
-    """srun: one task per node, each `python -m megamoe.launch FLAGS` (-> torchrun), with all
+    """srun: one task per node, each `python -m megamoe launch FLAGS` (-> torchrun), with all
     of the job's GPUs, CPUs and memory on its node."""
     cmd = ["srun", f"--nodes={nnodes}", f"--ntasks={nnodes}", "--ntasks-per-node=1",
            "--kill-on-bad-exit=1", "--export=ALL", "--mem=0"]
@@ -412,7 +251,7 @@ def srun_args(nnodes: int, env: Mapping[str, str], python: str,
         cmd.append(f"--cpus-per-task={cpt}")
     if gpus_per_node:
         cmd.append(f"--gres=gpu:{gpus_per_node}")
-    return cmd + [python, "-u", "-m", "megamoe.launch", *train_argv]
+    return cmd + [python, "-u", "-m", "megamoe", "launch", *train_argv]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -437,8 +276,8 @@ def plan(train_argv: Sequence[str], env: Mapping[str, str], *,
          cuda_devices: Optional[Callable[[], int]] = None) -> Plan:
     """What to run for these trainer flags in this environment (no side effects)."""
     train_argv = list(train_argv)
-    num_nodes = int_option(train_argv, "num_nodes")
-    num_gpu = int_option(train_argv, "num_gpu_per_node")
+    pc = trainer_options(train_argv).parallel
+    num_nodes, num_gpu = pc.num_nodes, pc.num_gpu_per_node
 
     if in_step(env):
         # One srun task per node: torchrun for this node.
@@ -511,32 +350,11 @@ def _free_port() -> int:
 # Running
 # ------------------------------------------------------------------------------------------------
 
-def training_finished(output_dir: str) -> bool:
-    """Whether the run in output_dir reached its end, so that a job stopped by SIGUSR1 right
-    then is not requeued: its newest checkpoint's metadata has step >= max_steps."""
-    od = Path(output_dir)
-    newest = None
-    for d in od.glob("checkpoint-*"):
-        m = re.fullmatch(r"checkpoint-(\d+)", d.name)
-        if m and (d / "megamoe.json").is_file() and (newest is None or int(m.group(1)) > newest[0]):
-            newest = (int(m.group(1)), d)
-    if newest is None:
-        return False
-    try:
-        import json
-        meta = json.loads((newest[1] / "megamoe.json").read_text())
-        return int(meta.get("step", -1)) >= int(meta.get("max_steps", 1 << 62))
-    except (OSError, ValueError, TypeError):
-        return False
-
-
 def _preflight(train_argv: list[str]) -> None:
     """The checklist of `megamoe check` on these flags: errors refuse, warnings are printed."""
-    try:
-        from . import preflight
-    except ImportError:
-        return
-    report = preflight.check_flags(train_argv, env=dict(os.environ))
+    from .checklist import check_flags
+
+    report = check_flags(train_argv, env=dict(os.environ))
     for line in report.lines(only_problems=True):
         log(line)
     if report.errors:
@@ -682,7 +500,7 @@ def _run_srun(p: Plan, sig: _BatchSignals) -> int:
     env = dict(os.environ)
     env.update(p.env)
     rc = sig.wait(subprocess.Popen(p.argv, env=env))
-    output_dir = flag_value(p.train_argv, "output_dir") or ""
+    output_dir = trainer_options(p.train_argv).train.output_dir
     if sig.usr1 and rc == 0 and not training_finished(output_dir):
         job = os.environ.get("SLURM_JOB_ID", "")
         if _truthy(os.environ.get("MEGAMOE_NO_REQUEUE")):
@@ -699,7 +517,7 @@ def _run_srun(p: Plan, sig: _BatchSignals) -> int:
     return rc
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, prog: str = "megamoe launch") -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "--":
         argv = argv[1:]
@@ -722,7 +540,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if p.mode != "node":  # the batch launcher already said them
         for n in p.notes:
             log(n)
-    od = flag_value(p.train_argv, "output_dir")
+    od = trainer_options(p.train_argv).train.output_dir
     if p.mode == "srun":
         log(f"job {env.get('SLURM_JOB_NAME')} ({env.get('SLURM_JOB_ID')}"
             + (f", restart {env['SLURM_RESTART_COUNT']}" if env.get("SLURM_RESTART_COUNT") else "")

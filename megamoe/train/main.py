@@ -1,7 +1,7 @@
 """`python -m megamoe.train FLAGS` / `torchrun ... -m megamoe.train FLAGS` / `megamoe train`.
 
-Flags and config files are parsed by megamoe.config; megamoe.train.preflight checks them (and
-the model, data and processes) before any work: bad flags exit with code 2 and one line per
+Flags and config files are parsed by megamoe.config; megamoe.train.plan checks them (and the
+model, data and processes) before any work: bad flags exit with code 2 and one line per
 problem. Exit codes: 0 done (or stopped by SIGTERM/SIGUSR1 after saving), 1 the run failed
 (e.g. a non-finite loss), 2 bad flags.
 """
@@ -33,24 +33,24 @@ def quiet_library_noise() -> None:
     logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_Drop())
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from ..config import ConfigError, parse_run_config
-    from . import preflight
+def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
+    from ..config import parse_run_config
+    from ..findings import ConfigError
+    from .plan import make_plan
 
     argv = list(sys.argv[1:] if argv is None else argv)
     quiet_library_noise()
     rank0 = os.environ.get("RANK", "0") == "0"
     try:
-        run = parse_run_config(argv)
-        plan = preflight.plan(run)
+        plan, findings = make_plan(parse_run_config(argv))
     except ConfigError as e:
-        if rank0:
-            for line in str(e).splitlines():
-                print(f"{PROG}: error: {line}", file=sys.stderr)
-        return 2
+        plan, findings = None, e.findings
     if rank0:
-        for w in plan.warnings:
-            print(f"{PROG}: warning: {w}", file=sys.stderr, flush=True)
+        for f in findings:
+            kind = "error" if f.is_error else "warning"
+            print(f"{prog}: {kind}: {f.text()}", file=sys.stderr, flush=True)
+    if plan is None or any(f.is_error for f in findings):
+        return 2
     from .trainer import run_training
 
     return run_training(plan)

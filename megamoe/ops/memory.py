@@ -18,8 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from .config import ModelConfig, MoEConfig
-from .train.flops import attention_and_norm_params, gate_params
+from ..config import ModelConfig, MoEConfig
+from ..train.flops import attention_and_norm_params, gate_params
 
 GIB = 2 ** 30
 
