@@ -40,6 +40,7 @@ from .formats.hf_config import HFFormatError
 from .formats.hf_files import HFWeights, ShardedSafetensorsWriter, parse_size
 from .formats.hf_llama import hf_to_megamoe as _hf_to_mg
 from .formats.hf_llama import megamoe_to_hf as _mg_to_hf
+from .outputs import check_output, mark, publish_dir, staging_dir
 from .moefy import io as split_io
 from .moefy.split import SplitError, random_split, resolve_sizes, slice_ffn
 
@@ -62,34 +63,6 @@ def _refuse(findings: list[Finding]) -> list[Finding]:
 def _warn(findings: list[Finding]) -> None:
     for f in findings:
         print(f"convert: warning: {f.text(dash_flag)}", file=sys.stderr)
-
-
-# --------------------------------------------------------------------------------------------
-# output directories: refuse to clobber, never half-write
-
-
-def _check_output(output: Path, overwrite: bool, flag: str = "--output") -> None:
-    if output.exists() and not output.is_dir():
-        raise ConvertError(f"{flag} {output} exists and is not a directory")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        what = "a megamoe checkpoint" if checkpoint.is_checkpoint(output) else "files"
-        raise ConvertError(f"{flag} {output} already holds {what}; pass --overwrite to replace "
-                           "it, or choose another directory")
-    if not output.parent.exists():
-        output.parent.mkdir(parents=True)
-
-
-def _staging(output: Path) -> Path:
-    tmp = output.with_name(f".{output.name}.converting-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    return tmp
-
-
-def _commit(staging: Path, output: Path) -> None:
-    from .checkpoint.layout import publish_dir
-
-    publish_dir(staging, output)
 
 
 def _world1(seed: int) -> None:
@@ -365,7 +338,8 @@ def hf_to_megamoe(hf_dir: str | os.PathLike, output: str | os.PathLike,
     layout = (tensor_model_parallel_size, pipeline_model_parallel_size, expert_model_parallel_size)
     if model_type == "llama" or moe is not None or num_experts is not None:  # E known
         validate_layout(m, moe.num_experts if moe else num_experts, *layout)
-    _check_output(output, overwrite)
+    check_output(output, [("--hf-dir", hf_dir), ("--split-file", split.split_file)]
+                 + [("--split-data", d) for d in split.data], overwrite)
 
     weights = HFWeights(hf_dir)
     from .formats import mcore_stream  # megatron-core: imported once the input looks right
@@ -420,9 +394,10 @@ def hf_to_megamoe(hf_dir: str | os.PathLike, output: str | os.PathLike,
     else:
         items = _with_gates(_sliced(_hf_to_mg(dense_get, m), splits), m.hidden_size, moe, seed)
     meta = checkpoint.make_meta(m, moe, **extra)
-    staging = _staging(output)
+    staging = staging_dir(output, "converting")
     try:
-        staging.mkdir()
+        staging.mkdir(parents=True)
+        mark(staging, "megamoe convert hf-to-megamoe")
         bar = _Progress(m.num_hidden_layers, "hf-to-megamoe", progress)
         # the layout of build_model(m, moe, dtype) without its memory; the data is streamed
         mcore_stream.save_streaming(mcore_stream.meta_model(m, moe, torch_dtype),
@@ -434,7 +409,7 @@ def hf_to_megamoe(hf_dir: str | os.PathLike, output: str | os.PathLike,
         if splits is not None:
             for i, (s, info) in enumerate(zip(splits, infos)):
                 split_io.write_split(staging / split_io.SPLIT_DIR, i, s, m.intermediate_size, **info)
-        _commit(staging, output)
+        publish_dir(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -563,12 +538,13 @@ def megamoe_to_hf(checkpoint_dir: str | os.PathLike, output: str | os.PathLike,
     max_bytes = parse_size(max_shard_size)
     if remote_code and fmt != "llama_moe":
         raise ConvertError("--remote-code applies to --format llama_moe only")
-    _check_output(output, overwrite)
+    check_output(output, [("--checkpoint", checkpoint_dir), ("--tokenizer", tokenizer),
+                          ("--remote-code", remote_code)], overwrite)
     if not (checkpoint_dir / "model").is_dir():
         raise ConvertError(f"--checkpoint {checkpoint_dir}: the model/ directory is missing")
 
     _world1(0)
-    staging = _staging(output)
+    staging = staging_dir(output, "converting")
     merged = None
     if meta.get("lora"):  # the base weights alone would silently drop the trained adapters
         merged = staging.with_name(staging.name + ".merged")
@@ -576,8 +552,9 @@ def megamoe_to_hf(checkpoint_dir: str | os.PathLike, output: str | os.PathLike,
         checkpoint_dir = merged
     get = _checkpoint_getter(checkpoint_dir, m, moe)
     torch_dtype = DTYPES[dtype]
-    staging.mkdir()
+    staging.mkdir(parents=True)
     try:
+        mark(staging, "megamoe convert megamoe-to-hf")
         writer = ShardedSafetensorsWriter(staging, max_bytes)
         bar = _Progress(m.num_hidden_layers, "megamoe-to-hf", progress)
         for name, t in bar.wrap(_mg_to_hf(get, m, moe)):
@@ -592,7 +569,7 @@ def megamoe_to_hf(checkpoint_dir: str | os.PathLike, output: str | os.PathLike,
         hfc.write_config_json(staging, cfg)
         if tokenizer:
             _copy_tokenizer(Path(tokenizer), staging)
-        _commit(staging, output)
+        publish_dir(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

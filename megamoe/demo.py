@@ -165,9 +165,11 @@ def preprocess(corpus_dir: str, data_dir: str, tokenizer: str) -> None:
     for split in ("train", "valid"):
         argv = ["--input", os.path.join(corpus_dir, split), "--domain-folders",
                 "--output-prefix", os.path.join(data_dir, split), "--json-keys", "text",
-                "--tokenizer-model", tokenizer, "--append-eod", "--workers", "1", "--no-progress"]
+                "--tokenizer-model", tokenizer, "--legacy-tokenizer", "--append-eod",
+                "--workers", "1", "--no-progress"]
         _show("python tools/preprocess_data.py", argv)
-        preprocess_main(argv)
+        if preprocess_main(argv) != 0:
+            raise SystemExit("demo: preprocessing failed (see above)")
 
 
 def make_dense_hf(path: str, layers: int, hidden: int, ffn: int, seed: int = 0) -> None:

@@ -15,7 +15,10 @@ import torch
 import torch.distributed as dist
 
 from ..parallel.mcore import dist_checkpointing
-from .layout import META, CheckpointError, publish_dir, read_meta, temporary_name
+from ..outputs import publish_dir
+from .layout import META, CheckpointError, crc32, files_of, my_share, read_meta, temporary_name
+from .layout import verify as layout_verify
+from .layout import write_manifest
 
 
 def _rank0() -> bool:
@@ -50,12 +53,41 @@ def save(path: str | os.PathLike, model: torch.nn.Module, meta: dict,
     if extra_state is not None:  # per-rank state (RNG): one small file each
         rank = dist.get_rank() if dist.is_initialized() else 0
         torch.save(extra_state, tmp / f"rank_state_{rank:05d}.pt")
-    _barrier()
     if _rank0():
         (tmp / META).write_text(json.dumps(meta, indent=2))
+    _barrier()
+    _write_manifest(tmp)
+    if _rank0():
         publish_dir(tmp, path)
     _barrier()
     return path
+
+
+def _write_manifest(tmp: Path) -> None:
+    """Collective: each rank checksums its share of the files; rank 0 writes the manifest."""
+    names = [files_of(tmp) if _rank0() else None]
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if world > 1:
+        dist.broadcast_object_list(names, src=0)
+    mine = {n: crc32(tmp / n) for n in my_share(names[0], rank, world)}
+    parts = [mine]
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, mine)
+    if rank == 0:
+        write_manifest(tmp, {k: v for part in parts for k, v in part.items()})
+
+
+def verify(path: str | os.PathLike, skip: tuple[str, ...] = ()) -> list[str]:
+    """Collective: layout.verify with the checksums spread over the ranks; every rank gets every
+    problem found."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    bad = layout_verify(path, (rank, world), skip)
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, bad)
+        bad = sorted({b for part in parts for b in part})
+    return bad
 
 
 def load_model(path: str | os.PathLike, model: torch.nn.Module) -> dict:

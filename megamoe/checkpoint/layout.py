@@ -5,14 +5,18 @@
     <dir>/model/              megatron-core dist_checkpointing of the model's sharded state dict
     <dir>/optimizer/          (training checkpoints) the optimizer state, likewise
     <dir>/rank_state_*.pt     (training checkpoints) per-rank RNG state
+    <dir>/manifest.json       every other file's size and CRC-32, written last (verify())
 
     <output_dir>/checkpoint-<step>/         one checkpoint of a run
     <output_dir>/checkpoint-<step>.tmp-*    being written (or left by a crash mid-save)
     <output_dir>/.checkpoint-<step>.old-*   a replaced copy, removed once its successor is in
 
-A checkpoint is written under a temporary name and renamed when complete (megamoe.json last), so
-a directory under its final name with megamoe.json is complete. Everything here only reads
-files, names them or moves directories this code wrote; megatron-core I/O is in io.py.
+A checkpoint is written under a temporary name and renamed when complete, so a directory under
+its final name with megamoe.json is complete; its manifest tells whether it is still intact (a
+truncated or corrupted file: verify() names it). A checkpoint that fails is renamed
+`<name>.corrupt-<time>` (quarantine()), never deleted, and a run resumes from the newest one that
+verifies. Everything here only reads files, names them or moves directories this code wrote;
+megatron-core I/O is in io.py.
 """
 from __future__ import annotations
 
@@ -20,8 +24,10 @@ import json
 import os
 import re
 import shutil
+import time
+import zlib
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from ..config import ModelConfig, MoEConfig, from_dict, to_dict
 
@@ -30,6 +36,10 @@ FORMAT_VERSION = 1
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 # leftovers of an interrupted save: its temporary, or a replaced copy moved aside (publish_dir)
 STALE_RE = re.compile(r"^(checkpoint-\d+\.tmp-.+|\.checkpoint-\d+\.old-\d+)$")
+
+
+MANIFEST = "manifest.json"
+CHUNK = 8 << 20
 
 
 class CheckpointError(ValueError):
@@ -105,23 +115,6 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(f"{path.name}.tmp-{os.environ.get('SLURM_JOB_ID', os.getpid())}")
 
 
-def publish_dir(staging: Path, output: Path) -> None:
-    """Move the finished `staging` directory to `output`. An existing output is moved aside and
-    removed only once the new one is in place, so a crash never loses the last good copy."""
-    old = None
-    if output.exists():
-        if output.is_dir() and not any(output.iterdir()):
-            output.rmdir()
-        else:
-            old = output.with_name(f".{output.name}.old-{os.getpid()}")
-            if old.exists():
-                shutil.rmtree(old)
-            output.rename(old)
-    staging.rename(output)
-    if old is not None:
-        shutil.rmtree(old)
-
-
 def remove_stale(output_dir: str) -> list[str]:
     """Delete temporaries of interrupted saves (rank 0, before any save). Returns what went."""
     gone = []
@@ -142,3 +135,78 @@ def rotate(output_dir: str, limit: Optional[int]) -> list[str]:
         shutil.rmtree(path, ignore_errors=True)
         gone.append(path)
     return gone
+
+
+# ------------------------------------------------------------------------------------------------
+# The manifest: sizes and checksums, written with every checkpoint and verified before a resume
+
+
+def files_of(directory: str | os.PathLike) -> list[str]:
+    """Every file of a checkpoint (relative, sorted) but its manifest."""
+    root = Path(directory)
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                  if p.is_file() and p.name != MANIFEST)
+
+
+def crc32(path: str | os.PathLike) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def my_share(names: Sequence[str], rank: int, world: int) -> list[str]:
+    """The files that rank `rank` of `world` checksums (every world-th, so the work spreads)."""
+    return list(names[rank::world])
+
+
+def write_manifest(directory: str | os.PathLike, crcs: dict[str, str]) -> None:
+    """Record every file's size and CRC-32 (`crcs`: relative name -> checksum, gathered from the
+    ranks that computed them) as `directory`/manifest.json."""
+    root = Path(directory)
+    files = {n: {"size": (root / n).stat().st_size, "crc32": crcs[n]} for n in files_of(root)}
+    (root / MANIFEST).write_text(json.dumps({"files": files}, indent=1) + "\n")
+
+
+def verify(directory: str | os.PathLike, share: Optional[tuple[int, int]] = (0, 1),
+           skip: tuple[str, ...] = ()) -> list[str]:
+    """What is wrong with a checkpoint (one line per file, naming it), [] when it is intact:
+    its metadata must parse, and each file of the manifest exist with its size; the checksums
+    of this rank's `share` (rank, world) of the files are compared too (share None: sizes only).
+    Files under the folders in `skip` (e.g. "optimizer/", when it will not be loaded) are not
+    looked at. A checkpoint written before manifests existed is checked for its metadata only."""
+    root = Path(directory)
+    try:
+        read_meta(root)
+    except CheckpointError as e:
+        return [str(e)]
+    if not (root / MANIFEST).is_file():
+        return []
+    try:
+        files = json.loads((root / MANIFEST).read_text())["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        return [f"{root / MANIFEST}: not a readable manifest ({e})"]
+    files = {n: v for n, v in files.items() if not n.startswith(skip)}
+    bad = []
+    for name, want in files.items():
+        f = root / name
+        if not f.is_file():
+            bad.append(f"{f}: missing")
+        elif f.stat().st_size != want["size"]:
+            bad.append(f"{f}: {f.stat().st_size} bytes, the manifest says {want['size']} "
+                       "(truncated or replaced)")
+    if share is not None and not bad:
+        for name in my_share(sorted(files), *share):
+            if crc32(root / name) != files[name]["crc32"]:
+                bad.append(f"{root / name}: checksum differs from the manifest (corrupted)")
+    return bad
+
+
+def quarantine(directory: str | os.PathLike) -> str:
+    """Rename a checkpoint that failed verify() out of the run's way (kept for inspection: it is
+    never deleted, and neither resume nor rotation looks at it again)."""
+    path = Path(directory)
+    new = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+    path.rename(new)
+    return str(new)

@@ -18,11 +18,16 @@ reader gives clear errors that name the file.
 """
 from __future__ import annotations
 
+import json
 import os
-import struct
+import re
 import secrets
+import struct
+from typing import Optional
 
 import numpy as np
+
+from ..outputs import process_alive
 
 MAGIC = b"MMIDIDX\x00\x00"
 HEADER_SIZE = 9 + 8 + 1 + 8 + 8  # magic, version, dtype code, sequence count, document count
@@ -44,6 +49,38 @@ def idx_path(prefix: str) -> str:
 
 def bin_path(prefix: str) -> str:
     return prefix + ".bin"
+
+
+def stats_path(prefix: str) -> str:
+    """Our record beside a dataset (its largest token id, counts, how it was made); Megatron's
+    tools ignore it, and a dataset without one is still read."""
+    return prefix + ".stats.json"
+
+
+def read_stats(prefix: str) -> Optional[dict]:
+    """The stats file of a dataset, None when it has none (made by another tool)."""
+    try:
+        with open(stats_path(prefix)) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise IndexedDatasetError(f"{stats_path(prefix)}: unreadable ({e})") from None
+
+
+_TEMPORARY = re.compile(r"^\.(?P<base>.+)\.(bin|len|doc|idx|stats)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+
+
+def remove_dead_temporaries(directory: str, base: str) -> list[str]:
+    """Remove the temporaries of `base` that a writer killed before it could clean up left
+    (their process no longer runs)."""
+    gone = []
+    for name in os.listdir(directory):
+        m = _TEMPORARY.match(name)
+        if m and m.group("base") == base and not process_alive(int(m.group("pid"))):
+            os.unlink(os.path.join(directory, name))
+            gone.append(name)
+    return gone
 
 
 def dataset_exists(prefix: str) -> bool:
@@ -160,8 +197,10 @@ class IndexedDatasetWriter:
     temporary files; `abort()` (or leaving a `with` block by an exception) removes them.
     """
 
-    def __init__(self, prefix: str, dtype=np.uint16, chunk: int = 1 << 20):
+    def __init__(self, prefix: str, dtype=np.uint16, chunk: int = 1 << 20,
+                 info: Optional[dict] = None):
         self.prefix = prefix
+        self.info = dict(info or {})  # how the data was made, for the stats file
         self.dtype = np.dtype(dtype)
         if self.dtype not in CODE_OF:
             raise ValueError(f"unsupported token dtype {self.dtype}")
@@ -171,11 +210,12 @@ class IndexedDatasetWriter:
         d = os.path.dirname(os.path.abspath(prefix))
         os.makedirs(d, exist_ok=True)
         base = os.path.basename(prefix)
+        remove_dead_temporaries(d, base)
         # Temporary files live next to the outputs so the final rename stays on one filesystem;
         # created with mode 0o666 so the results get the usual umask permissions.
         tag = f"{os.getpid()}.{secrets.token_hex(4)}"
         self._tmp, self._paths = {}, {}
-        for k in ("bin", "len", "doc", "idx"):
+        for k in ("bin", "len", "doc", "idx", "stats"):
             path = self._paths[k] = os.path.join(d, f".{base}.{k}.{tag}.tmp")
             self._tmp[k] = os.fdopen(os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o666),
                                      "w+b")
@@ -184,14 +224,18 @@ class IndexedDatasetWriter:
         self.num_sequences = 0
         self.num_documents = 0
         self.num_tokens = 0
+        self.max_token_id = -1  # recorded in the stats file: a start-up check of the vocabulary
         self._closed = False
 
     def add_document(self, tokens, lengths=None) -> None:
-        """One document; `lengths` splits it into several sequences (default: one sequence)."""
+        """One document; `lengths` splits it into several sequences (default: one sequence, or
+        none for an empty document)."""
         arr = np.asarray(tokens)
         self._check_range(arr)
         arr = arr.astype(self.dtype, copy=False)
-        lengths = [arr.size] if lengths is None else [int(x) for x in lengths]
+        if lengths is None:
+            lengths = [arr.size] if arr.size else []
+        lengths = [int(x) for x in lengths]
         if sum(lengths) != arr.size:
             raise ValueError("sequence lengths do not add up to the document size")
         self._tmp["bin"].write(arr.tobytes(order="C"))
@@ -204,20 +248,23 @@ class IndexedDatasetWriter:
             self._spill()
 
     def add_documents(self, tokens, doc_lengths) -> None:
-        """Many one-sequence documents at once: `tokens` concatenated, `doc_lengths` each size
-        (one write and one range check for the lot; what preprocess_data uses)."""
+        """Many documents of one sequence each at once: `tokens` concatenated, `doc_lengths` each
+        size (one write and one range check for the lot; what preprocess_data uses). A document
+        of length 0 has no sequence: a document boundary alone, as Megatron-LM writes an empty
+        document."""
         arr = np.asarray(tokens)
         lengths = np.asarray(doc_lengths, np.int64)
         if int(lengths.sum()) != arr.size:
             raise ValueError("document lengths do not add up to the number of tokens")
         self._check_range(arr)
         self._tmp["bin"].write(arr.astype(self.dtype, copy=False).tobytes(order="C"))
-        self._lens.extend(lengths.tolist())
-        self._docs.extend(range(self.num_sequences + 1, self.num_sequences + len(lengths) + 1))
-        self.num_sequences += len(lengths)
+        kept = lengths > 0
+        self._lens.extend(lengths[kept].tolist())
+        self._docs.extend((self.num_sequences + np.cumsum(kept)).tolist())
+        self.num_sequences += int(kept.sum())
         self.num_documents += len(lengths)
         self.num_tokens += arr.size
-        if len(self._lens) >= self._chunk:
+        if len(self._lens) >= self._chunk or len(self._docs) >= self._chunk:
             self._spill()
 
     def _check_range(self, arr: np.ndarray) -> None:
@@ -226,6 +273,7 @@ class IndexedDatasetWriter:
             if lo < self._limit[0] or hi > self._limit[1]:
                 raise ValueError(f"token id {hi if hi > self._limit[1] else lo} does not fit "
                                  f"the dataset dtype {self.dtype.name} of {self.prefix}")
+            self.max_token_id = max(self.max_token_id, hi)
 
     def _spill(self) -> None:
         self._tmp["len"].write(np.asarray(self._lens, np.int32).tobytes())
@@ -264,24 +312,36 @@ class IndexedDatasetWriter:
         for s in range(0, len(docs), self._chunk):
             out.write(np.ascontiguousarray(docs[s: s + self._chunk]).tobytes())
         del lens, docs
+        self._tmp["stats"].write(json.dumps(self.stats(), indent=1).encode() + b"\n")
         for f in self._tmp.values():
             f.close()
-        # Drop an old .idx first: a crash between the two renames then leaves no index (an
-        # error on read) rather than an old index paired with new data.
-        if os.path.exists(idx_path(self.prefix)):
-            os.unlink(idx_path(self.prefix))
+        # Drop an old .idx first: a crash between the renames then leaves no index (an error
+        # on read) rather than an old index paired with new data.
+        for old in (idx_path(self.prefix), stats_path(self.prefix)):
+            if os.path.exists(old):
+                os.unlink(old)
         os.replace(self._paths["bin"], bin_path(self.prefix))
+        os.replace(self._paths["stats"], stats_path(self.prefix))
         os.replace(self._paths["idx"], idx_path(self.prefix))
         for k in ("len", "doc"):
             os.unlink(self._paths[k])
         self._closed = True
+
+    def stats(self) -> dict:
+        """What the stats file records beside the dataset (read back by read_stats)."""
+        return {"num_documents": self.num_documents, "num_sequences": self.num_sequences,
+                "num_tokens": self.num_tokens, "max_token_id": self.max_token_id,
+                "dtype": self.dtype.name, **self.info}
 
     def abort(self) -> None:
         """Drop everything written so far; files under the final names are left untouched."""
         if self._closed:
             return
         for k, f in self._tmp.items():
-            f.close()
+            try:
+                f.close()  # flushing may fail again (a full disk): remove the file all the same
+            except OSError:
+                pass
             if os.path.exists(self._paths[k]):
                 os.unlink(self._paths[k])
         self._closed = True

@@ -1,7 +1,11 @@
 """Tokenize jsonl into Megatron indexed datasets (the logic of tools/preprocess_data.py).
 
-Output: `<output-prefix>_<key>_document.{bin,idx}` per json key, one sequence per document:
-[BOS] + tokens (+ [EOS] with --append-eod), as LLaMA's tokenizer and Megatron's Llama2Tokenizer do.
+Output: `<output-prefix>_<key>_document.{bin,idx}` per json key (byte-compatible with Megatron-LM's
+tools/preprocess_data.py for the same flags), one sequence per document: the text's tokens, with
+BOS in front when `--tokenizer-type Llama2Tokenizer --legacy-tokenizer` asks for it (Megatron-LM
+core 0.15/0.16's legacy path; without it, as current Megatron-LM, no BOS), and EOS behind with
+`--append-eod`; a text with no tokens becomes a document boundary without a sequence. Beside each
+dataset, `<prefix>.stats.json` records its largest token id, counts and how it was made.
 
 How it scales without growing memory: the main process reads lines in batches and hands them
 to a pool of workers (json parsing and sentencepiece run there); at most a few batches per worker
@@ -57,6 +61,14 @@ def choose_dtype(vocab_size: int, requested: str = "auto"):
 _W: dict = {}
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def _init_worker(model: str, keys: list[str], bos: bool, eod: bool) -> None:
     sp = load_tokenizer(model)
     _W.update(sp=sp, keys=keys, bos=sp.bos_id() if bos else -1, eos=sp.eos_id() if eod else -1)
@@ -85,6 +97,11 @@ def _encode_batch(batch):
             what = "missing key" if bad[0] not in rec else "non-string value for key"
             errors.append((path, lineno, f"{what} {bad[0]!r} (--json-keys {' '.join(keys)})"))
             continue
+        unencodable = [k for k in keys if not _utf8(rec[k])]
+        if unencodable:
+            errors.append((path, lineno, f"key {unencodable[0]!r} holds text that is not valid "
+                                         "Unicode (a lone surrogate such as \\ud800)"))
+            continue
         for k in keys:
             texts[k].append(rec[k])
     out = {}
@@ -93,7 +110,9 @@ def _encode_batch(batch):
     for k in keys:
         # num_threads=1: one core per worker, so --workers alone decides the parallelism
         ids = _W["sp"].encode(texts[k], num_threads=1) if texts[k] else []
-        docs = [head + t + tail for t in ids]
+        # as Megatron-LM: BOS belongs to the text's tokens; a text with no tokens is a document
+        # boundary without a sequence, and gets no EOD either
+        docs = [head + t + tail if head or t else [] for t in ids]
         lengths = np.fromiter(map(len, docs), np.int64, len(docs))
         tok = np.fromiter(itertools.chain.from_iterable(docs), np.int32, int(lengths.sum()))
         out[k] = (tok, lengths)
@@ -168,10 +187,14 @@ class _Progress:
 
 def preprocess(inputs, output_prefix: str, tokenizer_model: str, json_keys=("text",),
                append_eod: bool = False, workers: int = 1, skip_bad_lines: bool = False,
-               add_bos: bool = True, dtype: str = "auto", batch_lines: int = 256,
+               add_bos: bool = False, dtype: str = "auto", batch_lines: int = 256,
                progress: bool = True, log_interval: int = 100_000) -> dict:
     """Tokenize `inputs` into `<output_prefix>_<key>_document.{bin,idx}`; returns statistics."""
     keys = list(json_keys)
+    if workers < 1:
+        raise PreprocessError(f"--workers {workers} must be at least 1")
+    if batch_lines < 1:
+        raise PreprocessError(f"--batch-lines {batch_lines} must be at least 1")
     files = input_files(inputs)
     sp = load_tokenizer(tokenizer_model)
     vocab = sp.get_piece_size()
@@ -180,7 +203,10 @@ def preprocess(inputs, output_prefix: str, tokenizer_model: str, json_keys=("tex
     add_bos = add_bos and sp.bos_id() >= 0
     out_dtype = choose_dtype(vocab, dtype)
     initargs = (tokenizer_model, keys, add_bos, append_eod)
-    writers = {k: IndexedDatasetWriter(f"{output_prefix}_{k}_document", out_dtype) for k in keys}
+    info = {"tokenizer_model": os.path.abspath(tokenizer_model), "vocab_size": vocab,
+            "bos": add_bos, "eod": append_eod, "json_key": None}
+    writers = {k: IndexedDatasetWriter(f"{output_prefix}_{k}_document", out_dtype,
+                                       info=dict(info, json_key=k)) for k in keys}
     stats = collections.Counter()
     bar = _Progress(log_interval, progress, os.path.basename(output_prefix))
     t0 = time.time()
@@ -281,8 +307,12 @@ def build_parser(prog: str = "preprocess_data.py") -> argparse.ArgumentParser:
     g.add_argument("--tokenizer-type", default="Llama2Tokenizer",
                    choices=["Llama2Tokenizer", "SentencePieceTokenizer",
                             "GPTSentencePieceTokenizer"],
-                   help="all read a sentencepiece model; as in Megatron-LM, only "
-                        "Llama2Tokenizer (LLaMA's convention) adds BOS to each document")
+                   help="all read a sentencepiece model (the choice matters with "
+                        "--legacy-tokenizer)")
+    g.add_argument("--legacy-tokenizer", action="store_true",
+                   help="with Llama2Tokenizer: BOS before every document, LLaMA's convention "
+                        "(Megatron-LM core 0.15/0.16's --legacy-tokenizer; without it, as current "
+                        "Megatron-LM, no BOS)")
     g.add_argument("--tokenizer-model", required=True, help="sentencepiece model (tokenizer.model)")
     g.add_argument("--append-eod", action="store_true", help="append EOS to every document")
     g = p.add_argument_group("output data")
@@ -312,7 +342,8 @@ def run(argv, prog: str = PROG) -> int:
     a = build_parser(prog).parse_args(argv)
     common = dict(tokenizer_model=a.tokenizer_model, json_keys=a.json_keys,
                   append_eod=a.append_eod, workers=a.workers, skip_bad_lines=a.skip_bad_lines,
-                  add_bos=a.tokenizer_type == "Llama2Tokenizer", dtype=a.dtype,
+                  add_bos=a.legacy_tokenizer and a.tokenizer_type == "Llama2Tokenizer",
+                  dtype=a.dtype,
                   batch_lines=a.batch_lines, progress=not a.no_progress,
                   log_interval=a.log_interval)
     if a.domain_folders:
@@ -327,7 +358,8 @@ def run(argv, prog: str = PROG) -> int:
         print(f"{'[' + domain + '] ' if domain else ''}{s['documents']:,} documents, "
               f"{s['tokens']:,} tokens ({s['dtype']}) from {s['files']} file(s) in "
               f"{s['seconds']:.1f} s: {s['documents'] / max(s['seconds'], 1e-9):,.0f} docs/s, "
-              f"{rate:,.0f} tokens/s"
+              f"{rate:,.0f} tokens/s; {'BOS' if common['add_bos'] else 'no BOS'}, "
+              f"{'EOS' if a.append_eod else 'no EOS'} per document"
               + (f"; skipped {s['bad_lines']} bad line(s)" if s.get("bad_lines") else "")
               + f" -> {prefix}_{{{','.join(a.json_keys)}}}_document.bin/.idx")
     return 0

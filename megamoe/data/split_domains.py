@@ -2,9 +2,11 @@
 
 Each record's domain is read from a dotted key (default `meta.redpajama_set_name`) and mapped to
 the LLaMA-MoE domain names. Lines are copied byte for byte (no re-serialisation). Every input file
-`<rel/path/name>.jsonl[.gz|.zst]` becomes `<out>/<domain>/<rel_path_name>.jsonl[.gz]`, so
-SlimPajama's chunk1/example_train_0 and chunk2/example_train_0 do not collide. Files are written
-in a temporary folder inside `<out>` and moved into place only when the whole input succeeded.
+becomes `<out>/<domain>/<path>.jsonl[.gz]`, <path> being its path relative to the inputs' common
+folder with '/' as '_', so SlimPajama's chunk1/example_train_0 and chunk2/example_train_0 do not
+collide (a counter separates any names that still would). Files are written in a temporary folder
+inside `<out>` and moved into place only when the whole input succeeded; a file this would
+replace must have been written by megamoe (an output folder it created), else it refuses.
 """
 from __future__ import annotations
 
@@ -15,8 +17,10 @@ import json
 import os
 import shutil
 import sys
+from pathlib import Path
 
 from ..command import FlagParser, run_command
+from ..outputs import mark, staging_dir, written_by_megamoe
 from .jsonl import EXTENSIONS, input_files, iter_lines
 
 DEFAULT_MAPPING = {
@@ -42,17 +46,26 @@ def get_dotted(rec, key: str):
     return rec
 
 
-def _out_name(path: str, roots: list[str], compress: bool) -> str:
-    rel = os.path.basename(path)
-    for r in roots:  # inputs given as folders keep their relative path in the name
-        if os.path.isdir(r) and os.path.abspath(path).startswith(os.path.abspath(r) + os.sep):
-            rel = os.path.relpath(path, r)
-            break
+def _strip_ext(name: str) -> str:
     for ext in sorted(EXTENSIONS, key=len, reverse=True):
-        if rel.endswith(ext):
-            rel = rel[: -len(ext)]
-            break
-    return rel.replace(os.sep, "_") + (".jsonl.gz" if compress else ".jsonl")
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def out_names(files: list[str], compress: bool) -> list[str]:
+    """One distinct output file name per input file: its path relative to the inputs' common
+    folder, '/' -> '_' (SlimPajama repeats example_train_0.jsonl in every chunk folder), with a
+    counter where two names would still meet."""
+    real = [os.path.realpath(f) for f in files]
+    common = os.path.commonpath([os.path.dirname(r) for r in real])
+    ext = ".jsonl.gz" if compress else ".jsonl"
+    names, seen = [], collections.Counter()
+    for r in real:
+        stem = _strip_ext(os.path.relpath(r, common)).replace(os.sep, "_")
+        seen[stem] += 1
+        names.append(stem + (f"-{seen[stem]}" if seen[stem] > 1 else "") + ext)
+    return names
 
 
 def split_domains(inputs, output_dir: str, key: str = "meta.redpajama_set_name",
@@ -60,15 +73,24 @@ def split_domains(inputs, output_dir: str, key: str = "meta.redpajama_set_name",
                   skip_bad_lines: bool = False, compress: bool = False, log=print) -> dict:
     """Returns {domain: number of records}; see the module docstring."""
     mapping = dict(DEFAULT_MAPPING if mapping is None else mapping)
-    roots = [inputs] if isinstance(inputs, str) else list(inputs)
-    files = input_files(roots)
-    os.makedirs(output_dir, exist_ok=True)
-    tmp = os.path.join(output_dir, f".split-tmp-{os.getpid()}")
+    files = input_files([inputs] if isinstance(inputs, str) else list(inputs))
+    names = out_names(files, compress)
+    out = Path(output_dir)
+    if out.is_dir() and not written_by_megamoe(out):
+        taken = [str(out / d / n) for d in os.listdir(out) if (out / d).is_dir() for n in names
+                 if (out / d / n).exists()]
+        if taken:
+            raise SplitError(f"--output-dir {output_dir} already holds {taken[0]}, which this "
+                             "split would replace, and megamoe did not write it: choose another "
+                             "--output-dir")
+    ours = not out.is_dir() or not any(out.iterdir())  # then a rerun may replace its files
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = staging_dir(out / "split", "tmp")
     counts = collections.Counter()
+    written: dict[str, int] = {}  # output path -> bytes, checked once everything is in place
     bad = 0
     try:
-        for path in files:
-            name = _out_name(path, roots, compress)
+        for path, name in zip(files, names):
             outs = {}
             try:
                 for lineno, line in iter_lines(path):
@@ -104,11 +126,18 @@ def split_domains(inputs, output_dir: str, key: str = "meta.redpajama_set_name",
                 for f in outs.values():
                     f.close()
         for domain in sorted(os.listdir(tmp)) if os.path.isdir(tmp) else []:
-            os.makedirs(os.path.join(output_dir, domain), exist_ok=True)
-            for f in sorted(os.listdir(os.path.join(tmp, domain))):
-                os.replace(os.path.join(tmp, domain, f), os.path.join(output_dir, domain, f))
+            os.makedirs(out / domain, exist_ok=True)
+            for f in sorted(os.listdir(tmp / domain)):
+                written[str(out / domain / f)] = os.path.getsize(tmp / domain / f)
+                os.replace(tmp / domain / f, out / domain / f)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if ours:
+        mark(out, "megamoe split-domains")
+    lost = [p for p, n in written.items() if not os.path.isfile(p) or os.path.getsize(p) != n]
+    if lost:
+        raise SplitError(f"{lost[0]} is not on disk as written (another process changed the "
+                         "output folder?); the counts above would not match")
     result = dict(counts)
     if bad:
         result["(bad lines)"] = bad

@@ -40,9 +40,14 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     quiet_library_noise()
+    from ..lifetime import children_die_with_me, die_with_parent
+
+    children_die_with_me()
+    if os.environ.get("TORCHELASTIC_RUN_ID"):  # under torchrun: end with its agent, not hang
+        die_with_parent()
     rank0 = os.environ.get("RANK", "0") == "0"
     try:
-        plan, findings = make_plan(parse_run_config(argv))
+        plan, findings = make_plan(parse_run_config(argv), repair=True)
     except ConfigError as e:
         plan, findings = None, e.findings
     if rank0:

@@ -242,9 +242,36 @@ def _tokenizer(path: str, model: Optional[ModelConfig]) -> list[Finding]:
     return []
 
 
+def unused_parts(run: RunConfig) -> tuple[str, ...]:
+    """What of a checkpoint a resume will not read (need not be intact)."""
+    return () if run.train.load_optimizer else ("optimizer/",)
+
+
+def intact_checkpoint(run: RunConfig, out: list[Finding], repair: bool) -> Optional[str]:
+    """The newest checkpoint of the run whose metadata reads and whose files have their
+    manifest's sizes (the cheap half of checkpoint.layout.verify; the trainer compares the
+    checksums too). A damaged one is reported and, with `repair` (the trainer's rank 0), renamed
+    out of the way."""
+    repair = repair and os.environ.get("RANK", "0") == "0"
+    for _, path in reversed(ckpt.list_checkpoints(run.train.output_dir)):
+        bad = ckpt.verify(path, share=None, skip=unused_parts(run))
+        if not bad:
+            return path
+        fate = "the run renames it and resumes from an older one"
+        if repair:
+            try:
+                fate = f"renamed to {ckpt.quarantine(path)}; resuming from an older one"
+            except OSError as e:
+                fate = f"could not rename it ({e}); resuming from an older one"
+        more = f" (and {len(bad) - 1} more problem(s))" if len(bad) > 1 else ""
+        out.append(warning("output_dir", f"{path} is damaged: {bad[0]}{more}", fate))
+    return None
+
+
 def make_plan(run: RunConfig, env: Optional[Mapping[str, str]] = None,
-              cuda: Optional[bool] = None) -> tuple[Plan, list[Finding]]:
-    """Check `run`; returns (the plan, every finding)."""
+              cuda: Optional[bool] = None, repair: bool = False) -> tuple[Plan, list[Finding]]:
+    """Check `run`; returns (the plan, every finding). `repair`: rename damaged checkpoints of
+    the run out of the way (the trainer; `megamoe check` only reports them)."""
     env = os.environ if env is None else env
     if cuda is None:
         cuda = _cuda_available()
@@ -262,7 +289,7 @@ def make_plan(run: RunConfig, env: Optional[Mapping[str, str]] = None,
     if t.output_dir:
         if os.path.exists(t.output_dir) and not os.path.isdir(t.output_dir):
             out.append(error("output_dir", f"{{flag}} {t.output_dir} exists and is not a directory"))
-        resume_from = ckpt.newest_checkpoint(t.output_dir)
+        resume_from = intact_checkpoint(run, out, repair)
         if resume_from and not t.resume:
             out.append(error("resume", f"--output_dir {t.output_dir} already holds checkpoints "
                                        f"(newest {resume_from}) and {{flag}} is false",
@@ -339,7 +366,7 @@ def make_plan(run: RunConfig, env: Optional[Mapping[str, str]] = None,
 
 def plan(run: RunConfig, env: Optional[Mapping[str, str]] = None,
          cuda: Optional[bool] = None) -> Plan:
-    """make_plan, raising ConfigError with every error at once."""
+    """make_plan (reporting, not repairing), raising ConfigError with every error at once."""
     p, found = make_plan(run, env, cuda)
     raise_errors(found)
     return p

@@ -128,12 +128,11 @@ class Trainer:
             for name in ckpt.remove_stale(t.output_dir):
                 self.log.info(f"removed {name} (left by an interrupted save)")
         dist.barrier()
-        # the weights: the newest checkpoint of this run, else the pretrained model (the plan
-        # resolved their configs)
-        self.resume_from = plan.resume_from
-        meta = ckpt.read_meta(self.resume_from) if self.resume_from else {}
-        self.model_cfg, self.moe_cfg = plan.model, plan.moe
+        # the weights: the newest intact checkpoint of this run, else the pretrained model
         self.extra_warnings: list = []
+        self.model_cfg, self.moe_cfg = plan.model, plan.moe
+        self.resume_from = self._verified_resume()
+        meta = ckpt.read_meta(self.resume_from) if self.resume_from else {}
         self.lora_spec = None
         ckpt_lora = meta.get("lora")
         if t.training_mode == "lora":
@@ -210,6 +209,34 @@ class Trainer:
         E = self.moe_cfg.num_experts if self.moe_cfg else 0
         self._load_counts = torch.zeros(self.num_layers, max(E, 1), dtype=torch.float64,
                                         device=self.device)
+
+    def _verified_resume(self) -> Optional[str]:
+        """The plan's resume checkpoint once every checksum of its manifest matched (spread over
+        the ranks); a damaged one is renamed out of the way (rank 0) and the next older one is
+        tried, down to the pretrained model."""
+        from ..checkpoint import io as checkpoint_io
+        from .plan import intact_checkpoint, read_pretrained, resolve_moe, unused_parts
+
+        plan, path = self.plan, self.plan.resume_from
+        while path is not None:
+            bad = checkpoint_io.verify(path, unused_parts(self.run))
+            if not bad:
+                break
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            if self.rank == 0:
+                self.extra_warnings.append(f"{path} is damaged: {bad[0]}{more}; renamed to "
+                                           f"{ckpt.quarantine(path)}; resuming from the newest "
+                                           "checkpoint that verifies")
+            dist.barrier()
+            path = intact_checkpoint(self.run, [], repair=False)
+        if path != plan.resume_from:  # the configs of the weights actually used
+            weights, found = (read_pretrained(path, "output_dir") if path else (plan.source, []))
+            moe, more = resolve_moe(self.run, weights, path or plan.pretrained_checkpoint)
+            errs = [f.text() for f in found + more if f.is_error]
+            if errs:
+                raise TrainingStopped("\n".join(errs), 2)
+            self.model_cfg, self.moe_cfg = weights.model, moe
+        return path
 
     def _resume(self, meta: dict) -> None:
         from ..checkpoint import io as checkpoint

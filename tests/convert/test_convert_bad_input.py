@@ -126,7 +126,7 @@ def test_existing_output_refused_unless_overwrite(world1, tmp_path, capsys, hf_d
     before = (out / "megamoe.json").read_text()
     rc, err = _run(capsys, "hf-to-megamoe", "--hf-dir", str(hf_dir), "--output", str(out),
                    "--model-type", "llama_moe", "--num-experts", "4", "--num-selects", "2")
-    assert rc == 2 and "already holds a megamoe checkpoint" in err and "--overwrite" in err
+    assert rc == 2 and "already holds files" in err and "--overwrite" in err
     assert (out / "megamoe.json").read_text() == before
     # a failing --overwrite run leaves the old checkpoint in place
     rc, err = _run(capsys, "hf-to-megamoe", "--hf-dir", str(hf_dir), "--output", str(out),
@@ -141,8 +141,13 @@ def test_existing_output_refused_unless_overwrite(world1, tmp_path, capsys, hf_d
     (hf / "keep.txt").write_text("x")
     rc, err = _run(capsys, "megamoe-to-hf", "--checkpoint", str(out), "--output", str(hf))
     assert rc == 2 and "already holds files" in err and (hf / "keep.txt").is_file()
-    assert _run(capsys, "megamoe-to-hf", "--checkpoint", str(out), "--output", str(hf), "--overwrite")[0] == 0
-    assert not (hf / "keep.txt").exists() and (hf / "model.safetensors").is_file()
+    # a directory megamoe did not write is never replaced, --overwrite or not
+    rc, err = _run(capsys, "megamoe-to-hf", "--checkpoint", str(out), "--output", str(hf), "--overwrite")
+    assert rc == 2 and "megamoe did not write" in err and (hf / "keep.txt").read_text() == "x"
+    hf2 = tmp_path / "hf2"
+    assert _run(capsys, "megamoe-to-hf", "--checkpoint", str(out), "--output", str(hf2))[0] == 0
+    assert _run(capsys, "megamoe-to-hf", "--checkpoint", str(out), "--output", str(hf2), "--overwrite")[0] == 0
+    assert (hf2 / "model.safetensors").is_file()
     # an empty directory is fine without --overwrite
     empty = tmp_path / "empty"
     empty.mkdir()

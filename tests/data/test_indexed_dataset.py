@@ -71,7 +71,8 @@ def test_small_spill_chunks_give_same_bytes(tmp_path):
                 w.add_document(d)
             w.add_documents(np.concatenate(docs[20:]), [len(d) for d in docs[20:]])
     assert _files(str(tmp_path / "a")) == _files(str(tmp_path / "b"))
-    assert sorted(os.listdir(tmp_path)) == ["a.bin", "a.idx", "b.bin", "b.idx"]
+    assert sorted(os.listdir(tmp_path)) == ["a.bin", "a.idx", "a.stats.json", "b.bin", "b.idx",
+                                            "b.stats.json"]
 
 
 @pytest.fixture
@@ -122,7 +123,7 @@ def test_failed_write_leaves_existing_dataset_untouched(good, tmp_path):
             w.add_document(np.arange(10))
             raise RuntimeError("crash in the middle of a run")
     assert _files(good) == before
-    assert sorted(os.listdir(tmp_path)) == ["good.bin", "good.idx"]  # no temporary files left
+    assert sorted(os.listdir(tmp_path)) == ["good.bin", "good.idx", "good.stats.json"]  # no temporaries
 
 
 def test_token_out_of_dtype_range(tmp_path):

@@ -37,16 +37,19 @@ def corpus(tmp_path, helpers):
 
 def test_tokens_are_bos_plus_sentencepiece(corpus, tmp_path, sp_model):
     texts, inputs = corpus
-    run(inputs, tmp_path / "out", sp_model)
+    run(inputs, tmp_path / "out", sp_model, "--legacy-tokenizer")
     sp = spm.SentencePieceProcessor(model_file=sp_model)
     ds = MCoreDataset(str(tmp_path / "out_text_document"))
     assert ds.index.dtype == np.uint16 and len(ds) == len(texts)
     for i, t in enumerate(texts):
         assert ds[i].tolist() == [sp.bos_id()] + sp.encode(t)
 
-    run(inputs[0], tmp_path / "eod", sp_model, "--append-eod")
+    run(inputs[0], tmp_path / "eod", sp_model, "--append-eod", "--legacy-tokenizer")
     ds = MCoreDataset(str(tmp_path / "eod_text_document"))
     assert ds[3].tolist() == [1] + sp.encode(texts[3]) + [2]
+    run(inputs[0], tmp_path / "nobos", sp_model, "--append-eod")  # current Megatron-LM: no BOS
+    ds = MCoreDataset(str(tmp_path / "nobos_text_document"))
+    assert ds[3].tolist() == sp.encode(texts[3]) + [2]
 
 
 def test_workers_give_identical_output(corpus, tmp_path, sp_model):
@@ -60,7 +63,7 @@ def test_content_key_and_several_keys(tmp_path, helpers, sp_model):
     recs = [{"content": f"doc {i} " + t, "title": t[:10]}
             for i, t in enumerate(helpers.make_texts(20))]
     inp = helpers.write_jsonl(tmp_path / "x.jsonl", recs)
-    run(inp, tmp_path / "o", sp_model, "--json-keys", "content", "title")
+    run(inp, tmp_path / "o", sp_model, "--json-keys", "content", "title", "--legacy-tokenizer")
     sp = spm.SentencePieceProcessor(model_file=sp_model)
     c = MCoreDataset(str(tmp_path / "o_content_document"))
     t = MCoreDataset(str(tmp_path / "o_title_document"))
@@ -170,9 +173,11 @@ def test_domain_folders_layout_feeds_training_and_validation(tmp_path, helpers, 
                                                  for t in helpers.make_texts(20, seed=i + 50)])
     for src, dst in ((raw, "train"), (val, "valid")):
         main(["--input", str(src), "--domain-folders", "--output-prefix", str(tmp_path / dst),
-              "--json-keys", "content", "--tokenizer-model", sp_model, "--no-progress"])
+              "--json-keys", "content", "--tokenizer-model", sp_model, "--no-progress",
+              "--legacy-tokenizer"])
     assert sorted(os.listdir(tmp_path / "train" / "github")) == [
-        "github_content_document.bin", "github_content_document.idx"]
+        "github_content_document.bin", "github_content_document.idx",
+        "github_content_document.stats.json"]
     s = DomainSampler(["en_arxiv", "github"], "uniform", seed=0)
     data = MultiDomainTrainData(str(tmp_path / "train"), 32, s, seed=0)
     tok, dom = data.next_batch(4)

@@ -15,6 +15,10 @@ def slimpajama(n, seed=0):
             for i in range(n)]
 
 
+def visible(path):
+    return sorted(n for n in os.listdir(path) if not n.startswith("."))
+
+
 def lines(path):
     op = gzip.open if path.endswith(".gz") else open
     with op(path, "rb") as f:
@@ -29,7 +33,7 @@ def test_default_mapping_and_chunk_names(tmp_path, helpers):
     helpers.write_jsonl(raw / "chunk2" / "example_train_0.jsonl.gz", recs2, compress=True)
     out = tmp_path / "domains"
     assert main(["--input", str(raw), "--output-dir", str(out)]) == 0
-    assert sorted(os.listdir(out)) == sorted(DEFAULT_MAPPING.values())
+    assert visible(out) == sorted(DEFAULT_MAPPING.values())
     assert sorted(os.listdir(out / "en_arxiv")) == ["chunk1_example_train_0.jsonl",
                                                     "chunk2_example_train_0.jsonl"]
     total = 0
@@ -52,9 +56,9 @@ def test_custom_key_mapping_and_unknown_values(tmp_path, helpers):
     args = ["--input", inp, "--key", "src.name", "--mapping", str(mapping)]
     with pytest.raises(SplitError, match=r"x\.jsonl:4: src\.name = 'Z' is not in the mapping"):
         main(args + ["--output-dir", str(tmp_path / "o1")])
-    assert os.listdir(tmp_path / "o1") == []  # nothing half-written
+    assert os.listdir(tmp_path / "o1") == []  # nothing half-written, not even the mark
     main(args + ["--output-dir", str(tmp_path / "o2"), "--unknown", "skip", "--compress"])
-    assert sorted(os.listdir(tmp_path / "o2")) == ["dom_a", "dom_b"]
+    assert visible(tmp_path / "o2") == ["dom_a", "dom_b"]
     assert len(lines(str(tmp_path / "o2" / "dom_a" / "x.jsonl.gz"))) == 2
     counts = split_domains(inp, str(tmp_path / "o3"), "src.name", {"A": "dom_a"}, unknown="keep")
     assert counts == {"dom_a": 2, "B": 1, "Z": 1}

@@ -8,7 +8,7 @@ PKG = Path(__file__).resolve().parents[2] / "megamoe"
 
 # lower layers never import higher ones (a module may import its own layer and those below)
 LAYERS = [
-    {"findings", "command", "config", "checkpoint.layout", "parallel.layout"},
+    {"findings", "command", "config", "outputs", "lifetime", "checkpoint.layout", "parallel.layout"},
     {"parallel", "model", "data", "formats", "moefy", "checkpoint"},
     {"convert"},
     {"train"},
