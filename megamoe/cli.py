@@ -30,6 +30,9 @@ VERBS = {
 }
 
 
+STARTS_PROCESSES = ("train", "launch", "convert", "preprocess", "demo")
+
+
 def usage() -> str:
     width = max(map(len, VERBS))
     lines = [f"  {v:<{width}}  {h}" for v, (_, h) in VERBS.items()]
@@ -46,6 +49,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if verb not in VERBS:
         print(f"megamoe: unknown verb {verb!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    if verb in STARTS_PROCESSES:
+        from .lifetime import watch_over_me
+
+        watch_over_me()  # this process runs the job: its children end with it, even on SIGKILL
     module = importlib.import_module(VERBS[verb][0])
     try:
         return module.main(rest, prog=f"megamoe {verb}")

@@ -1,19 +1,27 @@
 """Processes of a run die with it.
 
-A trainer or preprocessing run killed with SIGKILL cannot clean up, so its children (megatron-core's
-checkpoint writers, forked copies, tokenizer workers) must end by themselves: every child of a
-megamoe process asks the kernel for SIGKILL when its parent dies (Linux PR_SET_PDEATHSIG). Forked
-children set it right after the fork (children_die_with_me); spawned ones as they import megamoe
-(megamoe/__init__.py, for any multiprocessing child). Elsewhere than Linux this does nothing.
+A trainer or preprocessing run killed with SIGKILL cannot clean up, yet its children
+(megatron-core's checkpoint writer and multiprocessing's resource tracker, forked copies,
+tokenizer workers) must not outlive it. Two mechanisms, Linux only:
+
+- forked children ask the kernel for SIGKILL when their parent dies (PR_SET_PDEATHSIG, set right
+  after the fork: children_die_with_me);
+- a small watchdog process (watch_over_me) waits for the run to end and then kills every process
+  the run left: the run marks its environment (MEGAMOE_RUN=<its pid>), which every process it
+  starts inherits, spawned children that never run our code and their children included; then
+  the watchdog exits itself.
 """
 from __future__ import annotations
 
 import ctypes
 import os
 import signal
+import subprocess
 import sys
+import time
 
 PR_SET_PDEATHSIG = 1
+MARK = "MEGAMOE_RUN"  # in a run's environment: the pid of the process that leads it
 _registered = False
 
 
@@ -34,3 +42,37 @@ def children_die_with_me() -> None:
     if not _registered:
         os.register_at_fork(after_in_child=die_with_parent)
         _registered = True
+
+
+def watch_over_me() -> subprocess.Popen | None:
+    """Start the watchdog of this process (see the module docstring); before any child."""
+    if not sys.platform.startswith("linux") or os.environ.get(MARK) == str(os.getpid()):
+        return None  # not Linux, or watched already
+    os.environ[MARK] = str(os.getpid())
+    return subprocess.Popen([sys.executable, "-m", "megamoe.lifetime", str(os.getpid()),
+                             str(time.time() - 1.0)],  # the run's children start after this
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def _watch(pid: int, born: float, period: float = 0.2) -> None:
+    import psutil
+
+    try:
+        run = psutil.Process(pid)
+        while run.status() != psutil.STATUS_ZOMBIE:
+            time.sleep(period)
+    except psutil.NoSuchProcess:
+        pass
+    died, me = time.time(), os.getpid()
+    for p in psutil.process_iter():
+        try:  # the run's marked processes (a pid reused since has a later creation time)
+            if p.pid != me and born <= p.create_time() <= died \
+                    and p.environ().get(MARK) == str(pid):
+                p.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+
+
+if __name__ == "__main__":
+    _watch(int(sys.argv[1]), float(sys.argv[2]))

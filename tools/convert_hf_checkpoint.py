@@ -21,4 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megamoe.convert import main  # noqa: E402
 
 if __name__ == "__main__":  # the guard is required: code that spawns processes re-imports this
+    from megamoe.lifetime import watch_over_me
+
+    watch_over_me()  # processes it starts end with it, even on SIGKILL
     sys.exit(main())

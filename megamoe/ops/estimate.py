@@ -187,6 +187,45 @@ def measured_seconds_per_step(output_dir: str, last: int = 20) -> float:
     return sum(times) / len(times)
 
 
+def run_differences(output_dir: str, sizes: dict, model: Optional[dict]) -> list[str]:
+    """How the run in `output_dir` differs from the sizes (and model shapes, when known) being
+    estimated: a time per step measured on another shape does not carry over."""
+    try:
+        with open(os.path.join(output_dir, "run_config.json")) as f:
+            saved = json.load(f)
+        cfg = saved["config"]
+    except (OSError, ValueError, KeyError) as e:
+        return [f"--from_run {output_dir}: its run_config.json is unreadable ({e}), so nothing "
+                "says the run had these sizes"]
+    flat = {k: v for sec in cfg.values() if isinstance(sec, dict) for k, v in sec.items()}
+    flat.update({k: v for k, v in (saved.get("world") or {}).items() if v is not None})
+    out = [f"{k} {flat.get(k)} there, {v} here" for k, v in sizes.items()
+           if flat.get(k) is not None and flat.get(k) != v]
+    ran = _model_of(flat.get("pretrained_model"))
+    if model and ran:
+        out += [f"{k} {ran[k]} there, {model[k]} here" for k in sorted(model)
+                if k in ran and ran[k] != model[k]]
+    if flat.get("cuda") is False:
+        out.append("it ran on CPUs")
+    return out
+
+
+def _model_of(pretrained: Optional[str]) -> Optional[dict]:
+    """The LLaMA shapes of a pretrained model directory, when it can be read here."""
+    if not pretrained:
+        return None
+    from ..train.plan import read_pretrained
+
+    found, _ = read_pretrained(pretrained)
+    if found is None:
+        return None
+    shape = {k: getattr(found.model, k) for k in ("hidden_size", "num_hidden_layers",
+                                                  "intermediate_size", "vocab_size")}
+    if found.moe is not None:
+        shape.update(num_experts=found.moe.num_experts, num_selects=found.moe.num_selects)
+    return shape
+
+
 def _sizes_from_target(target: str) -> tuple[dict, Optional[float], Optional[int]]:
     """(sizes, tokens, max_steps) that an sbatch script or config passes to the trainer."""
     from .script import OptionsError, resolve_options
@@ -201,7 +240,8 @@ def _sizes_from_target(target: str) -> tuple[dict, Optional[float], Optional[int
         raise ValueError(f"{target}: {e}") from None
     sizes = {k: int(opts[k]) for k in SIZES if opts.get(k) not in (None, "")}
     tokens = float(opts["max_tokens"]) if opts.get("max_tokens") else None
-    return sizes, tokens, int(opts["max_steps"]) if opts.get("max_steps") else None
+    return (sizes, tokens, int(opts["max_steps"]) if opts.get("max_steps") else None,
+            opts.get("pretrained_model"))
 
 
 def build_parser(prog: str) -> FlagParser:
@@ -223,9 +263,9 @@ def build_parser(prog: str) -> FlagParser:
 def _estimate(argv: Sequence[str], prog: str) -> int:
     args = build_parser(prog).parse_args(argv)
     values: dict = {}
-    tokens = max_steps = None
+    tokens = max_steps = pretrained = None
     if args.target:
-        values, tokens, max_steps = _sizes_from_target(args.target)
+        values, tokens, max_steps, pretrained = _sizes_from_target(args.target)
     values.update({k: getattr(args, k) for k in SIZES if getattr(args, k) is not None})
     missing = [k for k in SIZES[:5] if k not in values]
     if missing:
@@ -249,6 +289,11 @@ def _estimate(argv: Sequence[str], prog: str) -> int:
                              "--seconds_per_step or --tokens_per_second_per_gpu")
         seconds = measured_seconds_per_step(args.from_run)
         print(f"measured in {args.from_run}: {seconds:.4g} s/step (mean of the last logged steps)")
+        diff = run_differences(args.from_run, values, _model_of(pretrained))
+        if diff:
+            print(f"warning: that run is not the one estimated ({'; '.join(diff)}): its time per "
+                  "step does not carry over to these sizes; measure a run of the same model, "
+                  "batch and layout", file=sys.stderr)
     e = Estimate(tokens=tokens, seconds_per_step=seconds, **values)
     e.validate()
     if args.tokens_per_second_per_gpu is not None:

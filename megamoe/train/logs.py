@@ -173,6 +173,7 @@ class RunLogger:
             if f is not None:
                 f.close()
         self._log_file = self._jsonl = None
+        self.enabled = False  # what comes after (an error at export) reopens the files
 
 
 def fmt_duration(seconds: float) -> str:

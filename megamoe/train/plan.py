@@ -236,9 +236,17 @@ def _tokenizer(path: str, model: Optional[ModelConfig]) -> list[Finding]:
         n = spm.SentencePieceProcessor(model_file=path).get_piece_size()
     except (RuntimeError, OSError) as e:
         return [error("tokenizer_model", f"{{flag}} {path}: not a sentencepiece model ({e})")]
-    if n > model.vocab_size:
+    v = model.vocab_size
+    if n > v:
         return [error("tokenizer_model", f"{{flag}} has {n} tokens, more than the model's "
-                                         f"vocab_size {model.vocab_size}")]
+                                         f"vocab_size {v}", "give the pretrained model's own "
+                                         "tokenizer")]
+    padded = v % 64 == 0 and v - n < min(256, v / 100)  # Megatron pads to a multiple of 64+
+    if n < v and not padded:
+        return [error("tokenizer_model", f"{{flag}} has {n} tokens but the model's vocab_size is "
+                                         f"{v}: the tokenizer of another model?",
+                      "give the pretrained model's own tokenizer (the vocabulary may only pad "
+                      "it to a multiple of 64 or more, as Megatron does)")]
     return []
 
 

@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from contextlib import nullcontext
 from typing import Optional
 
@@ -31,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint import layout as ckpt
+from ..command import INTERRUPTED
 from ..config import RunConfig, to_dict
 from .logs import RunLogger, default_logging_dir, fmt_duration, specialisation
 from .plan import Plan
@@ -250,7 +252,6 @@ class Trainer:
                 checkpoint.load_optimizer(self.resume_from, self.model, self.opt)
             except (Exception, CheckpointException) as e:
                 if self.rank == 0:  # the details for a bug report; the message below says what to do
-                    import traceback
                     print(f"loading the optimizer state failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
                 raise TrainingStopped(
                     f"could not load the optimizer state of {self.resume_from} "
@@ -353,7 +354,10 @@ class Trainer:
             log.warning(w)
         if self.rank == 0:
             with open(os.path.join(run.train.output_dir, "run_config.json"), "w") as f:
-                json.dump({"config": to_dict(run), "argv": sys.argv[1:]}, f, indent=1)
+                json.dump({"config": to_dict(run), "argv": sys.argv[1:],
+                           "world": {"num_nodes": plan.num_nodes,
+                                     "num_gpu_per_node": plan.gpus_per_node,
+                                     "cuda": self.cuda}}, f, indent=1)
 
     # ------------------------------------------------------------------ helpers
     def _dp_mean(self, values: list[float]) -> list[float]:
@@ -616,6 +620,16 @@ class Trainer:
             self.log.expert_histograms(self.step, counts)
         self.log.record("train", self.step, vals)
 
+    def stopped(self, message: str, code: int) -> int:
+        """End the run on `message`: on the console and in train.log (opened here when the run
+        stopped before its logger, on rank 0) and train_log.jsonl. Returns `code`."""
+        if not self.log.enabled and _rank() == 0 and self.run.train.output_dir:
+            self.log = RunLogger(self.run.train.output_dir, None, enabled=True)
+        self.log.error(message)
+        self.log.record("error", getattr(self, "step", 0), {"message": message.splitlines()[-1]})
+        self.log.close()
+        return code
+
     # ------------------------------------------------------------------ export
     def export(self) -> Optional[str]:
         """--export_hf: the final checkpoint (LoRA merged) -> <output_dir>/hf."""
@@ -658,7 +672,11 @@ def run_training(plan: Plan) -> int:
             trainer.export()
         return code
     except TrainingStopped as e:
-        trainer.log.error(str(e))
-        trainer.log.record("error", getattr(trainer, "step", 0), {"message": str(e)})
-        trainer.log.close()
-        return e.code
+        return trainer.stopped(str(e), e.code)
+    except KeyboardInterrupt:
+        return trainer.stopped(
+            f"interrupted (Ctrl-C) at step {getattr(trainer, 'step', 0)}; the newest checkpoint "
+            f"is {ckpt.newest_checkpoint(plan.run.train.output_dir) or '(none yet)'}: run the same "
+            "command to resume from it", INTERRUPTED)
+    except Exception:  # a bug: the whole traceback, in train.log too, so that it can be reported
+        return trainer.stopped(traceback.format_exc().rstrip(), 1)

@@ -131,9 +131,10 @@ def setup(tmp_path_factory):
                 w.add_document(rng.integers(3, 128, size=40))
             w.finalize()
     import sentencepiece as spm
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(["alpha beta gamma delta"] * 50), model_prefix=str(root / "tok"),
-        vocab_size=20, model_type="bpe", minloglevel=2)
+    words = ["".join(chr(97 + (i * 7 + j * 3) % 26) for j in range(2 + i % 6)) for i in range(300)]
+    spm.SentencePieceTrainer.train(  # the model's 128 tokens (the check compares the sizes)
+        sentence_iterator=iter([" ".join(words[i:i + 20]) for i in range(0, 300, 3)] * 5),
+        model_prefix=str(root / "tok"), vocab_size=128, model_type="bpe", minloglevel=2)
     return root
 
 

@@ -13,7 +13,7 @@ LAYERS = [
     {"convert"},
     {"train"},
     {"ops"},
-    {"cli", "demo", "__main__"},
+    {"cli", "demo", "__main__", "train.__main__"},
 ]
 
 
