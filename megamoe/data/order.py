@@ -1,0 +1,87 @@
+"""The shuffled order of a domain's blocks: a keyed permutation of [0, n), evaluated per position.
+
+A domain of n blocks is read in the order block(p) = order(p) for positions p = 0 .. n-1 of an
+epoch. Materialising a shuffled arange(n) costs n * 4-8 bytes and ~60 ns per block at every start,
+resume and epoch (tens of GiB at SlimPajama scale with small blocks); instead order(p) is computed
+from (seed, domain index, epoch, p) alone, in O(1) time and memory, so nothing proportional to the
+corpus is built, stored or shared between data-parallel ranks.
+
+Construction: a Feistel network on k-bit integers, 2**k the smallest power of two >= n (k >= 2),
+with the two halves of ceil(k/2) and floor(k/2) bits swapping sizes every round (so any k works).
+Every round is a bijection, hence so is the network on [0, 2**k). Positions it maps outside [0, n)
+are fed through it again until they land inside ("cycle walking"), which restricts the bijection
+to [0, n); as 2**k < 2n, on average fewer than two passes are needed. The round function is the
+splitmix64 finaliser of (half + round key), a full-avalanche 64-bit mix; ROUNDS = 8 is well above
+the 4 that Luby-Rackoff needs for a pseudo-random permutation from random round functions. Round
+keys come from numpy's SeedSequence, whose output is fixed across platforms and numpy versions.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+ROUNDS = 8
+_C1, _C2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
+# Separates these keys from any other use of the same (seed, domain, epoch) entropy.
+_TAG = 0x6D6F652D6F726465  # "moe-orde"
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser (uint64 arithmetic wraps, as it should)."""
+    z = (z ^ (z >> _S30)) * _C1
+    z = (z ^ (z >> _S27)) * _C2
+    return z ^ (z >> _S31)
+
+
+class BlockOrder:
+    """A pseudo-random permutation of [0, n) keyed by integers (e.g. seed, domain, epoch).
+
+    `order(positions)` maps an int array (or one int) of positions in [0, n) to block numbers;
+    every block appears exactly once as the positions run over [0, n).
+    """
+
+    def __init__(self, n: int, key):
+        n = int(n)
+        if n < 1:
+            raise ValueError(f"BlockOrder needs n >= 1 blocks, got {n}")
+        key = [int(x) for x in key]
+        if any(x < 0 for x in key):
+            raise ValueError(f"BlockOrder key must be non-negative integers, got {key}")
+        self.n, self.key = n, key
+        self.bits = max(2, (n - 1).bit_length())
+        words = np.random.SeedSequence(key + [_TAG]).generate_state(ROUNDS, np.uint64)
+        self._round_keys = [np.uint64(w) for w in words]
+        # widths of (left, right) before each round: they swap every round
+        hi, lo = self.bits - self.bits // 2, self.bits // 2
+        self._widths = [(hi, lo) if r % 2 == 0 else (lo, hi) for r in range(ROUNDS)]
+
+    def _network(self, x: np.ndarray) -> np.ndarray:
+        """The Feistel bijection of [0, 2**bits), elementwise on uint64."""
+        a, b = self._widths[0]
+        left, right = x >> np.uint64(b), x & np.uint64((1 << b) - 1)
+        for (a, b), k in zip(self._widths, self._round_keys):
+            # left has a bits, right b bits; (left, right) -> (right, left ^ F(right)) has b, a
+            f = _mix(right + k) >> np.uint64(64 - a)
+            left, right = right, left ^ f
+        return (left << np.uint64(self._widths[-1][0])) | right
+
+    def __call__(self, positions):
+        scalar = np.ndim(positions) == 0
+        p = np.asarray(positions)
+        if p.dtype.kind not in "iu":
+            raise TypeError(f"positions must be integers, got {p.dtype}")
+        if p.size and (p.min() < 0 or p.max() >= self.n):
+            raise IndexError(f"position out of range [0, {self.n}): "
+                             f"{int(p.min()) if p.min() < 0 else int(p.max())}")
+        if self.n == 1:
+            out = np.zeros(p.shape, np.int64)
+        else:
+            y = self._network(p.astype(np.uint64).ravel())
+            n = np.uint64(self.n)
+            out_of_range = np.flatnonzero(y >= n)
+            while out_of_range.size:  # cycle walking: each pass removes about half or more
+                z = self._network(y[out_of_range])
+                y[out_of_range] = z
+                out_of_range = out_of_range[z >= n]
+            out = y.astype(np.int64).reshape(p.shape)
+        return int(out) if scalar else out
