@@ -10,10 +10,11 @@ Construction: a Feistel network on k-bit integers, 2**k the smallest power of tw
 with the two halves of ceil(k/2) and floor(k/2) bits swapping sizes every round (so any k works).
 Every round is a bijection, hence so is the network on [0, 2**k). Positions it maps outside [0, n)
 are fed through it again until they land inside ("cycle walking"), which restricts the bijection
-to [0, n); as 2**k < 2n, on average fewer than two passes are needed. The round function is the
-splitmix64 finaliser of (half + round key), a full-avalanche 64-bit mix; ROUNDS = 8 is well above
-the 4 that Luby-Rackoff needs for a pseudo-random permutation from random round functions. Round
-keys come from numpy's SeedSequence, whose output is fixed across platforms and numpy versions.
+to [0, n); as 2**k <= 2n, on average at most two passes are needed. The round function is the
+splitmix64 finaliser of (half + round key), a full-avalanche 64-bit mix. ROUNDS = 8 is twice the 4
+that Luby-Rackoff needs for a pseudo-random permutation from random round functions (the tests'
+statistics see structure at 3 rounds, none at 4). The round keys come from numpy's SeedSequence
+(stable across platforms and numpy versions; the tests pin a few values of the order).
 """
 from __future__ import annotations
 
@@ -40,30 +41,33 @@ class BlockOrder:
     every block appears exactly once as the positions run over [0, n).
     """
 
-    def __init__(self, n: int, key):
-        n = int(n)
+    def __init__(self, n: int, key, rounds: int = ROUNDS):
+        n, rounds = int(n), int(rounds)
         if n < 1:
             raise ValueError(f"BlockOrder needs n >= 1 blocks, got {n}")
         key = [int(x) for x in key]
         if any(x < 0 for x in key):
             raise ValueError(f"BlockOrder key must be non-negative integers, got {key}")
+        if rounds < 1:
+            raise ValueError(f"BlockOrder needs rounds >= 1, got {rounds}")
         self.n, self.key = n, key
         self.bits = max(2, (n - 1).bit_length())
-        words = np.random.SeedSequence(key + [_TAG]).generate_state(ROUNDS, np.uint64)
-        self._round_keys = [np.uint64(w) for w in words]
-        # widths of (left, right) before each round: they swap every round
+        words = np.random.SeedSequence(key + [_TAG]).generate_state(rounds, np.uint64)
+        # Before round r the left half has a bits and the right b; they swap every round.
         hi, lo = self.bits - self.bits // 2, self.bits // 2
-        self._widths = [(hi, lo) if r % 2 == 0 else (lo, hi) for r in range(ROUNDS)]
+        widths = [(hi, lo) if r % 2 == 0 else (lo, hi) for r in range(rounds)]
+        self._split = np.uint64(lo), np.uint64((1 << lo) - 1)
+        self._join = np.uint64(widths[-1][0])  # the right half's width after the last round
+        self._rounds = [(np.uint64(w), np.uint64(64 - a)) for w, (a, _) in zip(words, widths)]
 
     def _network(self, x: np.ndarray) -> np.ndarray:
         """The Feistel bijection of [0, 2**bits), elementwise on uint64."""
-        a, b = self._widths[0]
-        left, right = x >> np.uint64(b), x & np.uint64((1 << b) - 1)
-        for (a, b), k in zip(self._widths, self._round_keys):
-            # left has a bits, right b bits; (left, right) -> (right, left ^ F(right)) has b, a
-            f = _mix(right + k) >> np.uint64(64 - a)
-            left, right = right, left ^ f
-        return (left << np.uint64(self._widths[-1][0])) | right
+        left, right = x >> self._split[0], x & self._split[1]
+        for k, drop in self._rounds:
+            # (left, right) of a and b bits -> (right, left ^ F(right)) of b and a bits, where
+            # F keeps the top a bits of the 64-bit mix
+            left, right = right, left ^ (_mix(right + k) >> drop)
+        return (left << self._join) | right
 
     def __call__(self, positions):
         scalar = np.ndim(positions) == 0
