@@ -14,7 +14,8 @@ and a sparse .bin of uint16 tokens (truncated to size: zeros, no disk used). The
            dropped first (needs root; said so when not possible); warm: median of --warm runs;
            resume: from a checkpoint saved after step 1, until step 2 is logged. For scale:
            the duration of step 1 itself (as logged) and of a process that only imports what
-           the trainer imports (torch, megatron-core, megamoe).
+           the trainer imports (torch, megatron-core, megamoe); and the CPU time (user + system)
+           of the trainer until step 1 and of the imports, less sensitive to other load.
   data     MultiDomainTrainData alone, as data-parallel rank 0 and rank 7 of 8, for each of
            --seeds: milliseconds to build it and draw the first global batch of 64, then to
            resume from its state and draw the next; and how much that raised the process's RSS
@@ -135,6 +136,13 @@ def vm_hwm(pid="self") -> float:
     raise RuntimeError("no VmHWM in /proc/<pid>/status")
 
 
+def cpu_seconds(pid) -> float:
+    """User + system CPU time of a running process (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def drop_caches() -> bool:
     try:
         subprocess.run(["sync"], check=True)
@@ -174,11 +182,16 @@ checkpoint.save({path!r}, build_model(m, e), checkpoint.make_meta(m, e))
 IMPORTS = "import torch, megamoe.checkpoint, megamoe.train.trainer"
 
 
-def time_imports() -> float:
-    """Seconds for a process that only imports what the trainer imports (its fixed cost)."""
+def time_imports() -> tuple[float, float]:
+    """(wall, CPU) seconds of a process that only imports what the trainer imports."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", IMPORTS], check=True, env=env(), cwd=ROOT)
-    return time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return time.perf_counter() - t0, cpu
 
 
 def run_trainer(ckpt, data, out, block, seed, max_steps, stop_at=None, timeout=900) -> dict:
@@ -199,7 +212,8 @@ def run_trainer(ckpt, data, out, block, seed, max_steps, stop_at=None, timeout=9
         for line in p.stdout:
             tail = (tail + [line])[-30:]
             if pattern and pattern.search(line):
-                res = {"seconds": time.perf_counter() - t0, "hwm": vm_hwm(p.pid)}
+                res = {"seconds": time.perf_counter() - t0, "hwm": vm_hwm(p.pid),
+                       "cpu_s": cpu_seconds(p.pid)}
                 m = re.search(r"([\d.]+) s/step", line)
                 res["step_s"] = float(m.group(1)) if m else float("nan")
                 p.kill()
@@ -287,7 +301,7 @@ def measure(tmp: str, args, n_docs: int, rows: list) -> None:
         cold_ok = drop_caches()
         cold = fresh(max_steps=1, stop_at=1)
         warm = [fresh(max_steps=1, stop_at=1) for _ in range(args.warm)]
-        imports = statistics.median(time_imports() for _ in range(max(args.warm, 1)))
+        imp = [time_imports() for _ in range(args.warm)]
         fresh(max_steps=1)  # to its end: checkpoint-1
         resume = run_trainer(ckpt, data, out, block, args.trainer_seed, max_steps=2, stop_at=2)
         shutil.rmtree(out, ignore_errors=True)
@@ -296,7 +310,11 @@ def measure(tmp: str, args, n_docs: int, rows: list) -> None:
                "cold_s": cold["seconds"] if cold_ok else None,
                "first_s": None if cold_ok else cold["seconds"],
                "warm_s": statistics.median(w["seconds"] for w in warm),
-               "resume_s": resume["seconds"], "imports_s": imports,
+               "resume_s": resume["seconds"],
+               "imports_s": statistics.median(w for w, _ in imp),
+               "warm_cpu_s": statistics.median(w["cpu_s"] for w in warm),
+               "resume_cpu_s": resume["cpu_s"],
+               "imports_cpu_s": statistics.median(c for _, c in imp),
                "step_s": statistics.median(w["step_s"] for w in warm),
                "peak_rss": max([cold["hwm"], resume["hwm"]] + [w["hwm"] for w in warm]),
                "data_start_ms": max(x["start_ms"] for x in dat),
@@ -307,8 +325,9 @@ def measure(tmp: str, args, n_docs: int, rows: list) -> None:
         cold_txt = (f"cold {row['cold_s']:.1f} s" if cold_ok else
                     f"first run {row['first_s']:.1f} s (page cache NOT dropped: not root?)")
         print(f"  block {block}: {cold_txt}, warm {row['warm_s']:.1f} s (median of "
-              f"{args.warm}; step 1 itself {row['step_s']:.1f} s), resume {row['resume_s']:.1f} s, "
-              f"imports alone {row['imports_s']:.1f} s, peak RSS "
+              f"{args.warm}; step 1 itself {row['step_s']:.1f} s; CPU {row['warm_cpu_s']:.1f} s), "
+              f"resume {row['resume_s']:.1f} s (CPU {row['resume_cpu_s']:.1f} s), imports alone "
+              f"{row['imports_s']:.1f} s (CPU {row['imports_cpu_s']:.1f} s), peak RSS "
               f"{row['peak_rss'] / 2**30:.2f} GiB; data alone (seeds {args.seeds}, DP ranks 0 "
               f"and 7 of 8): start + first batch <= {row['data_start_ms']:.0f} ms, resume + "
               f"batch <= {row['data_resume_ms']:.0f} ms, <= {row['data_extra'] / 2**20:.1f} MiB; "
@@ -317,15 +336,17 @@ def measure(tmp: str, args, n_docs: int, rows: list) -> None:
 
 
 def table(rows: list) -> str:
-    head = ("| documents | tokens | block | time to step 1: cold / warm (s) | resume (s) | "
-            "of which: step 1 / imports (s) | peak RSS (GiB) | data alone: start / resume (ms) | "
-            "sampling memory (MiB) |\n|---|---|---|---|---|---|---|---|---|")
+    head = ("| documents | tokens | block | time to step 1: cold / warm / resume (s) | "
+            "CPU time to step 1: warm / resume (s) | step 1 alone (s) | imports alone: wall / "
+            "CPU (s) | peak RSS (GiB) | data alone: start / resume (ms) | sampling memory (MiB) |"
+            "\n|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         first = f"{r['cold_s']:.1f}" if r["cold_s"] is not None else f"{r['first_s']:.1f} (not cold)"
         lines.append(f"| {fmt_n(r['docs'])} | {r['tokens'] / 1e9:.0f}B | {r['block_size']} | "
-                     f"{first} / {r['warm_s']:.1f} | {r['resume_s']:.1f} | "
-                     f"{r['step_s']:.1f} / {r['imports_s']:.1f} | "
+                     f"{first} / {r['warm_s']:.1f} / {r['resume_s']:.1f} | "
+                     f"{r['warm_cpu_s']:.1f} / {r['resume_cpu_s']:.1f} | {r['step_s']:.1f} | "
+                     f"{r['imports_s']:.1f} / {r['imports_cpu_s']:.1f} | "
                      f"{r['peak_rss'] / 2**30:.2f} | {r['data_start_ms']:.0f} / "
                      f"{r['data_resume_ms']:.0f} | {r['data_extra'] / 2**20:.1f} |")
     return "\n".join(lines)
