@@ -282,7 +282,7 @@ def test_old_checkpoint_finishes_its_epoch_in_the_old_order(dataset_dir):
 
 def test_corpus_sized_domains_start_in_constant_memory(tmp_path, helpers):
     """Two domains of 8.6e9 and 2.1e9 blocks (sparse files; the former order would have
-    materialised 80 GiB of permutations): start, batches at 8 data-parallel ranks and a resume
+    materialised 72 GiB of permutations): start, batches at 8 data-parallel ranks and a resume
     allocate almost nothing."""
     import tracemalloc
 
