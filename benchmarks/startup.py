@@ -153,9 +153,6 @@ def drop_caches() -> bool:
         return False
 
 
-CHILDREN: list = []
-
-
 def env() -> dict:
     e = {k: v for k, v in os.environ.items()
          if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
@@ -205,7 +202,6 @@ def run_trainer(ckpt, data, out, block, seed, max_steps, stop_at=None, timeout=9
     t0 = time.perf_counter()
     p = subprocess.Popen([sys.executable, "-m", "megamoe.train", *argv], cwd=ROOT, env=env(),
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    CHILDREN.append(p)
     pattern = re.compile(rf"\bstep {stop_at}/{max_steps}\b") if stop_at else None
     res, tail = {}, []
     try:
@@ -216,14 +212,15 @@ def run_trainer(ckpt, data, out, block, seed, max_steps, stop_at=None, timeout=9
                        "cpu_s": cpu_seconds(p.pid)}
                 m = re.search(r"([\d.]+) s/step", line)
                 res["step_s"] = float(m.group(1)) if m else float("nan")
-                p.kill()
                 break
             if time.perf_counter() - t0 > timeout:
-                p.kill()
                 break
+        if not pattern:
+            p.wait(timeout=timeout)  # to its end (it saves a checkpoint)
+    finally:  # also on Ctrl-C / SIGTERM: no trainer is left running
+        if p.poll() is None:
+            p.kill()
         p.wait()
-    finally:
-        CHILDREN.remove(p)
     if (pattern and not res) or (not pattern and p.returncode != 0):
         raise RuntimeError(f"the trainer failed (exit {p.returncode}):\n{''.join(tail)}")
     return res
@@ -376,9 +373,6 @@ def main(argv=None) -> int:
         print("interrupted: cleaning up", file=sys.stderr)
         return 130
     finally:
-        for p in list(CHILDREN):
-            p.kill()
-            p.wait()
         shutil.rmtree(tmp, ignore_errors=True)
         if rows:
             print("\n" + table(rows))
