@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from .indexed import IndexedDataset, IndexedDatasetError
+from .indexed import IndexedDataset, IndexedDatasetError, bin_path
 
 SUFFIX = "_document.idx"
 
@@ -39,6 +39,10 @@ class _File:
     index, so nothing proportional to the number of documents is loaded into memory.
     Contiguous storage of the sequences is assumed (all Megatron-style writers do this; the
     reader already checked that the .bin size matches the index).
+
+    Tokens are read with pread rather than through the memory map: blocks are read in random
+    order, and a page fault on a mapping reads around it by the device's read-ahead (often
+    megabytes, e.g. 8 MiB here) for a block of a few KiB.
     """
 
     def __init__(self, prefix: str, eod_id: int | None):
@@ -47,6 +51,21 @@ class _File:
         self.eod_id = eod_id
         self.num_docs = self.ds.num_documents
         self.length = len(self.tokens) + (self.num_docs if eod_id is not None else 0)
+        self._fd = os.open(bin_path(prefix), os.O_RDONLY)
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _read_tokens(self, s: int, e: int) -> np.ndarray:
+        """tokens[s:e] of the .bin as int64."""
+        item = self.ds.dtype.itemsize
+        buf = os.pread(self._fd, (e - s) * item, s * item)
+        if len(buf) != (e - s) * item:
+            raise IndexedDatasetError(f"{bin_path(self.ds.prefix)}: short read at token {s} "
+                                      "(the file shrank after it was opened?)")
+        return np.frombuffer(buf, self.ds.dtype).astype(np.int64)
 
     def _doc_start(self, i: int) -> int:
         """Token offset of document i in .bin (i == num_docs gives the end)."""
@@ -57,7 +76,7 @@ class _File:
 
     def read(self, s: int, e: int) -> np.ndarray:
         if self.eod_id is None:
-            return np.asarray(self.tokens[s:e], np.int64)
+            return self._read_tokens(s, e)
         # last document whose virtual start is <= s
         i = bisect.bisect_right(range(self.num_docs), s,
                                 key=lambda k: self._doc_start(k) + k) - 1
@@ -67,7 +86,7 @@ class _File:
             off = p - (start + i)
             if off < end - start:  # inside document i's tokens
                 take = min(end - start - off, e - p)
-                out.append(np.asarray(self.tokens[start + off: start + off + take], np.int64))
+                out.append(self._read_tokens(start + off, start + off + take))
                 p += take
             else:  # the EOD after document i
                 out.append(np.array([self.eod_id], np.int64))
@@ -99,10 +118,22 @@ class DomainStream:
         if not 0 <= b < self.num_blocks:
             raise IndexError(f"block {b} out of range for domain {self.name!r} "
                              f"({self.num_blocks} blocks)")
-        s, e = b * self.block_size, (b + 1) * self.block_size
+        return self._read(b * self.block_size, (b + 1) * self.block_size)
+
+    def blocks(self, lo: int, hi: int) -> np.ndarray:
+        """Blocks lo .. hi-1 as int64 [hi - lo, block_size], read in one pass (validation)."""
+        if not 0 <= lo <= hi <= self.num_blocks:
+            raise IndexError(f"blocks {lo}..{hi} out of range for domain {self.name!r} "
+                             f"({self.num_blocks} blocks)")
+        if lo == hi:
+            return np.zeros((0, self.block_size), np.int64)
+        return self._read(lo * self.block_size, hi * self.block_size).reshape(-1, self.block_size)
+
+    def _read(self, s: int, e: int) -> np.ndarray:
+        """Stream tokens [s, e) as int64."""
         f = int(np.searchsorted(self.bounds, s, side="right")) - 1
         parts = []
-        while s < e:  # a block may span the end of one file and the start of the next
+        while s < e:  # a range may span the end of one file and the start of the next
             lo = int(self.bounds[f])
             take = min(e, int(self.bounds[f + 1]))
             parts.append(self.files[f].read(s - lo, take - lo))

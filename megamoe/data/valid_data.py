@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 
 import torch
-import numpy as np
 
 from .domains import check_domain_names
 from .packing import SUFFIX, DomainStream, find_prefixes
@@ -57,5 +56,5 @@ def load_validation_sets(validation_dir: str, block_size: int,
         s = DomainStream(d, found[d], block_size, eod_id)
         n = s.num_blocks if max_blocks_per_domain is None else min(s.num_blocks,
                                                                      max_blocks_per_domain)
-        out[d] = torch.from_numpy(np.stack([s.block(b) for b in range(n)]))
+        out[d] = torch.from_numpy(s.blocks(0, n))
     return out

@@ -3,6 +3,7 @@ jsonl writers and small indexed datasets with known contents."""
 import json
 import os
 import random
+import struct
 
 import numpy as np
 import pytest
@@ -87,6 +88,21 @@ def write_stream_dataset(prefix, first_token, doc_lengths, dtype=np.int32):
     return stream
 
 
+def write_sparse_dataset(prefix, seq_lengths, dtype=np.uint16):
+    """A real .idx (one document per sequence) with a sparse .bin of zeros (no disk used): a
+    dataset of any size for tests that must not read the tokens of the whole corpus."""
+    from megamoe.data.indexed import CODE_OF, MAGIC
+    lens = np.asarray(seq_lengths, np.int32)
+    item = np.dtype(dtype).itemsize
+    ptr = np.concatenate([[0], np.cumsum(lens[:-1], dtype=np.int64) * item]).astype(np.int64)
+    os.makedirs(os.path.dirname(str(prefix)), exist_ok=True)
+    with open(f"{prefix}.idx", "wb") as f:
+        f.write(MAGIC + struct.pack("<QBQQ", 1, CODE_OF[np.dtype(dtype)], len(lens), len(lens) + 1))
+        f.write(lens.tobytes() + ptr.tobytes() + np.arange(len(lens) + 1, dtype=np.int64).tobytes())
+    with open(f"{prefix}.bin", "wb") as f:
+        f.truncate(int(lens.sum(dtype=np.int64)) * item)
+
+
 @pytest.fixture
 def helpers():
     class H:
@@ -94,4 +110,5 @@ def helpers():
     H.make_texts = staticmethod(make_texts)
     H.write_jsonl = staticmethod(write_jsonl)
     H.write_stream_dataset = staticmethod(write_stream_dataset)
+    H.write_sparse_dataset = staticmethod(write_sparse_dataset)
     return H

@@ -1,12 +1,14 @@
 """Packing into blocks, multi-domain batches, epochs, data-parallel sharding and exact resume."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
+from megamoe.data.order import BlockOrder
 from megamoe.data.sampler import DomainSampler
 from megamoe.data.train_data import MultiDomainTrainData
 
@@ -148,6 +150,17 @@ def test_eod_inserted_between_documents(tmp_path, helpers):
     assert st.num_tokens == len(expect) and st.num_blocks == len(expect) // 7
     got = np.concatenate([st.block(b) for b in range(st.num_blocks)])
     np.testing.assert_array_equal(got, expect[: st.num_blocks * 7])
+    np.testing.assert_array_equal(st.blocks(2, st.num_blocks).ravel(), got[14:])  # one read
+
+
+def test_consecutive_blocks_in_one_read_span_files(dataset_dir):
+    alpha = make(dataset_dir).streams[0]
+    assert len(alpha.files) == 2
+    n = alpha.num_blocks
+    np.testing.assert_array_equal(alpha.blocks(0, n), np.stack([alpha.block(b) for b in range(n)]))
+    assert alpha.blocks(3, 3).shape == (0, B)
+    with pytest.raises(IndexError, match=f"blocks 0..{n + 1} out of range for domain 'alpha'"):
+        alpha.blocks(0, n + 1)
 
 
 def test_domain_weights_must_match_folders(dataset_dir):
@@ -180,3 +193,122 @@ def test_resume_on_a_different_data_parallel_size(dataset_dir):
         tok, dom = two.next_batch(3)
         assert torch.equal(tok, expect_tok[3 * r: 3 * r + 3])
         assert torch.equal(dom, expect_dom[3 * r: 3 * r + 3])
+
+
+def global_draws(datas, steps, batch_size):
+    """Per step, the global batch's (domain, block) pairs, gathered from all ranks in rank order;
+    every rank's state must stay identical."""
+    out = []
+    for _ in range(steps):
+        step = []
+        for data in datas:
+            tok, dom = data.next_batch(batch_size)
+            step += [block_id(row, d) for row, d in zip(tok, dom.tolist())]
+        out.append(step)
+        states = {json.dumps(d.state_dict(), sort_keys=True) for d in datas}
+        assert len(states) == 1
+    return out
+
+
+def resumed(dataset_dir, state, size):
+    ranks = [make(dataset_dir, rank=r, size=size) for r in range(size)]
+    for r in ranks:
+        r.load_state_dict(json.loads(json.dumps(state)))  # checkpoint metadata is json
+    return ranks
+
+
+def test_resume_mid_epoch_at_other_data_parallel_sizes_gives_the_same_global_sequence(dataset_dir):
+    """Global batch 12: one rank throughout, versus 4 ranks, resumed on 3, then on 2."""
+    expect = global_draws([make(dataset_dir)], 10, 12)
+    four = [make(dataset_dir, rank=r, size=4) for r in range(4)]
+    got = global_draws(four, 4, 3)
+    state = four[0].state_dict()
+    n = [four[0].num_blocks[d] for d in DOMS]
+    assert any(0 < p < m for p, m in zip(state["position"], n))  # mid-epoch
+    three = resumed(dataset_dir, state, 3)
+    got += global_draws(three, 3, 4)
+    two = resumed(dataset_dir, three[1].state_dict(), 2)
+    got += global_draws(two, 3, 6)
+    assert got == expect
+    assert two[0].epoch[2] >= 3  # gamma (6 blocks) went through several epochs on the way
+
+
+def test_block_order_is_the_documented_per_position_order(dataset_dir):
+    """Position p of epoch e of domain k is block BlockOrder(n, (seed, k, e))(p)."""
+    data = make(dataset_dir, seed=3)
+    per_domain = {k: [] for k in range(3)}
+    for step in global_draws([data], 30, 4):
+        for k, b in step:
+            per_domain[k].append(b)
+    for k, blocks in per_domain.items():
+        n = data.num_blocks[DOMS[k]]
+        expect = np.concatenate([BlockOrder(n, (3, k, e))(np.arange(n))
+                                 for e in range(len(blocks) // n + 1)])
+        assert blocks == expect[: len(blocks)].tolist()
+
+
+def test_old_checkpoint_finishes_its_epoch_in_the_old_order(dataset_dir):
+    """A state saved before the per-position order (no "order" key) resumes exactly: a partly
+    read epoch goes on in the materialised numpy permutation of that version; the next epoch,
+    and every epoch not yet started, uses BlockOrder."""
+    old = make(dataset_dir, seed=3)
+    global_draws([old], 6, 4)
+    state = json.loads(json.dumps(old.state_dict()))
+    del state["order"], state["legacy_order_epochs"]  # exactly the former format
+    n = [old.num_blocks[d] for d in DOMS]
+    assert all(0 < p < m for p, m in zip(state["position"], n))  # every domain mid-epoch
+    logs = []
+    data = make(dataset_dir, seed=3, log=logs.append)
+    data.load_state_dict(state)
+    assert any("predates the per-position block order" in m for m in logs)
+    draws = global_draws([data], 3, 4)
+    mid = data.state_dict()  # saved again during the old epoch: still exact after that resume
+    assert mid["legacy_order_epochs"] == {"alpha": 0, "beta": 0, "gamma": 0}
+    again = resumed(dataset_dir, mid, 1)
+    draws += global_draws(again, 40, 4)
+    for k in range(3):
+        e, p = state["epoch"][k], state["position"][k]
+        # the former code: rng.permutation of arange(n) seeded with (seed, epoch, domain)
+        old_order = np.random.default_rng([3, e, k]).permutation(np.arange(n[k], dtype=np.int32))
+        got = [b for step in draws for d, b in step if d == k]
+        assert len(got) > n[k] - p  # on into the new order
+        later = [BlockOrder(n[k], (3, k, e + i))(np.arange(n[k])) for i in range(1, len(got))]
+        expect = np.concatenate([old_order[p:]] + later)
+        assert got == expect[: len(got)].tolist(), DOMS[k]
+    assert again[0].state_dict()["legacy_order_epochs"] == {}  # all old epochs finished
+    state["order"] = "something-newer"
+    with pytest.raises(ValueError, match="block order 'something-newer'"):
+        make(dataset_dir, seed=3).load_state_dict(state)
+
+
+def test_corpus_sized_domains_start_in_constant_memory(tmp_path, helpers):
+    """Two domains of 8.6e9 and 2.1e9 blocks (sparse files; the former order would have
+    materialised 72 GiB of permutations): start, batches at 8 data-parallel ranks and a resume
+    allocate almost nothing."""
+    import tracemalloc
+
+    d = tmp_path / "huge"
+    helpers.write_sparse_dataset(d / "cc" / "cc_text_document", [2**31 - 1] * 8)
+    helpers.write_sparse_dataset(d / "c4" / "c4_text_document", [2**31 - 1] * 2)
+
+    def build(rank):
+        s = DomainSampler(["c4", "cc"], [0.4, 0.6], seed=23)
+        return MultiDomainTrainData(str(d), 2, s, dp_rank=rank, dp_size=8, seed=23,
+                                    log=lambda m: None)
+
+    tracemalloc.start()
+    try:
+        data = build(3)
+        assert data.num_blocks == {"c4": 2**31 - 1, "cc": 4 * (2**31 - 1)}
+        for _ in range(5):
+            tok, dom = data.next_batch(64)
+        state = data.state_dict()
+        other = build(5)
+        other.load_state_dict(state)
+        other.next_batch(64)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        shutil.rmtree(d)  # pytest keeps recent tmp folders: leave no 40 GB (sparse) files there
+    assert tok.shape == (64, 2) and int(tok.abs().sum()) == 0  # the sparse files read as zeros
+    assert peak < 8 * 2**20, f"{peak / 2**20:.1f} MiB allocated"
