@@ -188,7 +188,37 @@ def layout_advice(tp: int, ep: int, dp: int, nodes: int, gpn: int, run: RunConfi
     return out
 
 
-def _data(run: RunConfig, out: list[Finding]) -> tuple[dict, str, dict, Optional[dict]]:
+def _datasets(flag: str, sets: dict, block_size: int, model: Optional[ModelConfig]) -> list[Finding]:
+    """Every dataset of every domain opens (its .idx and .bin agree), every domain holds at least
+    one block, and no token id reaches the model's vocabulary (the largest id recorded by our
+    preprocessing; data made by other tools is checked as it is read)."""
+    from ..data.indexed import read_stats
+    from ..data.packing import DomainStream
+
+    out = []
+    for domain, prefixes in sets.items():
+        try:
+            DomainStream(domain, prefixes, block_size)
+        except (OSError, ValueError) as e:  # IndexedDatasetError names the file
+            out.append(error(flag, f"{{flag}}: {e}", "re-run tools/preprocess_data.py for it, "
+                                                     "or remove it from the folder"))
+            continue
+        for prefix in prefixes if model is not None else ():
+            try:
+                top = (read_stats(prefix) or {}).get("max_token_id", -1)
+            except ValueError as e:
+                out.append(error(flag, f"{{flag}}: {e}"))
+                continue
+            if top >= model.vocab_size:
+                out.append(error(flag, f"{{flag}}: {prefix}.bin holds token id {top}, beyond the "
+                                       f"model's vocab_size {model.vocab_size}",
+                                 "it was tokenized with another tokenizer: preprocess it with "
+                                 "the pretrained model's own"))
+    return out
+
+
+def _data(run: RunConfig, out: list[Finding],
+          model: Optional[ModelConfig]) -> tuple[dict, str, dict, Optional[dict]]:
     """(domains, prob_map name, weights, reference losses) of --dataset_dir and friends."""
     from ..data.domains import DOMAINS, check_domain_names, load_prob_map, load_ref_loss
     from ..data.train_data import find_domain_folders
@@ -202,6 +232,7 @@ def _data(run: RunConfig, out: list[Finding]) -> tuple[dict, str, dict, Optional
             domains = find_domain_folders(d.dataset_dir)
         except (OSError, ValueError) as e:
             out.append(error("dataset_dir", f"{{flag}}: {e}"))
+        out += _datasets("dataset_dir", domains, d.block_size, model)
     if domains:
         if prob_map is None:
             prob_map = "sheared_llama" if sorted(domains) == sorted(DOMAINS) else "uniform"
@@ -220,6 +251,7 @@ def _data(run: RunConfig, out: list[Finding]) -> tuple[dict, str, dict, Optional
             if domains:
                 check_domain_names(list(found), list(domains),
                                    f"--validation_dir {d.validation_dir} (its sets)")
+            out += _datasets("validation_dir", found, d.block_size, model)
         except (OSError, ValueError) as e:
             out.append(error("validation_dir", f"{{flag}}: {e}"))
     return domains, prob_map, weights, ref
@@ -342,7 +374,7 @@ def make_plan(run: RunConfig, env: Optional[Mapping[str, str]] = None,
                                            f"--tensor_model_parallel_size {tp} (sequence "
                                            "parallelism)"))
 
-    domains, prob_map, domain_weights, ref_loss = _data(run, out)
+    domains, prob_map, domain_weights, ref_loss = _data(run, out, model)
     if t.tokenizer_model:
         out += _tokenizer(t.tokenizer_model, model)
 

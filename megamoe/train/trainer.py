@@ -382,6 +382,19 @@ class Trainer:
                 target[layer] += torch.bincount(idx.reshape(-1), minlength=E).to(target.dtype)
         return hook
 
+    def _check_vocabulary(self, tokens: torch.Tensor, doms: torch.Tensor) -> None:
+        """Token ids beyond the vocabulary (data made by another tool, not checked at start-up)
+        would fail deep in the embedding: stop with the domain's files named instead."""
+        top = int(tokens.max())
+        if top >= self.model_cfg.vocab_size:
+            d = self.domains[int(doms[int((tokens.max(dim=1).values >= self.model_cfg.vocab_size)
+                                          .nonzero()[0])])]
+            raise TrainingStopped(
+                f"a block of domain {d} holds token id {top}, beyond the model's vocab_size "
+                f"{self.model_cfg.vocab_size}: its datasets "
+                f"{self.plan.domains.get(d)} were tokenized with another tokenizer; preprocess "
+                "them with the pretrained model's own", 2)
+
     def _world_sum(self, t: torch.Tensor) -> np.ndarray:
         if self.world > 1:
             dist.all_reduce(t)
@@ -532,7 +545,8 @@ class Trainer:
         while self.step < self.max_steps:
             t0 = time.time()
             log_now = (self.step + 1) % t.logging_steps == 0 or self.step + 1 == self.max_steps
-            tokens, _ = self.data.next_batch(bs * ga)
+            tokens, doms = self.data.next_batch(bs * ga)
+            self._check_vocabulary(tokens, doms)
             mbs = list(tokens.to(self.device, non_blocking=True).split(bs))
             self.ddp.zero_grad_buffer()
             self.opt.zero_grad()

@@ -1,6 +1,7 @@
 """Bad flags and inputs: one line per problem naming the flag or file and what to do, exit 2,
 before any model is built; nothing of the user's changes."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -116,3 +117,74 @@ def test_megatron_compatible_empty_documents_and_bad_text(tmp_path, capsys, help
     err = capsys.readouterr().err
     assert f"{bad}:2:" in err and "lone surrogate" in err and "Traceback" not in err
     assert tree(tmp_path / "o_text_document.bin", tmp_path / "o_text_document.idx") == before
+
+
+def _data_copy(tiny, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny.data, data)
+    return data
+
+
+@pytest.mark.parametrize("fault,words", [
+    ("truncated .bin", "data file truncated"),
+    ("truncated .idx", "index truncated"),
+    ("foreign .idx", "not a Megatron indexed dataset index"),
+    ("missing .bin", "the matching data file"),
+    ("a domain shorter than one block", "fewer than one block of 32"),
+    ("token ids beyond the vocabulary", "holds token id 300, beyond the model's vocab_size 128"),
+])
+def test_data_faults_are_found_before_the_model_is_built(tiny, tmp_path, capsys, fault, words):
+    import numpy as np
+
+    from megamoe.data.indexed import IndexedDatasetWriter
+
+    data = _data_copy(tiny, tmp_path)
+    prefix = data / "prose" / "prose_text_document"
+    if fault == "truncated .bin":
+        b = prefix.with_suffix(".bin")
+        b.write_bytes(b.read_bytes()[:-10])
+    elif fault == "truncated .idx":
+        i = prefix.with_suffix(".idx")
+        i.write_bytes(i.read_bytes()[:-5])
+    elif fault == "foreign .idx":
+        prefix.with_suffix(".idx").write_bytes(b"PK\x03\x04 not an index at all" * 4)
+    elif fault == "missing .bin":
+        prefix.with_suffix(".bin").unlink()
+    elif fault == "a domain shorter than one block":
+        for f in (data / "prose").iterdir():
+            f.unlink()
+        with IndexedDatasetWriter(str(prefix), np.uint16) as w:
+            w.add_document(np.arange(3, 20))
+    else:
+        for f in (data / "prose").iterdir():
+            f.unlink()
+        with IndexedDatasetWriter(str(prefix), np.uint16) as w:
+            w.add_document(np.arange(250, 301))
+    before = tree(data)
+    out = tmp_path / "out"
+    rc = train(F.train_argv(tiny.moe, str(data), tiny.valid, str(out)))
+    err = capsys.readouterr().err
+    assert rc == 2 and words in err and "prose" in err, err
+    assert "Traceback" not in err and not out.exists()  # before any work
+    assert tree(data) == before
+
+
+def test_out_of_vocabulary_data_without_stats_stops_at_the_first_batch(tiny, tmp_path):
+    """Data from another tool (no stats file): found when read, named, exit 2."""
+    import numpy as np
+
+    from megamoe.data.indexed import IndexedDatasetWriter
+
+    data = _data_copy(tiny, tmp_path)
+    for dom in os.listdir(data):
+        prefix = data / dom / f"{dom}_text_document"
+        for f in (data / dom).iterdir():
+            f.unlink()
+        with IndexedDatasetWriter(str(prefix), np.uint16) as w:
+            w.add_document(np.arange(100, 400) % 300)
+        (data / dom / f"{dom}_text_document.stats.json").unlink()
+    r = F.run_train(F.train_argv(tiny.moe, str(data), None, str(tmp_path / "out"),
+                                 eval_steps=0))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "beyond the model's vocab_size 128" in r.stderr and "_text_document" in r.stderr
+    assert "Traceback" not in r.stderr
