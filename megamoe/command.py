@@ -56,10 +56,12 @@ class FlagParser(argparse.ArgumentParser):
 USER_ERROR, INTERRUPTED = 2, 130
 
 
-def run_command(prog: str, func: Callable[[Sequence[str]], int], argv: Sequence[str]) -> int:
-    """func(argv), with a user's error or Ctrl-C as one line on stderr instead of a traceback."""
+def run_command(prog: str, func: Callable[[Sequence[str], str], int],
+                argv: Optional[Sequence[str]] = None) -> int:
+    """func(argv, prog) (argv: the command line's by default), with a user's error or Ctrl-C as
+    one line on stderr instead of a traceback."""
     try:
-        return func(argv)
+        return func(list(sys.argv[1:] if argv is None else argv), prog)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return INTERRUPTED

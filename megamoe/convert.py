@@ -730,8 +730,9 @@ def run(argv: Optional[Sequence[str]] = None, prog: str = "convert_hf_checkpoint
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = "convert_hf_checkpoint.py") -> int:
     """The command line: 0 on success; 2 with one clear error line on bad input."""
-    def convert(args) -> int:
-        print(f"wrote {run(args, prog)}", file=sys.stderr)
-        return 0
+    return run_command(prog, _convert, argv)
 
-    return run_command(prog, convert, list(sys.argv[1:] if argv is None else argv))
+
+def _convert(argv: Sequence[str], prog: str) -> int:
+    print(f"wrote {run(argv, prog)}", file=sys.stderr)
+    return 0

@@ -167,7 +167,7 @@ PROG = "split_domains.py"
 
 def main(argv=None, prog: str = PROG) -> int:
     """The command line: 0 on success; 2 with one clear error line on bad input."""
-    return run_command(prog, lambda args: run(args, prog), sys.argv[1:] if argv is None else argv)
+    return run_command(prog, run, argv)
 
 
 def run(argv, prog: str = PROG) -> int:

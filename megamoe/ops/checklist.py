@@ -472,4 +472,4 @@ def _check(argv: Sequence[str], prog: str) -> int:
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = "megamoe check") -> int:
     """0: no errors; 1: errors (or warnings with --strict); 2: no such file."""
-    return run_command(prog, lambda a: _check(a, prog), sys.argv[1:] if argv is None else argv)
+    return run_command(prog, _check, argv)

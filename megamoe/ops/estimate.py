@@ -306,4 +306,4 @@ def _estimate(argv: Sequence[str], prog: str) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = "megamoe estimate") -> int:
-    return run_command(prog, lambda a: _estimate(a, prog), sys.argv[1:] if argv is None else argv)
+    return run_command(prog, _estimate, argv)

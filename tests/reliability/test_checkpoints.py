@@ -80,22 +80,22 @@ def test_megamoe_check_reports_damage_without_touching(tiny, run6, tmp_path):
     assert tree(out) == before
 
 
-def test_another_pretrained_model_in_the_same_output_dir_is_refused(tiny, run6, tmp_path):
+@pytest.mark.parametrize("other,words", [
+    (dict(pretrained_model="dense", model_type="llama"), "holds a run started from"),
+    (dict(training_mode="lora"), "was trained with --training_mode fpt"),
+])
+def test_another_run_in_the_same_output_dir_is_refused_before_any_work(tiny, run6, tmp_path,
+                                                                      other, words):
+    """An --output_dir holding a run of another pretrained model or training mode is not resumed
+    as if it were this run's."""
     out = str(tmp_path / "run")
     shutil.copytree(run6, out)
     before = tree(out)
-    r = F.run_train(F.train_argv(tiny.dense, tiny.data, tiny.valid, out, model_type="llama",
-                                 max_steps=STEPS + 2))
-    assert r.returncode == 2, r.stderr[-2000:]
-    assert "holds a run started from" in r.stderr and "--pretrained_model" in r.stderr
+    flags = dict(other, max_steps=STEPS + 2)
+    if flags.get("pretrained_model") == "dense":
+        flags["pretrained_model"] = tiny.dense
+    argv = F.train_argv(tiny.moe, tiny.data, tiny.valid, out)
+    argv += [a for k, v in flags.items() for a in (f"--{k}", str(v))]
+    r = F.run_train(argv)
+    assert r.returncode == 2 and words in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and tree(out) == before
-
-
-def test_lora_run_in_a_full_training_dir_is_refused_before_any_work(tiny, run6, tmp_path):
-    out = str(tmp_path / "run")
-    shutil.copytree(run6, out)
-    before = tree(out)
-    r = F.run_train(F.train_argv(tiny.moe, tiny.data, tiny.valid, out, training_mode="lora",
-                                 max_steps=STEPS + 2))
-    assert r.returncode == 2 and "was trained with --training_mode fpt" in r.stderr, r.stderr[-2000:]
-    assert tree(out) == before
