@@ -29,11 +29,13 @@ import random
 import shutil
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 from .checkpoint import is_checkpoint
 from .command import FlagParser
+from .outputs import mark, written_by_megamoe
 
 DOMAINS = ["code", "logs", "math", "chat", "wiki", "prose", "noise"]
 VOCAB = 512
@@ -237,7 +239,13 @@ def main(argv=None, prog: str = "python -m megamoe.demo") -> int:
     quiet_library_noise()
     t0 = time.time()
     out = os.path.abspath(a.output_dir)
+    # the demo removes and rewrites parts of its folder: only ever one it made itself
+    if os.path.isdir(out) and os.listdir(out) and not written_by_megamoe(Path(out)):
+        print(f"demo: --output_dir {out} holds files the demo did not write; choose an empty or "
+              "new folder", file=sys.stderr)
+        return 2
     os.makedirs(out, exist_ok=True)
+    mark(Path(out), "megamoe demo")
     quick = a.quick
     n_train, n_valid = (150, 20) if quick else (400, 40)
     layers, hidden, ffn = (2, 64, 256) if quick else (4, 128, 512)

@@ -196,6 +196,8 @@ def _datasets(flag: str, sets: dict, block_size: int, model: Optional[ModelConfi
     from ..data.packing import DomainStream
 
     out = []
+    if block_size < 2:  # DataConfig.check says so
+        return out
     for domain, prefixes in sets.items():
         try:
             DomainStream(domain, prefixes, block_size)

@@ -127,8 +127,8 @@ def setup(tmp_path_factory):
     for split in ("train", "valid"):
         for dom in DOMAINS:
             w = IndexedDatasetWriter(str(root / split / dom / f"{dom}_text_document"), np.uint16)
-            for _ in range(5):
-                w.add_document(rng.integers(3, 128, size=40))
+            for _ in range(5):  # 5 x 1000 tokens: more than one block of the scripts' 4096
+                w.add_document(rng.integers(3, 128, size=1000))
             w.finalize()
     import sentencepiece as spm
     words = ["".join(chr(97 + (i * 7 + j * 3) % 26) for j in range(2 + i % 6)) for i in range(300)]

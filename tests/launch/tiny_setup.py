@@ -44,10 +44,11 @@ def write_tokenizer(prefix: str) -> None:
     import sentencepiece as spm
 
     rnd = random.Random(0)
-    words = ["alpha", "beta", "gamma", "delta", "def", "return", "the", "of", "noise", "prose"]
+    words = ["".join(rnd.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rnd.randint(2, 7)))
+             for _ in range(200)]
     lines = [" ".join(rnd.choice(words) for _ in range(12)) for _ in range(300)]
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=prefix,
-                                   vocab_size=64, model_type="bpe", minloglevel=2)
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=prefix,  # the
+                                   vocab_size=VOCAB, model_type="bpe", minloglevel=2)  # model's
 
 
 def write_model(path: str) -> None:

@@ -166,3 +166,14 @@ def test_check_and_estimate_never_run_the_script(tmp_path, verb, no_children_lef
     assert tree(victim) == before
     if verb == "check":  # it read the flags all the same: 2 * 3 = 6 -> 6e-4
         assert "learning_rate=0.0006" in r.stdout, r.stdout + r.stderr
+
+
+def test_the_demo_refuses_a_folder_it_did_not_make(tmp_path):
+    mine = tmp_path / "mine"
+    (mine / "run").mkdir(parents=True)
+    (mine / "run" / "train_log.jsonl").write_text('{"kind": "end", "step": 1}\n')
+    before = tree(mine)
+    r = subprocess.run([sys.executable, "-m", "megamoe.demo", "--quick", "--output_dir", str(mine)],
+                       cwd=F.ROOT, env=F.clean_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "holds files the demo did not write" in r.stderr
+    assert tree(mine) == before
