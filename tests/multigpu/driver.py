@@ -6,7 +6,8 @@ world size share those costs here: each run is `megamoe.train.cli.main(argv)` in
 processes (the trainer re-creates megatron-core's groups when the layout changes). PLAN is a JSON
 list of runs: {"name", "argv", "out", "ga" (micro-batches per rank and step), "step_offset"
 (steps done before this run: a resumed leg), "replay" (a run's output directory whose recorded
-routing this run replays, or null)}. Each run's routing is recorded by
+routing this run replays, or null), "overlap" (parallel.set_overlap's arguments for this run: the
+communication overlaps, which the trainer's flags do not reach yet)}. Each run's routing is recorded by
 tests/multigpu/routing_probe.py into <out>/route.<tag>.<rank>.pt (tag: the run's "tag", default "run"), and rank 0 appends
 {"name", "code", "seconds"} to PLAN + ".status" (one JSON line per run).
 """
@@ -24,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 def main(plan_path: str) -> int:
     import torch.distributed as dist
 
+    from megamoe import parallel
     from megamoe.train.cli import main as train_main
     from tests.multigpu import routing_probe
 
@@ -35,11 +37,13 @@ def main(plan_path: str) -> int:
         if run.get("replay"):
             replay = routing_probe.load(sorted(glob.glob(os.path.join(run["replay"], "route.*.pt"))))
         probe = routing_probe.Probe(run["ga"], run.get("step_offset", 0), replay).install()
+        parallel.set_overlap(**run.get("overlap", {}))
         t0 = time.time()
         try:
             code = train_main(run["argv"])
         finally:
             probe.uninstall()
+            parallel.set_overlap()
         os.makedirs(run["out"], exist_ok=True)
         probe.save(os.path.join(run["out"], f"route.{run.get('tag', 'run')}.{rank}.pt"))
         if dist.is_initialized():

@@ -49,7 +49,7 @@ def setup(root, hidden=128, cpu=False):
 
 
 def spec(root, data, pre, name, layout, steps, lr, precision="fp32", out=None, tag="run", step_offset=0,
-         replay=None, **flags):
+         replay=None, overlap=None, **flags):
     """One run for driver.py. layout: (name, TP, PP, EP, processes)."""
     _, tp, pp, ep, procs = layout
     dp = procs // (tp * pp)
@@ -62,7 +62,7 @@ def spec(root, data, pre, name, layout, steps, lr, precision="fp32", out=None, t
     opts.update(flags)
     out = out or os.path.join(root, name)
     return dict(name=name, world=procs, out=out, ga=ga, tag=tag, step_offset=step_offset, replay=replay,
-                argv=F.train_argv(pre, data, None, out, **opts))
+                overlap=overlap or {}, argv=F.train_argv(pre, data, None, out, **opts))
 
 
 def launch_all(runs, root, cpu=False, timeout=900):

@@ -39,8 +39,11 @@ BF16 = 3e-2  # bf16, the whole curve (fp32: runs.check_fp32)
 # (name, TP, PP, EP, GPUs)
 LAYOUTS = [
     ("ep2", 1, 1, 2, 2), ("tp2", 2, 1, 1, 2), ("pp2", 1, 2, 1, 2), ("dp2", 1, 1, 1, 2),
+    ("ep2ov", 1, 1, 2, 2), ("tp2ov", 2, 1, 1, 2),
     ("ep4", 1, 1, 4, 4), ("ep2dp2", 1, 1, 2, 4), ("tp2ep2", 2, 1, 2, 4), ("tp2pp2", 2, 2, 1, 4),
 ]
+# the communication overlaps (parallel.set_overlap), off in the other layouts
+OVERLAP = {"ep2ov": {"ep_chunks": 2}, "tp2ov": {"tp_comm": True}}
 SINGLE = ("single", 1, 1, 1, 1)
 BY_NAME = {lay[0]: lay for lay in LAYOUTS + [SINGLE]}
 RESUMES = [("single", "single"), ("ep2", "tp2"), ("tp2", "single"), ("dp2", "pp2")]
@@ -59,7 +62,7 @@ def plan(root, data, pre, gpus) -> list:
     for lay in [SINGLE] + LAYOUTS:
         for precision in ("fp32",) if ON_CPU else ("fp32", "bf16"):  # CPU bf16 is autocast: not this
             if lay[-1] <= gpus:
-                runs.append(run(f"{lay[0]}-{precision}", lay, precision=precision))
+                runs.append(run(f"{lay[0]}-{precision}", lay, precision=precision, overlap=OVERLAP.get(lay[0])))
     if gpus >= 2:
         runs.append(run("single-replays-ep2", SINGLE, replay=os.path.join(root, "ep2-fp32")))
     half = STEPS // 2
