@@ -73,8 +73,8 @@ def _save_reference(ckpt):
 
 
 @pytest.mark.parametrize("tp,pp,ep,ep_chunks,tp_comm", [(2, 1, 1, 1, False), (1, 1, 2, 1, False), (1, 2, 1, 1, False),
-                                                      (1, 1, 1, 1, False), (1, 1, 2, 2, False)],
-                         ids=["TP2+SP", "EP2", "PP2", "DP2", "EP2+overlap"])
+                                                      (1, 1, 1, 1, False), (1, 1, 2, 2, False), (2, 1, 1, 1, True)],
+                         ids=["TP2+SP", "EP2", "PP2", "DP2", "EP2+overlap", "TP2+SP+overlap"])
 def test_layout_matches_single_process(reference, tp, pp, ep, ep_chunks, tp_comm):
     ckpt, (ref_losses, ref_grads) = reference
     results = launch.run(run_layout, 2, tp, pp, ep, ckpt, False, ep_chunks, tp_comm)
