@@ -32,6 +32,8 @@ from tests.multigpu import runs as R
 
 pytestmark = [pytest.mark.multigpu, pytest.mark.gpu]
 ON_CPU = int(os.environ.get("MEGAMOE_MULTIGPU_ON_CPU", "0"))
+# MEGAMOE_MULTIGPU_LAYOUTS=ep2ov,tp2ov: only these layouts (and the resumes between them)
+ONLY = set(filter(None, os.environ.get("MEGAMOE_MULTIGPU_LAYOUTS", "").split(",")))
 GPUS = ON_CPU or (torch.cuda.device_count() if torch.cuda.is_available() else 0)
 STEPS, LR = 20, 1e-3
 BF16 = 3e-2  # bf16, the whole curve (fp32: runs.check_fp32)
@@ -49,8 +51,14 @@ BY_NAME = {lay[0]: lay for lay in LAYOUTS + [SINGLE]}
 RESUMES = [("single", "single"), ("ep2", "tp2"), ("tp2", "single"), ("dp2", "pp2")]
 
 
-def _needs(n):
+def _needs(n, *names):
+    if ONLY and not all(name in ONLY | {"single"} for name in names):
+        return pytest.mark.skip(reason="not in MEGAMOE_MULTIGPU_LAYOUTS")
     return pytest.mark.skipif(GPUS < n, reason=f"needs {n} CUDA GPUs, found {GPUS}")
+
+
+def _wanted(*names):
+    return not ONLY or all(name in ONLY | {"single"} for name in names)
 
 
 def plan(root, data, pre, gpus) -> list:
@@ -61,14 +69,14 @@ def plan(root, data, pre, gpus) -> list:
     runs = []
     for lay in [SINGLE] + LAYOUTS:
         for precision in ("fp32",) if ON_CPU else ("fp32", "bf16"):  # CPU bf16 is autocast: not this
-            if lay[-1] <= gpus:
+            if lay[-1] <= gpus and _wanted(lay[0]):
                 runs.append(run(f"{lay[0]}-{precision}", lay, precision=precision, overlap=OVERLAP.get(lay[0])))
-    if gpus >= 2:
+    if gpus >= 2 and _wanted("ep2"):
         runs.append(run("single-replays-ep2", SINGLE, replay=os.path.join(root, "ep2-fp32")))
     half = STEPS // 2
     dist_opt = "false" if ON_CPU else "true"  # megatron-core's distributed optimizer needs CUDA
     for first, second in RESUMES:
-        if max(BY_NAME[first][-1], BY_NAME[second][-1]) > gpus:
+        if max(BY_NAME[first][-1], BY_NAME[second][-1]) > gpus or not _wanted(first, second):
             continue
         out = os.path.join(root, f"resume-{first}-{second}")
         # the schedule must be that of a 20-step run: ask for 20, stop after saving at 10
@@ -100,7 +108,7 @@ def _result(suite, name):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("name,tp,pp,ep,gpus", [pytest.param(*lay, marks=_needs(lay[-1])) for lay in LAYOUTS],
+@pytest.mark.parametrize("name,tp,pp,ep,gpus", [pytest.param(*lay, marks=_needs(lay[-1], lay[0])) for lay in LAYOUTS],
                          ids=[lay[0] for lay in LAYOUTS])
 def test_layout_matches_single_gpu(suite, name, tp, pp, ep, gpus, precision):
     if ON_CPU and precision == "bf16":
@@ -116,7 +124,7 @@ def test_layout_matches_single_gpu(suite, name, tp, pp, ep, gpus, precision):
         assert sum(b[-5:]) < sum(b[:5]) and err < BF16, (name, err, a, b)
 
 
-@_needs(2)
+@_needs(2, "ep2")
 def test_replayed_routing_is_exact(suite):
     """One GPU replaying EP=2's routing: no flips, so the whole curve equals EP=2's to rounding."""
     got = _result(suite, "single-replays-ep2")["out"]
@@ -130,7 +138,7 @@ def test_replayed_routing_is_exact(suite):
     assert err < R.EXACT, (err, a, b)
 
 
-@pytest.mark.parametrize("first,second", [pytest.param(a, b, marks=_needs(max(BY_NAME[a][-1], BY_NAME[b][-1])))
+@pytest.mark.parametrize("first,second", [pytest.param(a, b, marks=_needs(max(BY_NAME[a][-1], BY_NAME[b][-1]), a, b))
                                           for a, b in RESUMES], ids=[f"{a}->{b}" for a, b in RESUMES])
 def test_resume_at_another_layout(suite, first, second):
     """The distributed optimizer saved at step 10 in one layout, resumed to step 20 in another:
