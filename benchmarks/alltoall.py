@@ -110,20 +110,20 @@ def main() -> None:
 
     # The data-parallel collectives of the distributed optimizer (issue 15's bandwidth model):
     # reduce-scatter of the fp32 gradient buffer, all-gather of the bf16 parameters.
-    for mb in (256, 1024, 4096) if cuda else (8,):
-        elems = (mb << 20) // 4 // n * n
+    def dp_collectives(elems: int) -> None:  # buffers scoped here: freed before the next size
         g32 = torch.ones(elems, dtype=torch.float32, device=device)
         shard = torch.empty(elems // n, dtype=torch.float32, device=device)
         t = timed(lambda: dist.reduce_scatter_tensor(shard, g32), device, reps=5)
         if rank == 0:
             report("reduce_scatter fp32", t, elems * 4, n)
-        del g32, shard
         p16 = torch.empty(elems * 2, dtype=torch.bfloat16, device=device)
         part = torch.ones(elems * 2 // n, dtype=torch.bfloat16, device=device)
         t = timed(lambda: dist.all_gather_into_tensor(p16, part), device, reps=5)
         if rank == 0:
             report("all_gather bf16", t, elems * 4, n)
-        del p16, part
+
+    for mb in (256, 1024, 4096) if cuda else (8,):
+        dp_collectives((mb << 20) // 4 // n * n)
     dist.destroy_process_group()
 
 

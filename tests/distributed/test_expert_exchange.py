@@ -141,7 +141,6 @@ def test_chunked_exchange_matches_single_rank(ep):
     single-rank outputs and gradients, the expert weights' included (fp32; also chunks with no
     tokens: T=5 in 3 chunks at EP=4, T=0)."""
     results = launch.run(_run_chunked, ep, CHUNKED)
-    n_local = E // ep
     weight_grads = {}
     for rank, per_case in enumerate(results):
         for (chunks, (T, dtype, weighted)), got in zip(CHUNKED, per_case):

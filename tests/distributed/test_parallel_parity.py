@@ -1,6 +1,5 @@
 """TP=2, EP=2, PP=2 and DP=2 (two real gloo processes each) reproduce the single-process loss and
 gradients of the same LLaMA-MoE model and batch."""
-import os
 
 import pytest
 import torch

@@ -35,7 +35,8 @@ def test_ep2_differs_only_through_routing_flips(tmp_path):
     assert all(status.get(r["name"], {}).get("code") == 0 for r in runs), log
     got = R.check_fp32("ep2", os.path.join(root, "ep2"), os.path.join(root, "single"), trained=False)
     # the same routing everywhere: EP=2's whole curve, to rounding
-    replay = R.check_fp32("single replaying ep2", os.path.join(root, "replay"), os.path.join(root, "ep2"), trained=False)
+    replay = R.check_fp32("single replaying ep2", os.path.join(root, "replay"), os.path.join(root, "ep2"),
+                          trained=False)
     assert replay["first"] is None and replay["exact"] < R.EXACT
     if got["first"] is not None:  # a flip moves the curve by far more than rounding
         assert got["overall"] > 10 * got["exact"], got

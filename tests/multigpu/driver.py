@@ -8,8 +8,8 @@ list of runs: {"name", "argv", "out", "ga" (micro-batches per rank and step), "s
 (steps done before this run: a resumed leg), "replay" (a run's output directory whose recorded
 routing this run replays, or null), "overlap" (parallel.set_overlap's arguments for this run: the
 communication overlaps, which the trainer's flags do not reach yet)}. Each run's routing is recorded by
-tests/multigpu/routing_probe.py into <out>/route.<tag>.<rank>.pt (tag: the run's "tag", default "run"), and rank 0 appends
-{"name", "code", "seconds"} to PLAN + ".status" (one JSON line per run).
+tests/multigpu/routing_probe.py into <out>/route.<tag>.<rank>.pt (tag: the run's "tag", default
+"run"), and rank 0 appends {"name", "code", "seconds"} to PLAN + ".status" (one JSON line per run).
 """
 from __future__ import annotations
 

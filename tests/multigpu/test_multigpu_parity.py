@@ -6,19 +6,22 @@ batch is 8 sequences in micro-batches of 2 in every layout (gradient accumulatio
 every layout sees the same micro-batches and balance losses as the single-GPU run.
 
 fp32: a top-k gate turns rounding differences into different routing when a token's k-th and
-(k+1)-th gate logits nearly tie, and from then on the two runs train different models (see
-routing_probe.py; on CPU, EP=2 and TP=2 both flip one near-tie token after 7 and 13 steps and then
-drift to 1e-4..2e-3). So every run records its routing, and a layout must match the single-GPU
-losses to fp32 rounding (EXACT) up to the first step whose routing differs, that first difference
-must be a near-tie in the reference (NEAR_TIE), and the whole curve must stay within DRIFT. A
+(k+1)-th gate logits nearly tie, and from then on the two runs train different models
+(routing_probe.py, tests/distributed/test_routing_flips.py; on the 2-GPU H200, EP=2 and TP=2 both
+route one near-tie token differently at step 18, then differ by 2.4e-5). So every run records its
+routing, and a layout must match the single-GPU losses to fp32 rounding (runs.EXACT) up to the
+first step whose routing differs, that first difference must be a near-tie in the reference
+(runs.NEAR_TIE), and the whole curve must stay within runs.DRIFT. The overlapped EP exchange and
+TP collectives (ep2ov, tp2ov) are layouts of their own here (set per run by the driver). A
 single-GPU run that replays EP=2's routing must match EP=2's whole curve to rounding: the exchange
 is exact wherever routing is the same. bf16: the whole curve within bf16 rounding. The distributed
 optimizer's checkpoint, saved at one layout, resumes at another and continues the single-GPU curve.
 
 The suite starts its processes once per world size (tests/multigpu/driver.py runs every trainer
 run of that size in the same processes): one launch of 2 processes (and one of 4 with 4 GPUs),
-then one of 1. Skipped without GPUs (CI has none); `MEGAMOE_MULTIGPU_ON_CPU=2` runs the 1- and
-2-process part on the CPU with gloo instead (a slow smoke test of the suite itself).
+then one of 1; on the 2-GPU H200 the whole suite takes ~4 minutes (each trainer run 3-20 s).
+Skipped without GPUs (CI has none); `MEGAMOE_MULTIGPU_ON_CPU=2` runs the 1- and 2-process part on
+the CPU with gloo instead (a slow smoke test of the suite itself).
 """
 from __future__ import annotations
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import nn
 
 from ... import parallel
 from ...config import MoEConfig
