@@ -7,11 +7,15 @@ all-to-all against ~180 GB/s at EP=2. This separates the network from the layer.
 `nvidia-smi topo -m` (how the GPUs are linked). Then every rank times all_to_all_single (NCCL on
 CUDA, gloo on CPU as a smoke test) in two ways:
 - equal splits of R bytes, R from 1 MB to 512 MB;
-- the forward exchange of an MoE layer: T tokens, top-4 of 16 experts drawn uniformly, rows sent
-  once per (token, rank) as megamoe/model/moe/expert_parallel.py does, bf16 rows of d.
+- the forward exchange of an MoE layer: T tokens (half, once and twice --tokens), top-2 and top-4
+  of 16 experts drawn uniformly, rows sent once per (token, rank) as
+  megamoe/model/moe/expert_parallel.py does, bf16 rows of d; also the bytes that leave the GPU;
+- the distributed optimizer's data-parallel collectives: reduce-scatter of an fp32 gradient
+  buffer and all-gather of bf16 parameters, 256 MB to 4 GB (the size is the whole buffer).
 
-It prints the median time, the algorithm bandwidth (bytes each rank sends / time) and the bus
-bandwidth (x (n-1)/n, NCCL-tests' convention: what the links carry). NVLink multicast stays off
+It prints the median time, the algorithm bandwidth (the buffer's bytes / time: each rank's send
+buffer for all-to-all, the whole buffer for reduce-scatter and all-gather) and the bus bandwidth
+(x (n-1)/n, NCCL-tests' convention: what the links carry). NVLink multicast stays off
 (NCCL_NVLS_ENABLE=0, as benchmarks/gpu_session.sh sets it).
 """
 from __future__ import annotations
@@ -79,23 +83,47 @@ def main() -> None:
         y = torch.empty_like(x)
         t = timed(lambda: dist.all_to_all_single(y, x), device)
         if rank == 0:
-            report(f"equal splits", t, elems * 2, n)
+            report("equal splits", t, elems * 2, n)
         size *= 4
 
+    # The MoE layer's forward exchange (expert_parallel.py): rows once per (token, rank), bf16.
+    # Index tensors live on the device: NCCL has no CPU backend (the first version of this
+    # benchmark crashed here with "No backend type associated with device type cpu").
     from megamoe.model.moe.expert_parallel import plan_send
 
-    E, k, T, d = 16, 4, args.tokens if cuda else 256, args.hidden if cuda else 256
+    E, d = 16, args.hidden if cuda else 256
     g = torch.Generator().manual_seed(rank)
-    idx = torch.rand(T, E, generator=g).argsort(dim=1)[:, :k]
-    counts = plan_send(idx, n, E // n).counts[:, 0].contiguous()
-    recv = torch.empty_like(counts)
-    dist.all_to_all_single(recv, counts)
-    send_splits, recv_splits = counts.tolist(), recv.tolist()
-    x = torch.randn(sum(send_splits), d, device=device).to(torch.bfloat16)
-    y = torch.empty(sum(recv_splits), d, device=device, dtype=torch.bfloat16)
-    t = timed(lambda: dist.all_to_all_single(y, x, recv_splits, send_splits), device)
-    if rank == 0:
-        report(f"MoE exchange T={T} d={d} top-{k}", t, x.numel() * 2, n)
+    for T in (args.tokens // 2, args.tokens, 2 * args.tokens) if cuda else (256,):
+        for k in (2, 4):
+            idx = torch.rand(T, E, generator=g).argsort(dim=1)[:, :k].to(device)
+            counts = plan_send(idx, n, E // n).counts[:, 0].contiguous()
+            recv = torch.empty_like(counts)
+            dist.all_to_all_single(recv, counts)
+            send_splits, recv_splits = counts.tolist(), recv.tolist()
+            x = torch.randn(sum(send_splits), d, device=device).to(torch.bfloat16)
+            y = torch.empty(sum(recv_splits), d, device=device, dtype=torch.bfloat16)
+            t = timed(lambda: dist.all_to_all_single(y, x, recv_splits, send_splits), device)
+            remote = (sum(send_splits) - send_splits[rank]) * d * 2  # bytes that leave this GPU
+            if rank == 0:
+                report(f"MoE exchange T={T} d={d} top-{k}", t, x.numel() * 2, n)
+                print(f"{'':<34}{remote / 1e6:>10.1f} MB to other GPUs: {remote / t / 1e9:.1f} GB/s", flush=True)
+
+    # The data-parallel collectives of the distributed optimizer (issue 15's bandwidth model):
+    # reduce-scatter of the fp32 gradient buffer, all-gather of the bf16 parameters.
+    def dp_collectives(elems: int) -> None:  # buffers scoped here: freed before the next size
+        g32 = torch.ones(elems, dtype=torch.float32, device=device)
+        shard = torch.empty(elems // n, dtype=torch.float32, device=device)
+        t = timed(lambda: dist.reduce_scatter_tensor(shard, g32), device, reps=5)
+        if rank == 0:
+            report("reduce_scatter fp32", t, elems * 4, n)
+        p16 = torch.empty(elems * 2, dtype=torch.bfloat16, device=device)
+        part = torch.ones(elems * 2 // n, dtype=torch.bfloat16, device=device)
+        t = timed(lambda: dist.all_gather_into_tensor(p16, part), device, reps=5)
+        if rank == 0:
+            report("all_gather bf16", t, elems * 4, n)
+
+    for mb in (256, 1024, 4096) if cuda else (8,):
+        dp_collectives((mb << 20) // 4 // n * n)
     dist.destroy_process_group()
 
 

@@ -14,8 +14,9 @@ neurons, bf16) through the plain single-GPU path and through exchange() in a wor
 extra permute/combine pair, the count all-to-all and its host sync, and the all-to-all's copies
 (local at one rank). "before" is the previous exchange, one row per (token, expert): dispatch,
 all-to-all, regroup by expert, experts, regroup back, all-to-all, combine (per_copy_exchange
-below, kept here for this comparison). It excludes the network time, which needs several GPUs
-(benchmarks/scaling.py).
+below, kept here for this comparison). "2 chunks" is the overlapped exchange (exchange(chunks=2)):
+its local work alone, the price it pays for overlapping the all-to-alls with the expert GEMMs.
+It excludes the network time, which needs several GPUs (benchmarks/scaling.py).
 """
 from __future__ import annotations
 
@@ -93,7 +94,8 @@ def local_cost_table(tokens_list, topk_list, hidden: int) -> None:
     experts = GroupedSwiGLUExperts(hidden, [size] * E, dtype=dt, device=dev)
     print(f"\n# one MoE FFN fwd+bwd, d={hidden}, {E} experts x {size}, bf16, {torch.cuda.get_device_name()}; "
           "exchange() in a world of one rank")
-    header = f"{'T':>6}{'k':>3}{'plain ms':>10}{'before ms':>11}{'extra':>7}{'now ms':>8}{'extra':>7}"
+    header = (f"{'T':>6}{'k':>3}{'plain ms':>10}{'before ms':>11}{'extra':>7}{'now ms':>8}{'extra':>7}"
+              f"{'2 chunks':>9}{'extra':>7}")
     print(header)
     print("-" * len(header))
     for T in tokens_list:
@@ -115,8 +117,12 @@ def local_cost_table(tokens_list, topk_list, hidden: int) -> None:
             def before():
                 per_copy_exchange(x, idx, scores, 1.0, experts, group, E).backward(g)
 
-            a, b, c = timed(plain), timed(before), timed(exchanged)
-            print(f"{T:>6}{k:>3}{a:>10.3f}{b:>11.3f}{(b - a) / a:>7.0%}{c:>8.3f}{(c - a) / a:>7.0%}")
+            def chunked():  # the overlapped exchange's local work (nothing to overlap in one rank)
+                exchange(x, idx, scores, 1.0, experts, group, 0, E, chunks=2).backward(g)
+
+            a, b, c, d = timed(plain), timed(before), timed(exchanged), timed(chunked)
+            print(f"{T:>6}{k:>3}{a:>10.3f}{b:>11.3f}{(b - a) / a:>7.0%}{c:>8.3f}{(c - a) / a:>7.0%}"
+                  f"{d:>9.3f}{(d - a) / a:>7.0%}")
     torch.distributed.destroy_process_group()
 
 

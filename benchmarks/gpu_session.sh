@@ -2,9 +2,9 @@
 # Everything GPU-side in one command, for a lent GPU machine with a bare image (the device tool)
 # or any CUDA host:   bash benchmarks/gpu_session.sh STAGE...
 # Stages: setup (wheels from .whl/ if present, build megamoe._C with CUDA), tests (GPU tests),
-# dispatch, exchange, layer, profile, train (benchmarks), multigpu (pytest -m multigpu: all), multigpu4 (its
-# 4-GPU layouts), resume (its resume-at-another-layout tests), alltoall (NCCL bandwidth and
-# topology), scaling.
+# dispatch, exchange, layer, profile, train (benchmarks), multigpu (pytest -m multigpu: every layout and
+# resume that fits the GPUs, one process start per world size), alltoall (NCCL bandwidth and
+# topology), scaling (weak scaling of EP/TP/DP with and without the overlaps; SCALING_ARGS).
 # Logs go to $OUT (default ./gpu_out). NVLink multicast stays off.
 set -u
 OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT"
@@ -39,17 +39,13 @@ for stage in "$@"; do
     dispatch) $py benchmarks/dispatch.py > "$OUT/dispatch.log" 2>&1; grep -E "^ *[a-z#]" "$OUT/dispatch.log" | grep -v -i warn ;;
     train) $py benchmarks/train_step.py > "$OUT/train.log" 2>&1; grep -E "^ *(#|model|moe|dense)|Error" "$OUT/train.log" | tail -8 ;;
     multigpu) $py -m pytest -q -s -p no:cacheprovider --tb=short -m multigpu tests/multigpu > "$OUT/multigpu.log" 2>&1
-              grep -E "worst|passed|failed|^E " "$OUT/multigpu.log" | tail -60 ;;
-    # the multigpu suite in parts that fit a 10-minute call (each trainer run takes ~40 s)
-    multigpu4) $py -m pytest -q -s -p no:cacheprovider --tb=short -m multigpu tests/multigpu -k "layout and (ep4 or ep2dp2 or tp2ep2 or tp2pp2)" > "$OUT/multigpu4.log" 2>&1
-               grep -E "worst|passed|failed|^E " "$OUT/multigpu4.log" | tail -20 ;;
-    resume) $py -m pytest -q -s -p no:cacheprovider --tb=short -m multigpu tests/multigpu -k "resume" > "$OUT/resume.log" 2>&1
-            grep -E "worst|passed|failed|^E " "$OUT/resume.log" | tail -20 ;;
+              grep -E "worst|launch of|passed|failed|^E |  [a-z0-9-]+(/[12])?: [0-9.]+ s" "$OUT/multigpu.log" | tail -70 ;;
     alltoall) n=$($py -c "import torch; print(torch.cuda.device_count())")
               for g in $(printf "%s\n" 2 "$n" | sort -nu); do [ "$g" -ge 2 ] && [ "$g" -le "$n" ] || continue
                 $py -m torch.distributed.run --standalone --nproc_per_node=$g benchmarks/alltoall.py > "$OUT/alltoall$g.log" 2>&1
                 grep -E "^(#|case|equal|MoE)|Error" "$OUT/alltoall$g.log" | grep -v "^#   *$"; done ;;
-    scaling) $py benchmarks/scaling.py ${SCALING_ARGS:-} > "$OUT/scaling.log" 2>&1; grep -E "^ *(#|kind|EP|TP)|failed" "$OUT/scaling.log" | tail -12 ;;
+    scaling) $py benchmarks/scaling.py ${SCALING_ARGS:-} > "$OUT/scaling.log" 2>&1
+             grep -E "^ *(#|variant|1 GPU|EP|TP|DP)|Error|error" "$OUT/scaling.log" | tail -40 ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
   echo "--- $stage: $(( $(date +%s) - t0 )) s"

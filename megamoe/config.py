@@ -530,6 +530,17 @@ class ParallelConfig:
     ddp_bucket_size: Optional[int] = field(default=None, metadata=_h(
         "parameters per gradient bucket with --overlap_grad_reduce (default: megatron-core's, "
         "max(40M, 1M x DP))"))
+    overlap_param_gather: bool = field(default=False, metadata=_h(
+        "with the distributed optimizer, all-gather the updated parameters during the next forward "
+        "pass instead of at the end of the step (Megatron's --overlap-param-gather; measured at DP=2 "
+        "on NVLink: within noise, benchmarks/RESULTS.md)"))
+    ep_overlap_chunks: int = field(default=1, metadata=_h(
+        "EP > 1: split each MoE layer's tokens into this many chunks whose all-to-alls overlap the "
+        "other chunks' expert GEMMs (1: off; measured at EP=2: slower, its extra local work costs "
+        "more than it hides, benchmarks/RESULTS.md)"))
+    tp_comm_overlap: bool = field(default=False, metadata=_h(
+        "TP > 1 with sequence parallelism: overlap the attention's sequence-parallel all-gather / "
+        "reduce-scatter with its GEMMs (measured at TP=2: within noise, benchmarks/RESULTS.md)"))
 
     def check(self) -> list[Finding]:
         out = []

@@ -22,13 +22,11 @@ from ..findings import raise_errors
 from ..parallel.mcore import (
     MLP,
     AttnMaskType,
-    ColumnParallelLinear,
     GPTModel,
     IdentityOp,
     MegatronModule,
     MLPSubmodules,
     ModuleSpec,
-    RowParallelLinear,
     SelfAttention,
     SelfAttentionSubmodules,
     TransformerBlockSubmodules,
@@ -39,6 +37,10 @@ from ..parallel.mcore import (
     get_num_layers_to_build,
     get_transformer_layer_offset,
 )
+# megatron-core's column/row-parallel linears, whose sequence-parallel collectives overlap the GEMMs
+# when parallel.set_overlap(tp_comm=True) (parallel/tp_overlap.py); megatron-core's own path otherwise
+from ..parallel.tp_overlap import OverlappedColumnParallelLinear as ColumnParallelLinear
+from ..parallel.tp_overlap import OverlappedRowParallelLinear as RowParallelLinear
 from .moe import layer as moe_layer
 
 

@@ -11,6 +11,25 @@ from .layout import ParallelLayout
 
 
 _current = None  # (tp, pp, ep) of the groups megatron-core holds now
+# Communication overlaps, off by default (benchmarks/RESULTS.md says what they measured):
+# ep_chunks > 1 splits an MoE layer's tokens into chunks whose expert-parallel all-to-alls overlap
+# the other chunks' expert GEMMs (model/moe/expert_parallel.py); tp_comm overlaps the
+# sequence-parallel all-gather / reduce-scatter with the attention GEMMs (parallel/tp_overlap.py).
+_overlap = {"ep_chunks": 1, "tp_comm": False}
+
+
+def set_overlap(ep_chunks: int = 1, tp_comm: bool = False) -> None:
+    if ep_chunks < 1:
+        raise ValueError(f"ep_chunks must be >= 1, got {ep_chunks}")
+    _overlap.update(ep_chunks=int(ep_chunks), tp_comm=bool(tp_comm))
+
+
+def ep_overlap_chunks() -> int:
+    return _overlap["ep_chunks"]
+
+
+def tp_comm_overlap() -> bool:
+    return _overlap["tp_comm"]
 
 
 def init_distributed(backend: str | None = None) -> None:

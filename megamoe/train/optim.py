@@ -96,6 +96,15 @@ class TrainOptimizer:
     def zero_grad(self) -> None:
         self.mc.zero_grad()
 
+    def finish_param_sync(self) -> None:
+        """With overlap_param_gather (wrap_model), gather the parameters the last step updated now
+        rather than in the next forward pass (before a checkpoint or an export reads them); a
+        no-op otherwise."""
+        for opt in self.chain:
+            for chunk in getattr(opt, "model_chunks", None) or []:
+                if getattr(chunk, "use_forward_hook", False):
+                    chunk.start_param_sync(force_sync=True)
+
     @torch.no_grad()
     def step(self) -> tuple[bool, float]:
         """(updated, global grad norm). Not updated when the norm is not finite."""

@@ -24,14 +24,24 @@ from ..parallel.mcore import (
 
 
 def wrap_model(model: torch.nn.Module, use_distributed_optimizer: bool = False,
-               overlap_grad_reduce: bool = False, bucket_size: Optional[int] = None) -> DistributedDataParallel:
+               overlap_grad_reduce: bool = False, bucket_size: Optional[int] = None,
+               overlap_param_gather: bool = False) -> DistributedDataParallel:
     """With `overlap_grad_reduce`, each bucket of `bucket_size` parameters starts its data-parallel
     reduction as soon as the last micro-batch's backward has produced all its gradients, as
     Megatron-LM sets it up: earlier micro-batches run under ddp.no_sync, and the pipeline
-    schedules start the reduction of a stage's remaining buckets (grad_sync_func)."""
+    schedules start the reduction of a stage's remaining buckets (grad_sync_func).
+
+    With `overlap_param_gather` (distributed optimizer only), the optimizer step leaves the
+    parameters' all-gather to the next forward pass: megatron-core's forward pre-hooks gather
+    bucket i+1 while the modules of bucket i compute. Until then the bf16 parameters are those of
+    the previous step: call TrainOptimizer.finish_param_sync() before reading them elsewhere
+    (saving a checkpoint, exporting)."""
+    if overlap_param_gather and not use_distributed_optimizer:
+        raise ValueError("overlap_param_gather needs the distributed optimizer")
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,
-        use_distributed_optimizer=use_distributed_optimizer, bucket_size=bucket_size)
+        use_distributed_optimizer=use_distributed_optimizer, bucket_size=bucket_size,
+        overlap_param_gather=overlap_param_gather)
     ddp = DistributedDataParallel(model.config, ddp_config, model)
     ddp.config.finalize_model_grads_func = finalize_model_grads
     if overlap_grad_reduce:

@@ -108,3 +108,59 @@ def test_rows_sent_match_the_uniform_routing_formula():
         rows = plan_send(idx, ep, 16 // ep).counts[:, 0].sum().item() / idx.shape[0]
         formula = ep * (1 - math.comb(16 - 16 // ep, 4) / math.comb(16, 4))
         assert abs(formula - want) < 1e-3 and abs(rows - formula) < 0.02, (ep, rows, formula)
+
+
+def _run_chunked(ep_cases):
+    """One rank: exchange() with chunks = 1, 2, 3 and trainable expert weights; returns, per case,
+    (y, grad x, grad scores, grad of this rank's expert weights)."""
+    from megamoe.model.moe.expert_parallel import exchange
+
+    torch.distributed.init_process_group("gloo")
+    rank, ep = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    n_local = E // ep
+    out = []
+    for chunks, (T, dtype, weighted) in ep_cases:
+        weights = expert_weights(dtype)[rank * n_local:(rank + 1) * n_local].clone().requires_grad_()
+        x, scores, idx, grad_out = rank_inputs(rank, T, dtype, weighted)
+        y = exchange(x, idx, scores, SCALE, make_experts(weights), torch.distributed.group.WORLD, rank, n_local,
+                     chunks=chunks)
+        y.backward(grad_out)
+        grads = [x.grad] + ([scores.grad] if weighted else [])
+        out.append([t.detach().clone() for t in (y, *grads, weights.grad)])
+    torch.distributed.destroy_process_group()
+    return out
+
+
+CHUNKED = [(c, case) for c in (1, 2, 3) for case in
+           [(40, torch.float32, True), (40, torch.float32, False), (5, torch.float32, True), (0, torch.float32, True)]]
+
+
+@pytest.mark.parametrize("ep", [2, 4])
+def test_chunked_exchange_matches_single_rank(ep):
+    """The overlapped exchange (token chunks, asynchronous all-to-alls, its own backward) gives the
+    single-rank outputs and gradients, the expert weights' included (fp32; also chunks with no
+    tokens: T=5 in 3 chunks at EP=4, T=0)."""
+    results = launch.run(_run_chunked, ep, CHUNKED)
+    weight_grads = {}
+    for rank, per_case in enumerate(results):
+        for (chunks, (T, dtype, weighted)), got in zip(CHUNKED, per_case):
+            x, scores, idx, grad_out = rank_inputs(rank, T, dtype, weighted)
+            want = single_rank(x, scores, idx, grad_out, expert_weights(dtype), SCALE)
+            errs = [rel_err(a, b.detach()) for a, b in zip(got[:-1], want)]
+            print(f"ep={ep} chunks={chunks} rank {rank} T={T} weighted={weighted}: rel err y, grad_x(, grad_scores) "
+                  + ", ".join(f"{e:.1e}" for e in errs))
+            assert all(e <= 1e-6 for e in errs), errs
+            weight_grads.setdefault((chunks, T, weighted), []).append(got[-1])
+    # expert weights: the gradient over every rank's tokens, each rank holding its slice
+    for (chunks, T, weighted), per_rank in weight_grads.items():
+        w = expert_weights(torch.float32).requires_grad_()
+        total = torch.zeros_like(w)
+        for rank in range(ep):
+            x, scores, idx, grad_out = rank_inputs(rank, T, torch.float32, weighted)
+            routing = D.make_routing(idx, E)
+            y = D.combine(make_experts(w)(D.dispatch(x, routing), routing.tokens_per_expert), routing, scores, SCALE)
+            total += torch.autograd.grad(y, w, grad_out, allow_unused=True)[0] if T else 0
+        got = torch.cat(per_rank)
+        err = rel_err(got, total) if T else got.abs().max().item()
+        print(f"ep={ep} chunks={chunks} T={T} weighted={weighted}: expert weight grad rel err {err:.1e}")
+        assert err <= 1e-6, err

@@ -1,6 +1,5 @@
 """TP=2, EP=2, PP=2 and DP=2 (two real gloo processes each) reproduce the single-process loss and
 gradients of the same LLaMA-MoE model and batch."""
-import os
 
 import pytest
 import torch
@@ -25,8 +24,9 @@ def batch():
     return torch.randint(0, VOCAB, (2, SEQ), generator=g)
 
 
-def run_layout(tp, pp, ep, ckpt, dense=False):
-    """One rank: load `ckpt` at this layout, one forward/backward of the global batch."""
+def run_layout(tp, pp, ep, ckpt, dense=False, ep_chunks=1, tp_comm=False):
+    """One rank: load `ckpt` at this layout, one forward/backward of the global batch (with the
+    expert-parallel / tensor-parallel communication overlaps if asked)."""
     from megamoe import checkpoint, parallel
     from megamoe.model.llama import build_model
     from megamoe.train.step import forward_backward, wrap_model
@@ -35,6 +35,7 @@ def run_layout(tp, pp, ep, ckpt, dense=False):
     moe = None if dense else moe
     layout = parallel.ParallelLayout(tp, pp, ep, sequence_parallel=tp > 1)
     parallel.initialize(layout, seed=1, num_experts=moe.num_experts if moe else None)
+    parallel.set_overlap(ep_chunks=ep_chunks, tp_comm=tp_comm)
     model = build_model(m, moe, layout)
     checkpoint.load_model(ckpt, model)
     ddp = wrap_model(model)
@@ -48,6 +49,7 @@ def run_layout(tp, pp, ep, ckpt, dense=False):
     torch.distributed.all_reduce(losses, group=parallel.dp_group())
     losses /= dp
     grads = checkpoint.gather_full_state(model, grads=True)
+    parallel.set_overlap()
     parallel.destroy()
     return losses.tolist(), grads
 
@@ -69,11 +71,12 @@ def _save_reference(ckpt):
     checkpoint.save(ckpt, build_model(m, moe), checkpoint.make_meta(m, moe))
 
 
-@pytest.mark.parametrize("tp,pp,ep", [(2, 1, 1), (1, 1, 2), (1, 2, 1), (1, 1, 1)],
-                         ids=["TP2+SP", "EP2", "PP2", "DP2"])
-def test_layout_matches_single_process(reference, tp, pp, ep):
+@pytest.mark.parametrize("tp,pp,ep,ep_chunks,tp_comm", [(2, 1, 1, 1, False), (1, 1, 2, 1, False), (1, 2, 1, 1, False),
+                                                      (1, 1, 1, 1, False), (1, 1, 2, 2, False), (2, 1, 1, 1, True)],
+                         ids=["TP2+SP", "EP2", "PP2", "DP2", "EP2+overlap", "TP2+SP+overlap"])
+def test_layout_matches_single_process(reference, tp, pp, ep, ep_chunks, tp_comm):
     ckpt, (ref_losses, ref_grads) = reference
-    results = launch.run(run_layout, 2, tp, pp, ep, ckpt)
+    results = launch.run(run_layout, 2, tp, pp, ep, ckpt, False, ep_chunks, tp_comm)
     losses, grads = results[0]
     assert abs(losses[0] - ref_losses[0]) <= 1e-5 * abs(ref_losses[0]), (losses, ref_losses)
     assert abs(losses[1] - ref_losses[1]) <= 1e-5 * abs(ref_losses[1]) + 1e-7, (losses, ref_losses)

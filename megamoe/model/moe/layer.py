@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import nn
 
 from ... import parallel
 from ...config import MoEConfig
@@ -96,7 +95,7 @@ class LlamaMoEMLP(MegatronModule):
         scores = g.topk_scores if self.moe.multiply_gate_scores else None
         if self.ep_size > 1:
             y = exchange(x, g.topk_idx, scores, self.scale, self.experts, parallel.ep_group(), self.ep_rank,
-                         self.num_local)
+                         self.num_local, chunks=parallel.ep_overlap_chunks())
         else:
             routing = _dispatch.make_routing(g.topk_idx, self.num_experts)
             out_rows = self.experts(_dispatch.dispatch(x, routing), routing.tokens_per_expert)
