@@ -546,7 +546,7 @@ class ParallelConfig:
         out = []
         for name in ("num_nodes", "num_gpu_per_node", "tensor_model_parallel_size",
                      "pipeline_model_parallel_size", "expert_model_parallel_size",
-                     "ddp_bucket_size"):
+                     "ddp_bucket_size", "ep_overlap_chunks"):
             out += at_least(name, getattr(self, name), 1)
         if self.ddp_bucket_size is not None and not self.overlap_grad_reduce:
             out.append(warning("ddp_bucket_size", f"{{flag}} {self.ddp_bucket_size} applies with "

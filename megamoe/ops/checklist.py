@@ -68,7 +68,8 @@ ITEM_OF_FLAG = {
     "tensor_model_parallel_size": "GPUs", "pipeline_model_parallel_size": "GPUs",
     "expert_model_parallel_size": "GPUs", "sequence_parallel": "GPUs",
     "use_distributed_optimizer": "GPUs", "overlap_grad_reduce": "GPUs",
-    "ddp_bucket_size": "GPUs", "bf16": "GPUs",
+    "ddp_bucket_size": "GPUs", "bf16": "GPUs", "overlap_param_gather": "GPUs",
+    "ep_overlap_chunks": "GPUs", "tp_comm_overlap": "GPUs",
     "comment": "comment",
 }
 

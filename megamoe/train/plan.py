@@ -182,9 +182,15 @@ def layout_advice(tp: int, ep: int, dp: int, nodes: int, gpn: int, run: RunConfi
         out.append(warning("expert_model_parallel_size", f"{{flag}} {ep} x "
                            f"--tensor_model_parallel_size {tp} > {gpn} GPUs per node: every MoE "
                            "layer's all-to-all crosses nodes", "keep TP x EP within a node"))
-    if run.parallel.overlap_grad_reduce and dp == 1:
+    pc = run.parallel
+    if pc.overlap_grad_reduce and dp == 1:
         out.append(warning("overlap_grad_reduce", "{flag} has nothing to overlap with one "
                                                   "data-parallel rank"))
+    if pc.ep_overlap_chunks > 1 and ep == 1:
+        out.append(warning("ep_overlap_chunks", f"{{flag}} {pc.ep_overlap_chunks} does nothing "
+                                                "without expert parallelism"))
+    if pc.tp_comm_overlap and tp == 1:
+        out.append(warning("tp_comm_overlap", "{flag} does nothing without tensor parallelism"))
     return out
 
 
@@ -397,6 +403,9 @@ def make_plan(run: RunConfig, env: Optional[Mapping[str, str]] = None,
         out.append(error("use_distributed_optimizer", "{flag} needs CUDA (megatron-core's "
                                                       "distributed optimizer)",
                          "leave it out on CPU"))
+    if pc.overlap_param_gather and not use_dist:
+        out.append(warning("overlap_param_gather", "{flag} applies to the distributed optimizer "
+                                                   "only (CUDA): ignored"))
     plan = Plan(run=run, world_size=world, num_nodes=nodes, gpus_per_node=gpn, dp_size=dp,
                 layout=layout, model=model, moe=moe, source=source, convert_to=convert_to,
                 domains=domains, prob_map=prob_map, domain_weights=domain_weights,

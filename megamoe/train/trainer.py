@@ -145,6 +145,8 @@ class Trainer:
         self.layout = plan.layout
         parallel.initialize(self.layout, t.seed,
                             num_experts=self.moe_cfg.num_experts if self.moe_cfg else None)
+        parallel.set_overlap(ep_chunks=run.parallel.ep_overlap_chunks,
+                             tp_comm=run.parallel.tp_comm_overlap)
         self.dp_rank, self.dp_size = parallel.dp_rank(), parallel.dp_size()
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
         self.param_dtype = torch.bfloat16 if (t.bf16 and self.cuda) else torch.float32
@@ -168,20 +170,19 @@ class Trainer:
         self.model = model
         self.ddp = wrap_model(model, use_distributed_optimizer=plan.use_distributed_optimizer,
                               overlap_grad_reduce=run.parallel.overlap_grad_reduce,
-                              bucket_size=run.parallel.ddp_bucket_size)
+                              bucket_size=run.parallel.ddp_bucket_size,
+                              overlap_param_gather=run.parallel.overlap_param_gather
+                              and plan.use_distributed_optimizer)
         self.opt = TrainOptimizer(self.ddp, model, run.optim, t.bf16,
                                   plan.use_distributed_optimizer)
         # data
-        from ..data.domains import load_prob_map
         from ..data.sampler import DomainSampler
         from ..data.train_data import MultiDomainTrainData
         from ..data.valid_data import load_validation_sets
 
         self.domains = list(plan.domains)
-        weights = load_prob_map(plan.prob_map, self.domains)
-        sampler = DomainSampler(self.domains, weights, rule=d.dynamic_data_selection,
-                                ref_loss=d.ref_loss if d.dynamic_data_selection != "none" else None,
-                                seed=t.seed, eta=d.dds_eta, c=d.dds_c)
+        sampler = DomainSampler(self.domains, plan.domain_weights, rule=d.dynamic_data_selection,
+                                ref_loss=plan.ref_loss, seed=t.seed, eta=d.dds_eta, c=d.dds_c)
         self.data = MultiDomainTrainData(d.dataset_dir, d.block_size, sampler,
                                          dp_rank=self.dp_rank, dp_size=self.dp_size, seed=t.seed,
                                          log=self.log.info)
@@ -509,6 +510,7 @@ class Trainer:
                      "optimizer_format": self.opt.checkpoint_format if self.opt.distributed else None},
             pretrained_model=os.path.abspath(run.train.pretrained_model),
             run=to_dict(run), comment=run.train.comment)
+        self.opt.finish_param_sync()  # an overlapped parameter all-gather: the weights of now
         checkpoint.save(path, self.model, meta, optimizer=self.opt, extra_state=extra)
         self.last_save_step = self.step
         gone = ckpt.rotate(run.train.output_dir, run.train.save_total_limit) if self.rank == 0 else []

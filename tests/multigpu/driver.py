@@ -2,7 +2,7 @@
 
 Each process starting, importing torch and megatron-core, joining NCCL and compiling the MoE
 layer's kernels cost ~40 s per trainer run on the H200 machines; the runs of a test suite at one
-world size share those costs here: each run is `megamoe.train.cli.main(argv)` in the same
+world size share those costs here: each run is `megamoe.train.main.main(argv)` in the same
 processes (the trainer re-creates megatron-core's groups when the layout changes). PLAN is a JSON
 list of runs: {"name", "argv", "out", "ga" (micro-batches per rank and step), "step_offset"
 (steps done before this run: a resumed leg), "replay" (a run's output directory whose recorded
@@ -26,7 +26,7 @@ def main(plan_path: str) -> int:
     import torch.distributed as dist
 
     from megamoe import parallel
-    from megamoe.train.cli import main as train_main
+    from megamoe.train.main import main as train_main
     from tests.multigpu import routing_probe
 
     runs = json.load(open(plan_path))
