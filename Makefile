@@ -1,5 +1,5 @@
 # The README's two commands. Each sets itself up (./.venv) on a fresh machine.
-.PHONY: demo test setup gpu-test bench
+.PHONY: demo test lint setup gpu-test bench
 
 setup:
 	@bash scripts/setup_env.sh
@@ -7,8 +7,12 @@ setup:
 demo: setup
 	.venv/bin/python -m megamoe.demo
 
-test: setup
+test: setup lint
 	.venv/bin/python -m pytest -q tests
+
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
 
 gpu-test: setup
 	.venv/bin/python -m pytest -q -m "gpu" tests

@@ -3,12 +3,13 @@
 The C++ CPU kernels are always built; the CUDA kernels are added when torch was built with CUDA
 and nvcc is available (or MEGAMOE_FORCE_CUDA=1). Set MEGAMOE_NO_CUDA=1 to build CPU-only.
 """
+
 import glob
 import os
 
+import torch
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-import torch
 
 
 def _want_cuda() -> bool:

@@ -18,6 +18,7 @@ buffer for all-to-all, the whole buffer for reduce-scatter and all-gather) and t
 (x (n-1)/n, NCCL-tests' convention: what the links carry). NVLink multicast stays off
 (NCCL_NVLS_ENABLE=0, as benchmarks/gpu_session.sh sets it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,10 @@ def timed(fn, device, warmup=3, reps=10) -> float:
 
 def report(name, seconds, sent_bytes, n):
     algbw = sent_bytes / seconds / 1e9
-    print(f"{name:<34}{sent_bytes / 1e6:>10.1f}{seconds * 1e3:>10.3f}{algbw:>10.1f}{algbw * (n - 1) / n:>10.1f}",
-          flush=True)
+    print(
+        f"{name:<34}{sent_bytes / 1e6:>10.1f}{seconds * 1e3:>10.3f}{algbw:>10.1f}{algbw * (n - 1) / n:>10.1f}",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -72,7 +75,9 @@ def main() -> None:
         name = torch.cuda.get_device_name() if cuda else "CPU (gloo)"
         print(f"# {n} ranks, {name}, torch {torch.__version__}")
         if cuda and shutil.which("nvidia-smi"):
-            topo = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True).stdout
+            topo = subprocess.run(
+                ["nvidia-smi", "topo", "-m"], capture_output=True, text=True
+            ).stdout
             print("# nvidia-smi topo -m\n" + "\n".join("#   " + line for line in topo.splitlines()))
         print(f"{'case':<34}{'MB/rank':>10}{'ms':>10}{'algbw':>10}{'busbw':>10}   (GB/s)")
 
@@ -106,7 +111,10 @@ def main() -> None:
             remote = (sum(send_splits) - send_splits[rank]) * d * 2  # bytes that leave this GPU
             if rank == 0:
                 report(f"MoE exchange T={T} d={d} top-{k}", t, x.numel() * 2, n)
-                print(f"{'':<34}{remote / 1e6:>10.1f} MB to other GPUs: {remote / t / 1e9:.1f} GB/s", flush=True)
+                print(
+                    f"{'':<34}{remote / 1e6:>10.1f} MB to other GPUs: {remote / t / 1e9:.1f} GB/s",
+                    flush=True,
+                )
 
     # The data-parallel collectives of the distributed optimizer (issue 15's bandwidth model):
     # reduce-scatter of the fp32 gradient buffer, all-gather of the bf16 parameters.

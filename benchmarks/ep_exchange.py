@@ -18,6 +18,7 @@ below, kept here for this comparison). "2 chunks" is the overlapped exchange (ex
 its local work alone, the price it pays for overlapping the all-to-alls with the expert GEMMs.
 It excludes the network time, which needs several GPUs (benchmarks/scaling.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,10 @@ def rows_table(tokens: int, hidden: int) -> None:
     from megamoe.model.moe.expert_parallel import plan_send
 
     E, esize = 16, 2
-    print(f"# rows per token and direction, {tokens} tokens routed uniformly, {E} experts; "
-          f"KB per token at d={hidden} bf16 (+ {8}k-byte metadata now)")
+    print(
+        f"# rows per token and direction, {tokens} tokens routed uniformly, {E} experts; "
+        f"KB per token at d={hidden} bf16 (+ {8}k-byte metadata now)"
+    )
     header = f"{'k':>3}{'EP':>4}{'before':>8}{'now':>7}{'formula':>9}{'KB before':>11}{'KB now':>8}{'saved':>7}"
     print(header)
     print("-" * len(header))
@@ -47,8 +50,10 @@ def rows_table(tokens: int, hidden: int) -> None:
             formula = ep * (1 - math.comb(E - E // ep, k) / math.comb(E, k))
             kb_before = k * hidden * esize / 1024
             kb_now = now * (hidden * esize + 8 * k) / 1024
-            print(f"{k:>3}{ep:>4}{k:>8}{now:>7.2f}{formula:>9.2f}{kb_before:>11.1f}{kb_now:>8.1f}"
-                  f"{1 - kb_now / kb_before:>7.0%}")
+            print(
+                f"{k:>3}{ep:>4}{k:>8}{now:>7.2f}{formula:>9.2f}{kb_before:>11.1f}{kb_now:>8.1f}"
+                f"{1 - kb_now / kb_before:>7.0%}"
+            )
 
 
 def per_copy_exchange(x, idx, scores, scale, experts, group, num_experts):
@@ -70,32 +75,42 @@ def per_copy_exchange(x, idx, scores, scale, experts, group, num_experts):
     sizes = [recv[r][j] for r in range(ep) for j in range(n_local)]
     order = [r * n_local + j for j in range(n_local) for r in range(ep)]
     chunks = received.split(sizes)
-    per_expert = torch.tensor([sum(recv[r][j] for r in range(ep)) for j in range(n_local)], device=x.device)
+    per_expert = torch.tensor(
+        [sum(recv[r][j] for r in range(ep)) for j in range(n_local)], device=x.device
+    )
     out = experts(torch.cat([chunks[i] for i in order]), per_expert)
     back = out.split([sizes[i] for i in order])
     inverse = [0] * len(order)
     for pos, i in enumerate(order):
         inverse[i] = pos
     out_by_source = torch.cat([back[inverse[i]] for i in range(len(order))])
-    return D.combine(all_to_all(group, out_by_source, send_splits, recv_splits), routing, scores, scale)
+    return D.combine(
+        all_to_all(group, out_by_source, send_splits, recv_splits), routing, scores, scale
+    )
 
 
 def local_cost_table(tokens_list, topk_list, hidden: int) -> None:
+    from benchmarks.moe_layer import timed
     from megamoe.model.moe import dispatch as D
     from megamoe.model.moe.expert_parallel import exchange
     from megamoe.model.moe.experts import GroupedSwiGLUExperts
-    from benchmarks.moe_layer import timed
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
-    torch.distributed.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
+    torch.distributed.init_process_group(
+        "nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0)
+    )
     group = torch.distributed.group.WORLD
     E, size, dev, dt = 16, 688, "cuda", torch.bfloat16
     experts = GroupedSwiGLUExperts(hidden, [size] * E, dtype=dt, device=dev)
-    print(f"\n# one MoE FFN fwd+bwd, d={hidden}, {E} experts x {size}, bf16, {torch.cuda.get_device_name()}; "
-          "exchange() in a world of one rank")
-    header = (f"{'T':>6}{'k':>3}{'plain ms':>10}{'before ms':>11}{'extra':>7}{'now ms':>8}{'extra':>7}"
-              f"{'2 chunks':>9}{'extra':>7}")
+    print(
+        f"\n# one MoE FFN fwd+bwd, d={hidden}, {E} experts x {size}, bf16, {torch.cuda.get_device_name()}; "
+        "exchange() in a world of one rank"
+    )
+    header = (
+        f"{'T':>6}{'k':>3}{'plain ms':>10}{'before ms':>11}{'extra':>7}{'now ms':>8}{'extra':>7}"
+        f"{'2 chunks':>9}{'extra':>7}"
+    )
     print(header)
     print("-" * len(header))
     for T in tokens_list:
@@ -121,8 +136,10 @@ def local_cost_table(tokens_list, topk_list, hidden: int) -> None:
                 exchange(x, idx, scores, 1.0, experts, group, 0, E, chunks=2).backward(g)
 
             a, b, c, d = timed(plain), timed(before), timed(exchanged), timed(chunked)
-            print(f"{T:>6}{k:>3}{a:>10.3f}{b:>11.3f}{(b - a) / a:>7.0%}{c:>8.3f}{(c - a) / a:>7.0%}"
-                  f"{d:>9.3f}{(d - a) / a:>7.0%}")
+            print(
+                f"{T:>6}{k:>3}{a:>10.3f}{b:>11.3f}{(b - a) / a:>7.0%}{c:>8.3f}{(c - a) / a:>7.0%}"
+                f"{d:>9.3f}{(d - a) / a:>7.0%}"
+            )
     torch.distributed.destroy_process_group()
 
 

@@ -10,6 +10,7 @@ layer as trained on CUDA (small elementwise parts through torch.compile, model/m
 from CUDA graphs (the GPU's own time, without host launch overhead), for the MoE layer and the
 dense active-width MLP. Gradients are fresh each step in every column.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,14 +60,19 @@ def graphed_ms(fn, params, x, g):
         grads = torch.autograd.grad(mod(xg), (xg, *params), g, allow_unused=True)
         unused = [i for i, t in enumerate(grads) if t is None]
         if unused:
-            print(f"# graphed: no gradient for inputs {unused} (0 = x, i = params[i-1] of {len(params)})")
-        graphed = torch.cuda.make_graphed_callables(mod, (xg,), num_warmup_iters=3, allow_unused_input=True)
+            print(
+                f"# graphed: no gradient for inputs {unused} (0 = x, i = params[i-1] of {len(params)})"
+            )
+        graphed = torch.cuda.make_graphed_callables(
+            mod, (xg,), num_warmup_iters=3, allow_unused_input=True
+        )
 
         def step():
             xg.grad = None
             for p in params:
                 p.grad = None
             graphed(xg).backward(g)
+
         return timed(step)
     except Exception as e:  # noqa: BLE001 - report and go on
         print(f"# CUDA-graph capture failed: {str(e).splitlines()[0][:200]}")
@@ -74,12 +80,16 @@ def graphed_ms(fn, params, x, g):
 
 
 def dense_mlp(d, width, dev):
-    w = [torch.randn(width, d, device=dev, dtype=torch.bfloat16, requires_grad=True) * 0.02 for _ in range(2)]
+    w = [
+        torch.randn(width, d, device=dev, dtype=torch.bfloat16, requires_grad=True) * 0.02
+        for _ in range(2)
+    ]
     w.append(torch.randn(d, width, device=dev, dtype=torch.bfloat16, requires_grad=True) * 0.02)
     w = [t.detach().requires_grad_() for t in w]
 
     def run(x):
         return F.linear(F.silu(F.linear(x, w[0])) * F.linear(x, w[1]), w[2])
+
     run.weights = w
     return run
 
@@ -91,7 +101,9 @@ def main():
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--ffn", type=int, default=11008)
     ap.add_argument("--experts", type=int, default=16)
-    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table (8192 tokens, top-4)")
+    ap.add_argument(
+        "--profile", action="store_true", help="print a torch.profiler table (8192 tokens, top-4)"
+    )
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/moe_layer.py needs a CUDA GPU")
@@ -104,9 +116,14 @@ def main():
     d, ffn, e = args.hidden, args.ffn, args.experts
     mc = ModelConfig(hidden_size=d, intermediate_size=ffn, num_hidden_layers=1)
     cfg = transformer_config(mc, parallel.ParallelLayout(), torch.bfloat16)
-    print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}; hidden {d}, {e} experts x {ffn // e}, bf16, fwd+bwd")
-    print(f"{'tokens':>7} {'k':>2} {'moe ms':>8} {'eager ms':>9} {'TFLOP/s':>8} {'dense(active) ms':>17} "
-          f"{'ratio':>6} {'dense(full) ms':>15} {'graphed moe':>11} {'graphed active':>14} {'g. ratio':>9}")
+    print(
+        f"# {torch.cuda.get_device_name()} torch {torch.__version__}; hidden {d}, "
+        f"{e} experts x {ffn // e}, bf16, fwd+bwd"
+    )
+    print(
+        f"{'tokens':>7} {'k':>2} {'moe ms':>8} {'eager ms':>9} {'TFLOP/s':>8} {'dense(active) ms':>17} "
+        f"{'ratio':>6} {'dense(full) ms':>15} {'graphed moe':>11} {'graphed active':>14} {'g. ratio':>9}"
+    )
     if args.profile:
         for t in args.tokens:
             for k in args.topk:
@@ -135,20 +152,26 @@ def main():
                     for w in f.weights:
                         w.grad = None
                     f(x.view(t, d)).backward(g.view(t, d))
+
                 return step
+
             os.environ["MEGAMOE_COMPILE"] = "0"
             ms_eager = timed(moe_step)
             os.environ["MEGAMOE_COMPILE"] = "1"
             ms = timed(moe_step)
             ms_a = timed(dense_step(active))
             ms_f = timed(dense_step(full))
-            used = [p for p in layer.parameters() if p.grad is not None]  # graphs take only differentiated ones
+            used = [
+                p for p in layer.parameters() if p.grad is not None
+            ]  # graphs take only differentiated ones
             g_moe = graphed_ms(lambda inp: layer(inp)[0], used, x, g)
             g_a = graphed_ms(lambda inp: active(inp.view(t, d)).view_as(inp), active.weights, x, g)
             flops = 6 * t * k * 3 * d * (ffn // e)
-            print(f"{t:>7} {k:>2} {ms:>8.2f} {ms_eager:>9.2f} {flops / ms / 1e9:>8.1f} {ms_a:>17.2f} "
-                  f"{ms / ms_a:>6.2f} {ms_f:>15.2f} {g_moe:>11.2f} {g_a:>14.2f} {g_moe / g_a:>9.2f}",
-                  flush=True)
+            print(
+                f"{t:>7} {k:>2} {ms:>8.2f} {ms_eager:>9.2f} {flops / ms / 1e9:>8.1f} {ms_a:>17.2f} "
+                f"{ms / ms_a:>6.2f} {ms_f:>15.2f} {g_moe:>11.2f} {g_a:>14.2f} {g_moe / g_a:>9.2f}",
+                flush=True,
+            )
 
 
 def profile(cfg, d, ffn, e, t=8192, k=4):
@@ -163,8 +186,13 @@ def profile(cfg, d, ffn, e, t=8192, k=4):
     from megamoe.config import MoEConfig
     from megamoe.model.moe.layer import LlamaMoEMLP
 
-    layer = LlamaMoEMLP(cfg, MoEConfig(num_experts=e, num_selects=k), layer_index=0,
-                        intermediate_size=ffn).cuda().train()
+    layer = (
+        LlamaMoEMLP(
+            cfg, MoEConfig(num_experts=e, num_selects=k), layer_index=0, intermediate_size=ffn
+        )
+        .cuda()
+        .train()
+    )
     x = torch.randn(t, 1, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn_like(x)
 
@@ -174,6 +202,7 @@ def profile(cfg, d, ffn, e, t=8192, k=4):
             p.grad = None
         y, _ = layer(x)
         y.backward(g)
+
     timed(step)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

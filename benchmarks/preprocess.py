@@ -7,6 +7,7 @@ one document at a time), on a generated corpus and a sentencepiece model trained
 All runs must produce byte-identical .bin/.idx files (checked). Megatron-LM's own
 tools/preprocess_data.py is not part of the megatron-core wheel, so it is not compared here.
 """
+
 import argparse
 import json
 import os
@@ -40,10 +41,18 @@ def make_corpus(d, docs, seed=0):
 
 def train_tokenizer(d):
     import sentencepiece as spm
+
     spm.SentencePieceTrainer.train(
-        input=os.path.join(d, "sp_train.txt"), model_prefix=os.path.join(d, "tok"),
-        vocab_size=8000, model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
-        minloglevel=2)
+        input=os.path.join(d, "sp_train.txt"),
+        model_prefix=os.path.join(d, "tok"),
+        vocab_size=8000,
+        model_type="bpe",
+        bos_id=1,
+        eos_id=2,
+        unk_id=0,
+        pad_id=-1,
+        minloglevel=2,
+    )
     return os.path.join(d, "tok.model")
 
 
@@ -53,6 +62,7 @@ def naive(inp, prefix, model):
     import sentencepiece as spm
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
     sp = spm.SentencePieceProcessor(model_file=model)
     b = IndexedDatasetBuilder(prefix + "_text_document.bin", dtype=np.uint16)
     tokens = 0
@@ -67,6 +77,7 @@ def naive(inp, prefix, model):
 
 def ours(inp, prefix, model, workers):
     from megamoe.data.preprocess import preprocess
+
     return preprocess(inp, prefix, model, workers=workers, progress=False)["tokens"]
 
 
@@ -83,14 +94,17 @@ def main():
         inp = make_corpus(d, a.docs)
         model = train_tokenizer(d)
         import megatron.core.datasets.indexed_dataset  # noqa: F401  (import time not measured)
+
         runs = [("straightforward loop (1 process)", lambda p: naive(inp, p, model))]
-        runs += [(f"preprocess_data.py --workers {w}", lambda p, w=w: ours(inp, p, model, w))
-                 for w in a.workers]
+        runs += [
+            (f"preprocess_data.py --workers {w}", lambda p, w=w: ours(inp, p, model, w))
+            for w in a.workers
+        ]
         rows, reference = [], None
         load0 = os.getloadavg()[0]
         for name, fn in runs:
             times, cpus = [], []
-            for r in range(a.repeat):
+            for _ in range(a.repeat):
                 prefix = os.path.join(d, f"out{len(rows)}")
                 c0, t0 = os.times(), time.perf_counter()
                 tokens = fn(prefix)
@@ -103,16 +117,22 @@ def main():
             best, med = min(times), statistics.median(times)
             rows.append((name, tokens, best, tokens / best, tokens / med, min(cpus)))
         size_mb = os.path.getsize(inp) / 1e6
-        print(f"\ncorpus: {a.docs:,} documents, {size_mb:.1f} MB jsonl, {rows[0][1]:,} tokens "
-              f"(sentencepiece BPE, 8000 pieces); {os.cpu_count()} CPUs, "
-              f"{platform.processor() or platform.machine()}; best and median of {a.repeat}; "
-              f"load average {load0:.1f} before, {os.getloadavg()[0]:.1f} after\n")
-        print("| method | wall s (best) | tokens/s (best) | tokens/s (median) | vs loop "
-              "| CPU s | tokens per CPU-s |")
+        print(
+            f"\ncorpus: {a.docs:,} documents, {size_mb:.1f} MB jsonl, {rows[0][1]:,} tokens "
+            f"(sentencepiece BPE, 8000 pieces); {os.cpu_count()} CPUs, "
+            f"{platform.processor() or platform.machine()}; best and median of {a.repeat}; "
+            f"load average {load0:.1f} before, {os.getloadavg()[0]:.1f} after\n"
+        )
+        print(
+            "| method | wall s (best) | tokens/s (best) | tokens/s (median) | vs loop "
+            "| CPU s | tokens per CPU-s |"
+        )
         print("|---|---:|---:|---:|---:|---:|---:|")
         for name, tokens, best, tps, tpm, cpu in rows:
-            print(f"| {name} | {best:.2f} | {tps:,.0f} | {tpm:,.0f} | {tps / rows[0][3]:.2f}x "
-                  f"| {cpu:.2f} | {tokens / cpu:,.0f} |")
+            print(
+                f"| {name} | {best:.2f} | {tps:,.0f} | {tpm:,.0f} | {tps / rows[0][3]:.2f}x "
+                f"| {cpu:.2f} | {tokens / cpu:,.0f} |"
+            )
         print("\nall outputs byte-identical: yes")
     finally:
         if not a.keep:

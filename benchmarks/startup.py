@@ -23,6 +23,7 @@ and a sparse .bin of uint16 tokens (truncated to size: zeros, no disk used). The
 
 Everything made here is removed at the end, also after errors, Ctrl-C and SIGTERM.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,9 +50,15 @@ TOTAL_TOKENS, TOTAL_DOCS = 627 * 10**9, 590 * 10**6
 # domain: (share of tokens, share of documents). Token shares are SlimPajama's; document shares
 # are a rough guess (long books and papers, short C4 pages). Start-up reads O(1) entries of each
 # index, so only the totals matter.
-DOMAINS = {"en_cc": (0.522, 0.40), "en_c4": (0.267, 0.45), "github": (0.052, 0.035),
-           "en_book": (0.042, 0.0004), "en_arxiv": (0.046, 0.0026),
-           "en_wikipedia": (0.038, 0.045), "en_stack": (0.033, 0.0666)}
+DOMAINS = {
+    "en_cc": (0.522, 0.40),
+    "en_c4": (0.267, 0.45),
+    "github": (0.052, 0.035),
+    "en_book": (0.042, 0.0004),
+    "en_arxiv": (0.046, 0.0026),
+    "en_wikipedia": (0.038, 0.045),
+    "en_stack": (0.033, 0.0666),
+}
 DTYPE = np.dtype(np.uint16)
 
 
@@ -63,17 +70,31 @@ def parse_count(s: str) -> int:
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--docs", type=lambda s: [parse_count(x) for x in s.split(",")],
-                    default=[10**7, 15 * 10**7, 59 * 10**7], help="document counts (10M,150M,590M)")
-    ap.add_argument("--block-sizes", type=lambda s: [int(x) for x in s.split(",")],
-                    default=[64, 4096])
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--docs",
+        type=lambda s: [parse_count(x) for x in s.split(",")],
+        default=[10**7, 15 * 10**7, 59 * 10**7],
+        help="document counts (10M,150M,590M)",
+    )
+    ap.add_argument(
+        "--block-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[64, 4096]
+    )
     ap.add_argument("--warm", type=int, default=3, help="warm trainer runs per case (median)")
-    ap.add_argument("--trainer-seed", type=int, default=23,
-                    help="23: the seed whose first draw is the CommonCrawl-sized domain")
-    ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[23, 1227],
-                    help="seeds of the data-only measurement")
+    ap.add_argument(
+        "--trainer-seed",
+        type=int,
+        default=23,
+        help="23: the seed whose first draw is the CommonCrawl-sized domain",
+    )
+    ap.add_argument(
+        "--seeds",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[23, 1227],
+        help="seeds of the data-only measurement",
+    )
     ap.add_argument("--tmp", default=tempfile.gettempdir(), help="where the temporary folder goes")
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args(argv)
@@ -83,6 +104,7 @@ def parse_args(argv=None):
 
 
 # ------------------------------------------------------------------------------ the dataset
+
 
 def write_domain(prefix: str, n_docs: int, n_tokens: int, rng, chunk: int = 1 << 23) -> None:
     """A real .idx of n_docs one-sequence documents with n_tokens in all (exponential lengths),
@@ -127,6 +149,7 @@ def build_dataset(root: str, n_docs: int, seed: int = 0) -> dict:
 
 # ------------------------------------------------------------------------------ processes
 
+
 def vm_hwm(pid="self") -> float:
     """RSS high-water mark of a process in bytes."""
     with open(f"/proc/{pid}/status") as f:
@@ -154,8 +177,11 @@ def drop_caches() -> bool:
 
 
 def env() -> dict:
-    e = {k: v for k, v in os.environ.items()
-         if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    e = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
     return e
 
@@ -172,8 +198,9 @@ e = MoEConfig(num_experts=4, num_selects=2)
 parallel.initialize(parallel.ParallelLayout(), seed=0)
 checkpoint.save({path!r}, build_model(m, e), checkpoint.make_meta(m, e))
 """
-    subprocess.run([sys.executable, "-c", code], check=True, env=env(), cwd=ROOT,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-c", code], check=True, env=env(), cwd=ROOT, stdout=subprocess.DEVNULL
+    )
 
 
 IMPORTS = "import torch, megamoe.checkpoint, megamoe.train.trainer"
@@ -194,22 +221,54 @@ def time_imports() -> tuple[float, float]:
 def run_trainer(ckpt, data, out, block, seed, max_steps, stop_at=None, timeout=900) -> dict:
     """Seconds from process start until step `stop_at` is logged and VmHWM then; the process is
     killed there (stop_at None: it runs to the end, e.g. to leave a checkpoint)."""
-    argv = ["--model_type", "llama_moe", "--pretrained_model", ckpt, "--dataset_dir", data,
-            "--output_dir", out, "--block_size", str(block), "--per_device_train_batch_size", "1",
-            "--gradient_accumulation_steps", "1", "--max_steps", str(max_steps),
-            "--logging_steps", "1", "--eval_steps", "0", "--save_steps", "0",
-            "--warmup_steps", "0", "--seed", str(seed)]
+    argv = [
+        "--model_type",
+        "llama_moe",
+        "--pretrained_model",
+        ckpt,
+        "--dataset_dir",
+        data,
+        "--output_dir",
+        out,
+        "--block_size",
+        str(block),
+        "--per_device_train_batch_size",
+        "1",
+        "--gradient_accumulation_steps",
+        "1",
+        "--max_steps",
+        str(max_steps),
+        "--logging_steps",
+        "1",
+        "--eval_steps",
+        "0",
+        "--save_steps",
+        "0",
+        "--warmup_steps",
+        "0",
+        "--seed",
+        str(seed),
+    ]
     t0 = time.perf_counter()
-    p = subprocess.Popen([sys.executable, "-m", "megamoe.train", *argv], cwd=ROOT, env=env(),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "megamoe.train", *argv],
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     pattern = re.compile(rf"\bstep {stop_at}/{max_steps}\b") if stop_at else None
     res, tail = {}, []
     try:
         for line in p.stdout:
             tail = (tail + [line])[-30:]
             if pattern and pattern.search(line):
-                res = {"seconds": time.perf_counter() - t0, "hwm": vm_hwm(p.pid),
-                       "cpu_s": cpu_seconds(p.pid)}
+                res = {
+                    "seconds": time.perf_counter() - t0,
+                    "hwm": vm_hwm(p.pid),
+                    "cpu_s": cpu_seconds(p.pid),
+                }
                 m = re.search(r"([\d.]+) s/step", line)
                 res["step_s"] = float(m.group(1)) if m else float("nan")
                 break
@@ -233,10 +292,11 @@ from megamoe.data.sampler import DomainSampler
 from megamoe.data.train_data import MultiDomainTrainData
 
 def hwm():
-    return int([l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]) * 1024
+    peak = [line for line in open("/proc/self/status") if line.startswith("VmHWM:")][0]
+    return int(peak.split()[1]) * 1024
 
 data_dir, block, seed, rank = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-domains = sorted(%r)
+domains = sorted(DOMAIN_NAMES)
 def build():
     s = DomainSampler(domains, load_prob_map("sheared_llama", domains), seed=seed)
     return MultiDomainTrainData(data_dir, block, s, dp_rank=rank, dp_size=8, seed=seed,
@@ -258,18 +318,25 @@ r.next_batch(8)
 t2 = time.perf_counter()
 print(json.dumps({"start_ms": 1e3 * (t1 - t0), "resume_ms": 1e3 * (t2 - t1),
                   "extra": hwm() - base, "reset": reset, "state": state["position"]}))
-""" % (list(DOMAINS),)
+""".replace("DOMAIN_NAMES", repr(list(DOMAINS)))
 
 
 def run_data(data, block, seed, rank) -> dict:
-    p = subprocess.run([sys.executable, "-c", DATA_CODE, data, str(block), str(seed), str(rank)],
-                       env=env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    p = subprocess.run(
+        [sys.executable, "-c", DATA_CODE, data, str(block), str(seed), str(rank)],
+        env=env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     if p.returncode:
         raise RuntimeError(f"data measurement failed:\n{p.stderr[-3000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 # ------------------------------------------------------------------------------ main
+
 
 def fmt_n(n: int) -> str:
     for unit, v in (("G", 10**9), ("M", 10**6), ("K", 10**3)):
@@ -282,11 +349,15 @@ def measure(tmp: str, args, n_docs: int, rows: list) -> None:
     data = os.path.join(tmp, "data")
     t = time.perf_counter()
     info = build_dataset(data, n_docs)
-    idx_bytes = sum(os.path.getsize(os.path.join(data, d, f"{d}_content_document.idx"))
-                    for d in DOMAINS)
+    idx_bytes = sum(
+        os.path.getsize(os.path.join(data, d, f"{d}_content_document.idx")) for d in DOMAINS
+    )
     tokens = sum(t for _, t in info.values())
-    print(f"\n{fmt_n(n_docs)} documents, {tokens / 1e9:.0f}B tokens: index {idx_bytes / 1e9:.1f} GB "
-          f"written in {time.perf_counter() - t:.0f} s", flush=True)
+    print(
+        f"\n{fmt_n(n_docs)} documents, {tokens / 1e9:.0f}B tokens: index {idx_bytes / 1e9:.1f} GB "
+        f"written in {time.perf_counter() - t:.0f} s",
+        flush=True,
+    )
     ckpt = os.path.join(tmp, "ckpt")
     for block in args.block_sizes:
         out = os.path.join(tmp, "out")
@@ -303,49 +374,67 @@ def measure(tmp: str, args, n_docs: int, rows: list) -> None:
         resume = run_trainer(ckpt, data, out, block, args.trainer_seed, max_steps=2, stop_at=2)
         shutil.rmtree(out, ignore_errors=True)
         dat = [run_data(data, block, s, r) for s in args.seeds for r in (0, 7)]
-        row = {"docs": n_docs, "tokens": tokens, "index_bytes": idx_bytes, "block_size": block,
-               "cold_s": cold["seconds"] if cold_ok else None,
-               "first_s": None if cold_ok else cold["seconds"],
-               "warm_s": statistics.median(w["seconds"] for w in warm),
-               "resume_s": resume["seconds"],
-               "imports_s": statistics.median(w for w, _ in imp),
-               "warm_cpu_s": statistics.median(w["cpu_s"] for w in warm),
-               "resume_cpu_s": resume["cpu_s"],
-               "imports_cpu_s": statistics.median(c for _, c in imp),
-               "step_s": statistics.median(w["step_s"] for w in warm),
-               "peak_rss": max([cold["hwm"], resume["hwm"]] + [w["hwm"] for w in warm]),
-               "data_start_ms": max(x["start_ms"] for x in dat),
-               "data_resume_ms": max(x["resume_ms"] for x in dat),
-               "data_extra": max(x["extra"] for x in dat),
-               "hwm_reset": all(x["reset"] for x in dat), "load": os.getloadavg()[0]}
+        row = {
+            "docs": n_docs,
+            "tokens": tokens,
+            "index_bytes": idx_bytes,
+            "block_size": block,
+            "cold_s": cold["seconds"] if cold_ok else None,
+            "first_s": None if cold_ok else cold["seconds"],
+            "warm_s": statistics.median(w["seconds"] for w in warm),
+            "resume_s": resume["seconds"],
+            "imports_s": statistics.median(w for w, _ in imp),
+            "warm_cpu_s": statistics.median(w["cpu_s"] for w in warm),
+            "resume_cpu_s": resume["cpu_s"],
+            "imports_cpu_s": statistics.median(c for _, c in imp),
+            "step_s": statistics.median(w["step_s"] for w in warm),
+            "peak_rss": max([cold["hwm"], resume["hwm"]] + [w["hwm"] for w in warm]),
+            "data_start_ms": max(x["start_ms"] for x in dat),
+            "data_resume_ms": max(x["resume_ms"] for x in dat),
+            "data_extra": max(x["extra"] for x in dat),
+            "hwm_reset": all(x["reset"] for x in dat),
+            "load": os.getloadavg()[0],
+        }
         rows.append(row)
-        cold_txt = (f"cold {row['cold_s']:.1f} s" if cold_ok else
-                    f"first run {row['first_s']:.1f} s (page cache NOT dropped: not root?)")
-        print(f"  block {block}: {cold_txt}, warm {row['warm_s']:.1f} s (median of "
-              f"{args.warm}; step 1 itself {row['step_s']:.1f} s; CPU {row['warm_cpu_s']:.1f} s), "
-              f"resume {row['resume_s']:.1f} s (CPU {row['resume_cpu_s']:.1f} s), imports alone "
-              f"{row['imports_s']:.1f} s (CPU {row['imports_cpu_s']:.1f} s), peak RSS "
-              f"{row['peak_rss'] / 2**30:.2f} GiB; data alone (seeds {args.seeds}, DP ranks 0 "
-              f"and 7 of 8): start + first batch <= {row['data_start_ms']:.0f} ms, resume + "
-              f"batch <= {row['data_resume_ms']:.0f} ms, <= {row['data_extra'] / 2**20:.1f} MiB; "
-              f"load {row['load']:.1f}", flush=True)
+        cold_txt = (
+            f"cold {row['cold_s']:.1f} s"
+            if cold_ok
+            else f"first run {row['first_s']:.1f} s (page cache NOT dropped: not root?)"
+        )
+        print(
+            f"  block {block}: {cold_txt}, warm {row['warm_s']:.1f} s (median of "
+            f"{args.warm}; step 1 itself {row['step_s']:.1f} s; CPU {row['warm_cpu_s']:.1f} s), "
+            f"resume {row['resume_s']:.1f} s (CPU {row['resume_cpu_s']:.1f} s), imports alone "
+            f"{row['imports_s']:.1f} s (CPU {row['imports_cpu_s']:.1f} s), peak RSS "
+            f"{row['peak_rss'] / 2**30:.2f} GiB; data alone (seeds {args.seeds}, DP ranks 0 "
+            f"and 7 of 8): start + first batch <= {row['data_start_ms']:.0f} ms, resume + "
+            f"batch <= {row['data_resume_ms']:.0f} ms, <= {row['data_extra'] / 2**20:.1f} MiB; "
+            f"load {row['load']:.1f}",
+            flush=True,
+        )
     shutil.rmtree(data)
 
 
 def table(rows: list) -> str:
-    head = ("| documents | tokens | block | time to step 1: cold / warm / resume (s) | "
-            "CPU time to step 1: warm / resume (s) | step 1 alone (s) | imports alone: wall / "
-            "CPU (s) | peak RSS (GiB) | data alone: start / resume (ms) | sampling memory (MiB) |"
-            "\n|---|---|---|---|---|---|---|---|---|---|")
+    head = (
+        "| documents | tokens | block | time to step 1: cold / warm / resume (s) | "
+        "CPU time to step 1: warm / resume (s) | step 1 alone (s) | imports alone: wall / "
+        "CPU (s) | peak RSS (GiB) | data alone: start / resume (ms) | sampling memory (MiB) |"
+        "\n|---|---|---|---|---|---|---|---|---|---|"
+    )
     lines = [head]
     for r in rows:
-        first = f"{r['cold_s']:.1f}" if r["cold_s"] is not None else f"{r['first_s']:.1f} (not cold)"
-        lines.append(f"| {fmt_n(r['docs'])} | {r['tokens'] / 1e9:.0f}B | {r['block_size']} | "
-                     f"{first} / {r['warm_s']:.1f} / {r['resume_s']:.1f} | "
-                     f"{r['warm_cpu_s']:.1f} / {r['resume_cpu_s']:.1f} | {r['step_s']:.1f} | "
-                     f"{r['imports_s']:.1f} / {r['imports_cpu_s']:.1f} | "
-                     f"{r['peak_rss'] / 2**30:.2f} | {r['data_start_ms']:.0f} / "
-                     f"{r['data_resume_ms']:.0f} | {r['data_extra'] / 2**20:.1f} |")
+        first = (
+            f"{r['cold_s']:.1f}" if r["cold_s"] is not None else f"{r['first_s']:.1f} (not cold)"
+        )
+        lines.append(
+            f"| {fmt_n(r['docs'])} | {r['tokens'] / 1e9:.0f}B | {r['block_size']} | "
+            f"{first} / {r['warm_s']:.1f} / {r['resume_s']:.1f} | "
+            f"{r['warm_cpu_s']:.1f} / {r['resume_cpu_s']:.1f} | {r['step_s']:.1f} | "
+            f"{r['imports_s']:.1f} / {r['imports_cpu_s']:.1f} | "
+            f"{r['peak_rss'] / 2**30:.2f} | {r['data_start_ms']:.0f} / "
+            f"{r['data_resume_ms']:.0f} | {r['data_extra'] / 2**20:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -354,8 +443,11 @@ def main(argv=None) -> int:
     need = max(args.docs) * 21  # index bytes of the largest dataset (~20 per document)
     free = shutil.disk_usage(args.tmp).free
     if need > free - 2 * 2**30:
-        print(f"--tmp {args.tmp}: {free / 1e9:.0f} GB free, the {fmt_n(max(args.docs))}-document "
-              f"index needs ~{need / 1e9:.0f} GB", file=sys.stderr)
+        print(
+            f"--tmp {args.tmp}: {free / 1e9:.0f} GB free, the {fmt_n(max(args.docs))}-document "
+            f"index needs ~{need / 1e9:.0f} GB",
+            file=sys.stderr,
+        )
         return 2
     tmp = tempfile.mkdtemp(prefix="megamoe-startup-", dir=args.tmp)
 

@@ -13,6 +13,7 @@ against 989 TFLOP/s (H100/H200 bf16 dense peak).
 
 Prints a table; with --json FILE also writes the rows (benchmarks/scaling.py reads them).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,7 +31,9 @@ MODELS = {"moe4": ("llama_moe", 4), "moe2": ("llama_moe", 2), "dense": ("llama",
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--models", nargs="+", default=["moe4", "moe2", "dense"], choices=list(MODELS))
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--hidden", type=int, default=4096)
@@ -39,28 +42,53 @@ def parse_args(argv=None):
     ap.add_argument("--experts", type=int, default=16)
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--micro-batch", type=int, default=2, help="sequences per micro-batch per data-parallel rank")
+    ap.add_argument(
+        "--micro-batch",
+        type=int,
+        default=2,
+        help="sequences per micro-batch per data-parallel rank",
+    )
     ap.add_argument("--grad-accum", type=int, default=4, help="micro-batches per step")
     ap.add_argument("--steps", type=int, default=8, help="timed steps")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
+    ap.add_argument(
+        "--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)"
+    )
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--ep", type=int, default=1)
     ap.add_argument("--recompute", action="store_true", help="full activation recomputation")
     ap.add_argument("--no-distributed-optimizer", action="store_true")
-    ap.add_argument("--overlap-grad-reduce", action="store_true",
-                    help="megatron-core's bucketed DP gradient reduce-scatter during the last backward")
-    ap.add_argument("--overlap-param-gather", action="store_true",
-                    help="the distributed optimizer's parameter all-gather during the next forward")
+    ap.add_argument(
+        "--overlap-grad-reduce",
+        action="store_true",
+        help="megatron-core's bucketed DP gradient reduce-scatter during the last backward",
+    )
+    ap.add_argument(
+        "--overlap-param-gather",
+        action="store_true",
+        help="the distributed optimizer's parameter all-gather during the next forward",
+    )
     ap.add_argument("--bucket-size", type=int, default=None, help="parameters per DDP bucket")
-    ap.add_argument("--ep-overlap", type=int, default=1,
-                    help="EP: token chunks whose all-to-alls overlap the expert GEMMs (1: off)")
-    ap.add_argument("--tp-overlap", action="store_true",
-                    help="TP+SP: overlap the sequence-parallel all-gather / reduce-scatter with the GEMMs")
-    ap.add_argument("--variants", nargs="+", default=None, metavar="NAME:key=value,...",
-                    help="several layouts in this one launch (keys: tp, pp, ep, micro_batch, grad_accum, "
-                         "overlap_grad_reduce, overlap_param_gather, bucket_size, ep_overlap, tp_overlap); "
-                         "the other flags are the defaults")
+    ap.add_argument(
+        "--ep-overlap",
+        type=int,
+        default=1,
+        help="EP: token chunks whose all-to-alls overlap the expert GEMMs (1: off)",
+    )
+    ap.add_argument(
+        "--tp-overlap",
+        action="store_true",
+        help="TP+SP: overlap the sequence-parallel all-gather / reduce-scatter with the GEMMs",
+    )
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        metavar="NAME:key=value,...",
+        help="several layouts in this one launch (keys: tp, pp, ep, micro_batch, grad_accum, "
+        "overlap_grad_reduce, overlap_param_gather, bucket_size, ep_overlap, tp_overlap); "
+        "the other flags are the defaults",
+    )
     ap.add_argument("--json", help="write the result rows to this file (rank 0)")
     return ap.parse_args(argv)
 
@@ -76,8 +104,13 @@ def variants(args) -> list:
         for item in filter(None, kv.split(",")):
             key, _, val = item.partition("=")
             old = getattr(a, key)  # unknown keys fail here
-            setattr(a, key, type(old)(int(val)) if isinstance(old, (bool, int)) else
-                    (int(val) if key == "bucket_size" else val))
+            setattr(
+                a,
+                key,
+                type(old)(int(val))
+                if isinstance(old, (bool, int))
+                else (int(val) if key == "bucket_size" else val),
+            )
         out.append((label, a))
     return out
 
@@ -97,29 +130,45 @@ def bench(args, name: str) -> dict:
     from megamoe.train.step import forward_backward, wrap_model
 
     kind, k = MODELS[name]
-    m = ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn,
-                    num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                    max_position_embeddings=args.seq)
+    m = ModelConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.ffn,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        max_position_embeddings=args.seq,
+    )
     moe = MoEConfig(num_experts=args.experts, num_selects=k) if kind == "llama_moe" else None
-    layout = parallel.ParallelLayout(args.tp, args.pp, args.ep if moe else 1,
-                                     sequence_parallel=args.tp > 1)
+    layout = parallel.ParallelLayout(
+        args.tp, args.pp, args.ep if moe else 1, sequence_parallel=args.tp > 1
+    )
     parallel.initialize(layout, seed=1234, num_experts=moe.num_experts if moe else None)
     parallel.set_overlap(ep_chunks=args.ep_overlap, tp_comm=args.tp_overlap)
     cuda = torch.cuda.is_available()
-    model = build_model(m, moe, layout, dtype=torch.bfloat16 if cuda else torch.float32,
-                        recompute=args.recompute)
+    model = build_model(
+        m, moe, layout, dtype=torch.bfloat16 if cuda else torch.float32, recompute=args.recompute
+    )
     dist_opt = cuda and not args.no_distributed_optimizer
-    ddp = wrap_model(model, use_distributed_optimizer=dist_opt, overlap_grad_reduce=args.overlap_grad_reduce,
-                     bucket_size=args.bucket_size, overlap_param_gather=args.overlap_param_gather and dist_opt)
-    opt = TrainOptimizer(ddp, model, OptimConfig(learning_rate=1e-5), bf16=cuda,
-                         use_distributed_optimizer=dist_opt)
+    ddp = wrap_model(
+        model,
+        use_distributed_optimizer=dist_opt,
+        overlap_grad_reduce=args.overlap_grad_reduce,
+        bucket_size=args.bucket_size,
+        overlap_param_gather=args.overlap_param_gather and dist_opt,
+    )
+    opt = TrainOptimizer(
+        ddp, model, OptimConfig(learning_rate=1e-5), bf16=cuda, use_distributed_optimizer=dist_opt
+    )
     dp, world = parallel.dp_size(), torch.distributed.get_world_size()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator(device=dev).manual_seed(parallel.dp_rank())
 
     def batch():  # fresh random tokens every step (a fixed batch gets memorised)
-        return [torch.randint(0, m.vocab_size, (args.micro_batch, args.seq), device=dev, generator=g)
-                for _ in range(args.grad_accum)]
+        return [
+            torch.randint(0, m.vocab_size, (args.micro_batch, args.seq), device=dev, generator=g)
+            for _ in range(args.grad_accum)
+        ]
+
     times, losses = [], []
     for i in range(args.warmup + args.steps):
         mbs = batch()
@@ -143,16 +192,33 @@ def bench(args, name: str) -> dict:
     # with the distributed optimizer, else all-reduce) and the bf16 parameter buffers (all-gather)
     buffers = list(ddp.buffers) + list(ddp.expert_parallel_buffers)
     grad_bytes = sum(b.grad_data.numel() * b.grad_data.element_size() for b in buffers)
-    param_bytes = sum(b.param_data.numel() * b.param_data.element_size() for b in buffers
-                      if b.param_data is not None)
-    row = dict(model=name, layers=args.layers, tp=args.tp, pp=args.pp, ep=layout.expert_model_parallel_size,
-               grad_bytes=grad_bytes, param_bytes=param_bytes, micro_batch=args.micro_batch,
-               overlap_grad_reduce=args.overlap_grad_reduce, overlap_param_gather=args.overlap_param_gather,
-               ep_overlap=args.ep_overlap, tp_overlap=args.tp_overlap,
-               dp=dp, gpus=world, tokens_per_step=tokens, step_ms=1e3 * step_s,
-               tokens_per_s_per_gpu=tps_gpu, mfu=mfu,
-               mem_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
-               loss=losses[-1] if losses else float("nan"))
+    param_bytes = sum(
+        b.param_data.numel() * b.param_data.element_size()
+        for b in buffers
+        if b.param_data is not None
+    )
+    row = dict(
+        model=name,
+        layers=args.layers,
+        tp=args.tp,
+        pp=args.pp,
+        ep=layout.expert_model_parallel_size,
+        grad_bytes=grad_bytes,
+        param_bytes=param_bytes,
+        micro_batch=args.micro_batch,
+        overlap_grad_reduce=args.overlap_grad_reduce,
+        overlap_param_gather=args.overlap_param_gather,
+        ep_overlap=args.ep_overlap,
+        tp_overlap=args.tp_overlap,
+        dp=dp,
+        gpus=world,
+        tokens_per_step=tokens,
+        step_ms=1e3 * step_s,
+        tokens_per_s_per_gpu=tps_gpu,
+        mfu=mfu,
+        mem_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
+        loss=losses[-1] if losses else float("nan"),
+    )
     moe_stats.clear()  # (holds the last routing tensors)
     del opt, ddp, model, mbs
     gc.collect()
@@ -172,12 +238,17 @@ def main(argv=None) -> list:
     rank0 = torch.distributed.get_rank() == 0
     if rank0:
         name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-        print(f"# {name} x{torch.distributed.get_world_size()}, torch {torch.__version__}; "
-              f"hidden {args.hidden}, {args.heads} heads, {args.layers} layers, seq {args.seq}, "
-              f"{args.experts} experts x {args.ffn // args.experts}, micro-batch {args.micro_batch} x "
-              f"{args.grad_accum}, bf16, median of {args.steps} steps after {args.warmup}")
-        print(f"{'variant':>12} {'model':>6} {'TP':>2} {'PP':>2} {'EP':>2} {'DP':>2} {'mb':>2} {'step ms':>8} "
-              f"{'tok/s/GPU':>10} {'MFU':>6} {'GiB':>6} {'loss':>7} {'grad GB':>7}", flush=True)
+        print(
+            f"# {name} x{torch.distributed.get_world_size()}, torch {torch.__version__}; "
+            f"hidden {args.hidden}, {args.heads} heads, {args.layers} layers, seq {args.seq}, "
+            f"{args.experts} experts x {args.ffn // args.experts}, micro-batch {args.micro_batch} x "
+            f"{args.grad_accum}, bf16, median of {args.steps} steps after {args.warmup}"
+        )
+        print(
+            f"{'variant':>12} {'model':>6} {'TP':>2} {'PP':>2} {'EP':>2} {'DP':>2} {'mb':>2} {'step ms':>8} "
+            f"{'tok/s/GPU':>10} {'MFU':>6} {'GiB':>6} {'loss':>7} {'grad GB':>7}",
+            flush=True,
+        )
     rows = []
     for label, a in variants(args):
         for name in a.models:
@@ -185,10 +256,13 @@ def main(argv=None) -> list:
             r["variant"] = label
             rows.append(r)
             if rank0:
-                print(f"{label:>12} {r['model']:>6} {r['tp']:>2} {r['pp']:>2} {r['ep']:>2} {r['dp']:>2} "
-                      f"{r['micro_batch']:>2} {r['step_ms']:>8.1f} {r['tokens_per_s_per_gpu']:>10,.0f} "
-                      f"{100 * r['mfu']:>5.1f}% {r['mem_gib']:>6.1f} {r['loss']:>7.3f} "
-                      f"{r['grad_bytes'] / 1e9:>7.2f}", flush=True)
+                print(
+                    f"{label:>12} {r['model']:>6} {r['tp']:>2} {r['pp']:>2} {r['ep']:>2} {r['dp']:>2} "
+                    f"{r['micro_batch']:>2} {r['step_ms']:>8.1f} {r['tokens_per_s_per_gpu']:>10,.0f} "
+                    f"{100 * r['mfu']:>5.1f}% {r['mem_gib']:>6.1f} {r['loss']:>7.3f} "
+                    f"{r['grad_bytes'] / 1e9:>7.2f}",
+                    flush=True,
+                )
     if rank0 and args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -1,4 +1,5 @@
 """python -m megamoe VERB ...: the `megamoe` command (megamoe/cli.py)."""
+
 import sys
 
 from .cli import main

@@ -11,11 +11,12 @@
 
 `megamoe VERB --help` shows a verb's flags; every long flag takes both its `-` and `_` spelling.
 """
+
 from __future__ import annotations
 
 import importlib
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 # verb -> (module whose main(argv, prog) runs it, one line of help)
 VERBS = {
@@ -36,11 +37,14 @@ STARTS_PROCESSES = ("train", "launch", "convert", "preprocess", "demo")
 def usage() -> str:
     width = max(map(len, VERBS))
     lines = [f"  {v:<{width}}  {h}" for v, (_, h) in VERBS.items()]
-    return ("usage: megamoe VERB [FLAGS...]\n\n" + "\n".join(lines)
-            + "\n\n`megamoe VERB --help` for a verb's flags.")
+    return (
+        "usage: megamoe VERB [FLAGS...]\n\n"
+        + "\n".join(lines)
+        + "\n\n`megamoe VERB --help` for a verb's flags."
+    )
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())

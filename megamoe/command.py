@@ -10,11 +10,12 @@ command with one line naming what to fix and exit code 2 (as argparse, the train
 launcher do for bad flags), and Ctrl-C with one line and 130; anything else is a bug and keeps its
 traceback.
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 
 def _other_spellings(option: str) -> list[str]:
@@ -32,7 +33,7 @@ class FlagParser(argparse.ArgumentParser):
         out = []
         for token in argv:
             if token == "--":  # everything after is positional
-                out.extend(argv[len(out):])
+                out.extend(argv[len(out) :])
                 break
             if token.startswith("--") and len(token) > 2:
                 name, eq, value = token.partition("=")
@@ -48,7 +49,7 @@ class FlagParser(argparse.ArgumentParser):
         """One line, not the whole usage: the flag lists are long."""
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
-    def parse_known_args(self, args: Optional[Sequence[str]] = None, namespace=None):
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace=None):
         args = list(sys.argv[1:] if args is None else args)
         return super().parse_known_args(self._spell(args), namespace)
 
@@ -56,8 +57,9 @@ class FlagParser(argparse.ArgumentParser):
 USER_ERROR, INTERRUPTED = 2, 130
 
 
-def run_command(prog: str, func: Callable[[Sequence[str], str], int],
-                argv: Optional[Sequence[str]] = None) -> int:
+def run_command(
+    prog: str, func: Callable[[Sequence[str], str], int], argv: Sequence[str] | None = None
+) -> int:
     """func(argv, prog) (argv: the command line's by default), with a user's error or Ctrl-C as
     one line on stderr instead of a traceback."""
     try:

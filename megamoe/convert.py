@@ -15,34 +15,33 @@ TP/PP/EP layout reshards it, so one converted checkpoint serves every layout; th
 hf-to-megamoe only check that the model can be split that way. Outputs are written under a
 temporary name and renamed when complete.
 """
+
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import re
 import shutil
 import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 
 from . import checkpoint, parallel
+from .command import FlagParser, run_command
 from .config import GATE_NETWORKS, GATE_TYPES, ModelConfig, MoEConfig, parse_float_or_list
 from .findings import ConfigError, Finding, dash_flag, raise_errors
-from .command import FlagParser, run_command
 from .formats import hf_config as hfc
-from .formats.hf_config import HFFormatError
 from .formats.hf_files import HFWeights, ShardedSafetensorsWriter, parse_size
 from .formats.hf_llama import hf_to_megamoe as _hf_to_mg
 from .formats.hf_llama import megamoe_to_hf as _mg_to_hf
-from .outputs import check_output, mark, publish_dir, staging_dir
 from .moefy import io as split_io
 from .moefy.split import SplitError, random_split, resolve_sizes, slice_ffn
+from .outputs import check_output, mark, publish_dir, staging_dir
 
 SPLIT_METHODS = ("random", "clustering", "graph", "gradient")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -109,19 +108,31 @@ class _Progress:
 # HF shapes and streaming into a model
 
 
-def hf_shapes(m: ModelConfig, moe: Optional[MoEConfig]) -> dict[str, tuple[int, ...]]:
+def hf_shapes(m: ModelConfig, moe: MoEConfig | None) -> dict[str, tuple[int, ...]]:
     """Every HF tensor name of the model and its shape implied by the config."""
     d, v, f = m.hidden_size, m.vocab_size, m.intermediate_size
     q, kv = m.num_attention_heads * m.head_dim, m.kv_heads * m.head_dim
     s = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,), "lm_head.weight": (v, d)}
     for i in range(m.num_hidden_layers):
         p = f"model.layers.{i}."
-        s.update({p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
-                  p + "self_attn.q_proj.weight": (q, d), p + "self_attn.k_proj.weight": (kv, d),
-                  p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, q)})
+        s.update(
+            {
+                p + "input_layernorm.weight": (d,),
+                p + "post_attention_layernorm.weight": (d,),
+                p + "self_attn.q_proj.weight": (q, d),
+                p + "self_attn.k_proj.weight": (kv, d),
+                p + "self_attn.v_proj.weight": (kv, d),
+                p + "self_attn.o_proj.weight": (d, q),
+            }
+        )
         if moe is None:
-            s.update({p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d),
-                      p + "mlp.down_proj.weight": (d, f)})
+            s.update(
+                {
+                    p + "mlp.gate_proj.weight": (f, d),
+                    p + "mlp.up_proj.weight": (f, d),
+                    p + "mlp.down_proj.weight": (d, f),
+                }
+            )
             continue
         e = moe.num_experts
         if moe.gate_network == "mlp":
@@ -139,25 +150,31 @@ def hf_shapes(m: ModelConfig, moe: Optional[MoEConfig]) -> dict[str, tuple[int, 
     return s
 
 
-def _checked_getter(weights: HFWeights, shapes: dict, tie_embeddings: bool,
-                    config_path: str) -> Callable[[str], torch.Tensor]:
+def _checked_getter(
+    weights: HFWeights, shapes: dict, tie_embeddings: bool, config_path: str
+) -> Callable[[str], torch.Tensor]:
     def get(name: str) -> torch.Tensor:
         src = name
         if name == "lm_head.weight" and name not in weights and tie_embeddings:
             src = "model.embed_tokens.weight"  # tied: the untied megamoe model gets a copy
         if src not in weights:
-            raise ConvertError(f"{weights.dir}: tensor {src} is missing from the {weights.kind} "
-                               f"weights, but {config_path} implies it; are the files complete "
-                               "and of the model_type in config.json?")
+            raise ConvertError(
+                f"{weights.dir}: tensor {src} is missing from the {weights.kind} "
+                f"weights, but {config_path} implies it; are the files complete "
+                "and of the model_type in config.json?"
+            )
         t = weights.get(src)
         want = shapes.get(name)
         if want is not None and tuple(t.shape) != want:
-            raise ConvertError(f"{weights.file_of(src)}: tensor {src} has shape {list(t.shape)}, "
-                               f"but {config_path} implies {list(want)}; the config and the "
-                               "weights disagree")
+            raise ConvertError(
+                f"{weights.file_of(src)}: tensor {src} has shape {list(t.shape)}, "
+                f"but {config_path} implies {list(want)}; the config and the "
+                "weights disagree"
+            )
         if not t.is_floating_point():
             raise ConvertError(f"{weights.file_of(src)}: tensor {src} has dtype {t.dtype}")
         return t
+
     return get
 
 
@@ -172,8 +189,9 @@ def _load_stream(model: torch.nn.Module, items: Iterable[tuple[str, torch.Tensor
             if p is None:
                 raise ConvertError(f"internal: no parameter {name} in the megamoe model")
             if tuple(p.shape) != tuple(t.shape):
-                raise ConvertError(f"{name}: shape {list(t.shape)} does not fit the model's "
-                                   f"{list(p.shape)}")
+                raise ConvertError(
+                    f"{name}: shape {list(t.shape)} does not fit the model's {list(p.shape)}"
+                )
             p.copy_(t)
             seen.add(name)
     unset = [n for n in params if n not in seen]
@@ -189,14 +207,14 @@ def _load_stream(model: torch.nn.Module, items: Iterable[tuple[str, torch.Tensor
 class SplitOptions:
     method: str = "random"
     seed: int = 0
-    expert_sizes: Optional[list[int]] = None  # per expert, same for every layer
-    split_file: Optional[str] = None  # reuse a split directory (or checkpoint with split/)
+    expert_sizes: list[int] | None = None  # per expert, same for every layer
+    split_file: str | None = None  # reuse a split directory (or checkpoint with split/)
     # clustering
     metric: str = "l2"
     key: str = "up"  # rows of up_proj or gate_proj
     # graph / gradient: sample text
     data: list[str] = field(default_factory=list)  # indexed dataset prefixes
-    tokens: Optional[torch.Tensor] = None  # API alternative to `data`: int64 [N, L]
+    tokens: torch.Tensor | None = None  # API alternative to `data`: int64 [N, L]
     samples: int = 64
     seq_length: int = 256
     batch_size: int = 8
@@ -205,10 +223,14 @@ class SplitOptions:
     gradient_variant: str = "non-sharing"
 
 
-def compute_splits(opts: SplitOptions, m: ModelConfig, num_experts: Optional[int],
-                   get: Callable[[str], torch.Tensor],
-                   dense_model: Callable[[], torch.nn.Module],
-                   progress: bool = True) -> tuple[list[list[np.ndarray]], list[dict]]:
+def compute_splits(
+    opts: SplitOptions,
+    m: ModelConfig,
+    num_experts: int | None,
+    get: Callable[[str], torch.Tensor],
+    dense_model: Callable[[], torch.nn.Module],
+    progress: bool = True,
+) -> tuple[list[list[np.ndarray]], list[dict]]:
     """Per layer: the experts' neuron ids and the info recorded in the split file."""
     f, layers = m.intermediate_size, m.num_hidden_layers
     if opts.split_file:
@@ -241,18 +263,21 @@ def compute_splits(opts: SplitOptions, m: ModelConfig, num_experts: Optional[int
         model = dense_model()
         tokens = opts.tokens
         if tokens is None:
-            tokens = activations.sample_token_windows(opts.data, opts.samples, opts.seq_length,
-                                                opts.seed, m.vocab_size)
+            tokens = activations.sample_token_windows(
+                opts.data, opts.samples, opts.seq_length, opts.seed, m.vocab_size
+            )
         elif int(tokens.max()) >= m.vocab_size or int(tokens.min()) < 0:
             raise ConvertError(f"sample tokens outside the vocabulary [0, {m.vocab_size})")
-        info.update(samples=int(tokens.shape[0]), seq_length=int(tokens.shape[1]),
-                    data=list(opts.data))
+        info.update(
+            samples=int(tokens.shape[0]), seq_length=int(tokens.shape[1]), data=list(opts.data)
+        )
         if opts.method == "graph":
             from .moefy.graph import graph_split
 
             info.update(active_fraction=opts.graph_active_fraction, threshold=opts.graph_threshold)
-            counters = activations.coactivation_counters(model, tokens, opts.batch_size,
-                                                   opts.graph_active_fraction)
+            counters = activations.coactivation_counters(
+                model, tokens, opts.batch_size, opts.graph_active_fraction
+            )
             del model
             for i in range(layers):
                 a = counters[i].matrix()
@@ -277,20 +302,31 @@ def compute_splits(opts: SplitOptions, m: ModelConfig, num_experts: Optional[int
 # hf-to-megamoe
 
 
-def validate_layout(m: ModelConfig, num_experts: Optional[int], tp: int = 1, pp: int = 1,
-                    ep: int = 1) -> None:
+def validate_layout(
+    m: ModelConfig, num_experts: int | None, tp: int = 1, pp: int = 1, ep: int = 1
+) -> None:
     """Check that the model (num_experts None: dense) can be split at this TP/PP/EP layout (the
     checkpoint itself is layout-free: loading reshards)."""
     _refuse(parallel.ParallelLayout(tp, pp, ep, sequence_parallel=tp > 1).check(m, num_experts))
 
 
-def hf_to_megamoe(hf_dir: str | os.PathLike, output: str | os.PathLike,
-                  model_type: Optional[str] = None, num_experts: Optional[int] = None,
-                  num_selects: Optional[int] = None, gate_network: Optional[str] = None,
-                  gate_type: Optional[str] = None, score_scale_factor=None,
-                  split: Optional[SplitOptions] = None, tensor_model_parallel_size: int = 1,
-                  pipeline_model_parallel_size: int = 1, expert_model_parallel_size: int = 1,
-                  dtype: str = "float32", overwrite: bool = False, progress: bool = True) -> Path:
+def hf_to_megamoe(
+    hf_dir: str | os.PathLike,
+    output: str | os.PathLike,
+    model_type: str | None = None,
+    num_experts: int | None = None,
+    num_selects: int | None = None,
+    gate_network: str | None = None,
+    gate_type: str | None = None,
+    score_scale_factor=None,
+    split: SplitOptions | None = None,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    expert_model_parallel_size: int = 1,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
     """Convert an HF LLaMA or LLaMA-MoE directory into a megamoe checkpoint at `output`."""
     split = split or SplitOptions()
     hf_dir, output = Path(hf_dir), Path(output)
@@ -308,23 +344,34 @@ def hf_to_megamoe(hf_dir: str | os.PathLike, output: str | os.PathLike,
     except ValueError as e:
         raise ConvertError(f"--moe-calculator-score-scale-factor {e}") from None
     if src_type == "llama_moe" and model_type == "llama":
-        raise ConvertError(f"{cfg_path} is a LLaMA-MoE model; convert it with --model-type "
-                           "llama_moe (merging experts back into a dense FFN is not supported)")
-    moe: Optional[MoEConfig] = None
-    src_moe: Optional[MoEConfig] = None
-    given = dict(num_experts=num_experts, num_selects=num_selects, gate_network=gate_network,
-                 gate_type=gate_type, score_scale_factor=sf)
+        raise ConvertError(
+            f"{cfg_path} is a LLaMA-MoE model; convert it with --model-type "
+            "llama_moe (merging experts back into a dense FFN is not supported)"
+        )
+    moe: MoEConfig | None = None
+    src_moe: MoEConfig | None = None
+    given = dict(
+        num_experts=num_experts,
+        num_selects=num_selects,
+        gate_network=gate_network,
+        gate_type=gate_type,
+        score_scale_factor=sf,
+    )
     if src_type == "llama_moe":
         src_moe = hfc.moe_config_from_hf(cfg, m, cfg_path)
         if split.split_file or split.method != "random" or split.expert_sizes:
-            raise ConvertError("--split, --split-file and --expert-sizes construct experts from a "
-                               f"dense LLaMA; {hf_dir} already is a LLaMA-MoE model")
+            raise ConvertError(
+                "--split, --split-file and --expert-sizes construct experts from a "
+                f"dense LLaMA; {hf_dir} already is a LLaMA-MoE model"
+            )
         moe, found = src_moe.with_overrides(**given)  # the flags override the checkpoint's values
         _warn(_refuse(found + moe.check(m)))
     elif model_type == "llama_moe":
         if num_experts is None and not split.split_file:
-            raise ConvertError("--num-experts is required to construct a LLaMA-MoE from a dense "
-                               "LLaMA (or give --split-file)")
+            raise ConvertError(
+                "--num-experts is required to construct a LLaMA-MoE from a dense "
+                "LLaMA (or give --split-file)"
+            )
         if num_selects is None:
             raise ConvertError("--num-selects (top-k) is required to construct a LLaMA-MoE")
         if num_experts is not None:  # E, K and the gate, before any expensive work
@@ -338,8 +385,12 @@ def hf_to_megamoe(hf_dir: str | os.PathLike, output: str | os.PathLike,
     layout = (tensor_model_parallel_size, pipeline_model_parallel_size, expert_model_parallel_size)
     if model_type == "llama" or moe is not None or num_experts is not None:  # E known
         validate_layout(m, moe.num_experts if moe else num_experts, *layout)
-    check_output(output, [("--hf-dir", hf_dir), ("--split-file", split.split_file)]
-                 + [("--split-data", d) for d in split.data], overwrite)
+    check_output(
+        output,
+        [("--hf-dir", hf_dir), ("--split-file", split.split_file)]
+        + [("--split-data", d) for d in split.data],
+        overwrite,
+    )
 
     weights = HFWeights(hf_dir)
     from .formats import mcore_stream  # megatron-core: imported once the input looks right
@@ -349,14 +400,20 @@ def hf_to_megamoe(hf_dir: str | os.PathLike, output: str | os.PathLike,
     seed = split.seed
     _world1(seed)
     torch_dtype = DTYPES[dtype]
-    extra = {"source": os.path.abspath(hf_dir), "source_model_type": src_type,
-             "layout_checked": {"tensor_model_parallel_size": tensor_model_parallel_size,
-                                "pipeline_model_parallel_size": pipeline_model_parallel_size,
-                                "expert_model_parallel_size": expert_model_parallel_size}}
+    extra = {
+        "source": os.path.abspath(hf_dir),
+        "source_model_type": src_type,
+        "layout_checked": {
+            "tensor_model_parallel_size": tensor_model_parallel_size,
+            "pipeline_model_parallel_size": pipeline_model_parallel_size,
+            "expert_model_parallel_size": expert_model_parallel_size,
+        },
+    }
     dense_get = _checked_getter(weights, hf_shapes(m, None), tie, cfg_path)
     splits = infos = None
 
     if model_type == "llama_moe" and src_type == "llama":
+
         def dense_model():
             model = build_model(m)
             _load_stream(model, _hf_to_mg(dense_get, m))
@@ -368,19 +425,30 @@ def hf_to_megamoe(hf_dir: str | os.PathLike, output: str | os.PathLike,
             raise ConvertError(str(err)) from None
         e = len(splits[0])
         if num_experts is not None and e != num_experts:
-            raise ConvertError(f"--split-file has {e} experts per layer, --num-experts {num_experts}")
+            raise ConvertError(
+                f"--split-file has {e} experts per layer, --num-experts {num_experts}"
+            )
         sizes = [[len(s) for s in layer] for layer in splits]
         equal = m.intermediate_size % e == 0 and all(
-            s == m.intermediate_size // e for layer in sizes for s in layer)
+            s == m.intermediate_size // e for layer in sizes for s in layer
+        )
         kw = {}
         if gate_type is not None:
             kw["gate_type"] = gate_type
-        moe = MoEConfig(num_experts=e, num_selects=num_selects,
-                        gate_network=gate_network or "mlp", score_scale_factor=sf,
-                        size_experts=None if equal else sizes, **kw)
+        moe = MoEConfig(
+            num_experts=e,
+            num_selects=num_selects,
+            gate_network=gate_network or "mlp",
+            score_scale_factor=sf,
+            size_experts=None if equal else sizes,
+            **kw,
+        )
         _warn(_refuse(moe.check(m)))
-        extra.update(split=infos[0].get("method", split.method),
-                     split_seed=infos[0].get("seed", split.seed), split_dir=split_io.SPLIT_DIR)
+        extra.update(
+            split=infos[0].get("method", split.method),
+            split_seed=infos[0].get("seed", split.seed),
+            split_dir=split_io.SPLIT_DIR,
+        )
         if split.split_file:
             extra["split_file"] = str(Path(split.split_file).resolve())
     validate_layout(m, moe.num_experts if moe else None, *layout)
@@ -400,15 +468,18 @@ def hf_to_megamoe(hf_dir: str | os.PathLike, output: str | os.PathLike,
         mark(staging, "megamoe convert hf-to-megamoe")
         bar = _Progress(m.num_hidden_layers, "hf-to-megamoe", progress)
         # the layout of build_model(m, moe, dtype) without its memory; the data is streamed
-        mcore_stream.save_streaming(mcore_stream.meta_model(m, moe, torch_dtype),
-                                    staging / "model", bar.wrap(items))
+        mcore_stream.save_streaming(
+            mcore_stream.meta_model(m, moe, torch_dtype), staging / "model", bar.wrap(items)
+        )
         bar.close()
         _refuse_unread(weights, hf_dir, src_type)
         weights.close()
         (staging / checkpoint.META).write_text(json.dumps(meta, indent=2))
         if splits is not None:
             for i, (s, info) in enumerate(zip(splits, infos)):
-                split_io.write_split(staging / split_io.SPLIT_DIR, i, s, m.intermediate_size, **info)
+                split_io.write_split(
+                    staging / split_io.SPLIT_DIR, i, s, m.intermediate_size, **info
+                )
         publish_dir(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -419,13 +490,16 @@ def hf_to_megamoe(hf_dir: str | os.PathLike, output: str | os.PathLike,
 def _refuse_unread(weights: HFWeights, hf_dir: Path, src_type: str) -> None:
     unread = weights.unread()
     if unread:
-        raise ConvertError(f"{hf_dir}: tensors in the weights that the {src_type} model does not "
-                           f"use: {unread[:6]}{' ...' if len(unread) > 6 else ''}; refusing to "
-                           "drop weights silently (is config.json right for these files?)")
+        raise ConvertError(
+            f"{hf_dir}: tensors in the weights that the {src_type} model does not "
+            f"use: {unread[:6]}{' ...' if len(unread) > 6 else ''}; refusing to "
+            "drop weights silently (is config.json right for these files?)"
+        )
 
 
-def _with_gates(items: Iterable[tuple[str, torch.Tensor]], hidden: int, moe: MoEConfig,
-                seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+def _with_gates(
+    items: Iterable[tuple[str, torch.Tensor]], hidden: int, moe: MoEConfig, seed: int
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Add each layer's newly initialised gate after its experts (a dense source has none)."""
     for name, t in items:
         yield name, t
@@ -434,8 +508,9 @@ def _with_gates(items: Iterable[tuple[str, torch.Tensor]], hidden: int, moe: MoE
             yield from _init_gate(int(mm.group(1)), hidden, moe, seed)
 
 
-def _init_gate(layer: int, hidden: int, moe: MoEConfig,
-               seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+def _init_gate(
+    layer: int, hidden: int, moe: MoEConfig, seed: int
+) -> Iterator[tuple[str, torch.Tensor]]:
     """The gate of one layer as the model initialises it (mlp: random; linear and weight_noise:
     zero), drawn from its own seed: it depends on (seed, layer) only, not on the rest of the
     model, the device or the order of construction."""
@@ -448,7 +523,9 @@ def _init_gate(layer: int, hidden: int, moe: MoEConfig,
         yield f"decoder.layers.{layer}.mlp.gate.{name}", p.detach()
 
 
-def _sliced(items: Iterable[tuple[str, torch.Tensor]], splits) -> Iterator[tuple[str, torch.Tensor]]:
+def _sliced(
+    items: Iterable[tuple[str, torch.Tensor]], splits
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Turn a dense megamoe stream into an MoE one: each layer's linear_fc1/fc2 -> experts."""
     fc1 = {}
     for name, t in items:
@@ -471,8 +548,10 @@ def _sliced(items: Iterable[tuple[str, torch.Tensor]], splits) -> Iterator[tuple
 # --------------------------------------------------------------------------------------------
 # megamoe-to-hf
 
-TOKENIZER_FILES = re.compile(r"(tokenizer.*|special_tokens_map\.json|added_tokens\.json|"
-                             r".*\.model|vocab\..*|merges\.txt|chat_template\..*)$")
+TOKENIZER_FILES = re.compile(
+    r"(tokenizer.*|special_tokens_map\.json|added_tokens\.json|"
+    r".*\.model|vocab\..*|merges\.txt|chat_template\..*)$"
+)
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
@@ -481,10 +560,14 @@ def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
         return [src.name]
     if not src.is_dir():
         raise ConvertError(f"--tokenizer {src}: no such file or directory")
-    names = sorted(p.name for p in src.iterdir() if p.is_file() and TOKENIZER_FILES.fullmatch(p.name))
+    names = sorted(
+        p.name for p in src.iterdir() if p.is_file() and TOKENIZER_FILES.fullmatch(p.name)
+    )
     if not names:
-        raise ConvertError(f"--tokenizer {src}: no tokenizer files (tokenizer.model, "
-                           "tokenizer.json, tokenizer_config.json, ...) in that directory")
+        raise ConvertError(
+            f"--tokenizer {src}: no tokenizer files (tokenizer.model, "
+            "tokenizer.json, tokenizer_config.json, ...) in that directory"
+        )
     for n in names:
         shutil.copy2(src / n, dst / n)
     return names
@@ -493,11 +576,16 @@ def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
 def _copy_remote_code(src: Path, dst: Path) -> dict:
     """Copy the LLaMA-MoE modeling code (*.py) and return the auto_map for config.json."""
     if not src.is_dir():
-        raise ConvertError(f"--remote-code {src}: not a directory (give the directory holding "
-                           "configuration_llama_moe.py and the modeling file of LLaMA-MoE)")
+        raise ConvertError(
+            f"--remote-code {src}: not a directory (give the directory holding "
+            "configuration_llama_moe.py and the modeling file of LLaMA-MoE)"
+        )
     auto = {}
-    wanted = {"LlamaMoEConfig": "AutoConfig", "LlamaMoEModel": "AutoModel",
-              "LlamaMoEForCausalLM": "AutoModelForCausalLM"}
+    wanted = {
+        "LlamaMoEConfig": "AutoConfig",
+        "LlamaMoEModel": "AutoModel",
+        "LlamaMoEForCausalLM": "AutoModelForCausalLM",
+    }
     for py in sorted(src.glob("*.py")):
         shutil.copy2(py, dst / py.name)
         text = py.read_text(errors="replace")
@@ -505,16 +593,23 @@ def _copy_remote_code(src: Path, dst: Path) -> dict:
             if re.search(rf"^class {cls}\b", text, re.M):
                 auto[key] = f"{py.stem}.{cls}"
     if "AutoConfig" not in auto or "AutoModelForCausalLM" not in auto:
-        raise ConvertError(f"--remote-code {src}: no *.py defining LlamaMoEConfig and "
-                           "LlamaMoEForCausalLM")
+        raise ConvertError(
+            f"--remote-code {src}: no *.py defining LlamaMoEConfig and LlamaMoEForCausalLM"
+        )
     return auto
 
 
-def megamoe_to_hf(checkpoint_dir: str | os.PathLike, output: str | os.PathLike,
-                  fmt: Optional[str] = None, tokenizer: Optional[str] = None,
-                  max_shard_size: str | int = "5GB", dtype: str = "float32",
-                  remote_code: Optional[str] = None, overwrite: bool = False,
-                  progress: bool = True) -> Path:
+def megamoe_to_hf(
+    checkpoint_dir: str | os.PathLike,
+    output: str | os.PathLike,
+    fmt: str | None = None,
+    tokenizer: str | None = None,
+    max_shard_size: str | int = "5GB",
+    dtype: str = "float32",
+    remote_code: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
     """Export a megamoe checkpoint as an HF LlamaForCausalLM or LLaMA-MoE directory. A LoRA
     training checkpoint is merged first (W + alpha/r x B A), through a temporary megamoe
     checkpoint beside the output that is removed afterwards."""
@@ -531,15 +626,23 @@ def megamoe_to_hf(checkpoint_dir: str | os.PathLike, output: str | os.PathLike,
     if fmt not in ("llama", "llama_moe"):
         raise ConvertError(f"--format {fmt!r}: choose llama or llama_moe")
     if fmt != kind:
-        raise ConvertError(f"--format {fmt}: {checkpoint_dir} holds a {kind} model; export it "
-                           f"with --format {kind}")
+        raise ConvertError(
+            f"--format {fmt}: {checkpoint_dir} holds a {kind} model; export it with --format {kind}"
+        )
     if dtype not in DTYPES:
         raise ConvertError(f"--dtype {dtype!r}: choose one of {list(DTYPES)}")
     max_bytes = parse_size(max_shard_size)
     if remote_code and fmt != "llama_moe":
         raise ConvertError("--remote-code applies to --format llama_moe only")
-    check_output(output, [("--checkpoint", checkpoint_dir), ("--tokenizer", tokenizer),
-                          ("--remote-code", remote_code)], overwrite)
+    check_output(
+        output,
+        [
+            ("--checkpoint", checkpoint_dir),
+            ("--tokenizer", tokenizer),
+            ("--remote-code", remote_code),
+        ],
+        overwrite,
+    )
     if not (checkpoint_dir / "model").is_dir():
         raise ConvertError(f"--checkpoint {checkpoint_dir}: the model/ directory is missing")
 
@@ -564,8 +667,11 @@ def megamoe_to_hf(checkpoint_dir: str | os.PathLike, output: str | os.PathLike,
         extra = {}
         if remote_code:
             extra["auto_map"] = _copy_remote_code(Path(remote_code), staging)
-        cfg = (hfc.llama_config_dict(m, dtype, extra) if fmt == "llama"
-               else hfc.llama_moe_config_dict(m, moe, dtype, extra))
+        cfg = (
+            hfc.llama_config_dict(m, dtype, extra)
+            if fmt == "llama"
+            else hfc.llama_moe_config_dict(m, moe, dtype, extra)
+        )
         hfc.write_config_json(staging, cfg)
         if tokenizer:
             _copy_tokenizer(Path(tokenizer), staging)
@@ -598,8 +704,9 @@ def merge_lora_checkpoint(checkpoint_dir: Path, output: Path) -> Path:
     return output
 
 
-def _checkpoint_getter(checkpoint_dir: Path, m: ModelConfig,
-                       moe: Optional[MoEConfig]) -> Callable[[str], torch.Tensor]:
+def _checkpoint_getter(
+    checkpoint_dir: Path, m: ModelConfig, moe: MoEConfig | None
+) -> Callable[[str], torch.Tensor]:
     """get(megamoe name) -> full fp32 tensor (as checkpoint.load_model into build_model reads),
     loading the checkpoint a layer at a time; checked against the model of its megamoe.json."""
     from .formats import mcore_stream
@@ -613,14 +720,17 @@ def _checkpoint_getter(checkpoint_dir: Path, m: ModelConfig,
     except Exception as e:  # unreadable dist_checkpointing metadata
         raise cannot_load(e) from None
     if missing:
-        raise ConvertError(f"{checkpoint_dir}: weights do not match the model (missing "
-                           f"{missing[:5]}): was it written for another model type?")
+        raise ConvertError(
+            f"{checkpoint_dir}: weights do not match the model (missing "
+            f"{missing[:5]}): was it written for another model type?"
+        )
 
     def get(name: str) -> torch.Tensor:
         try:
             return reader.get(name)
         except Exception as e:  # dist_checkpointing's own errors
             raise cannot_load(e) from None
+
     return get
 
 
@@ -632,103 +742,194 @@ def _ints(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected integers separated by commas") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected integers separated by commas"
+        ) from None
 
 
 def build_parser(prog: str = "convert_hf_checkpoint.py") -> argparse.ArgumentParser:
     p = FlagParser(
         prog=prog,
-        description="Convert between Hugging Face LLaMA / LLaMA-MoE and megamoe checkpoints.")
+        description="Convert between Hugging Face LLaMA / LLaMA-MoE and megamoe checkpoints.",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
-    a = sub.add_parser("hf-to-megamoe", help="HF LLaMA or LLaMA-MoE -> megamoe checkpoint",
-                       description="HF LLaMA (dense) -> megamoe llama or llama_moe (expert "
-                       "construction); HF LLaMA-MoE -> megamoe llama_moe. The checkpoint loads "
-                       "at any TP/PP/EP layout (loading reshards).")
+    a = sub.add_parser(
+        "hf-to-megamoe",
+        help="HF LLaMA or LLaMA-MoE -> megamoe checkpoint",
+        description="HF LLaMA (dense) -> megamoe llama or llama_moe (expert "
+        "construction); HF LLaMA-MoE -> megamoe llama_moe. The checkpoint loads "
+        "at any TP/PP/EP layout (loading reshards).",
+    )
     a.add_argument("--hf-dir", required=True, help="HF model directory (config.json + weights)")
     a.add_argument("--output", required=True, help="megamoe checkpoint directory to write")
-    a.add_argument("--model-type", choices=["llama", "llama_moe"],
-                   help="what to write (default: the HF config's model_type)")
+    a.add_argument(
+        "--model-type",
+        choices=["llama", "llama_moe"],
+        help="what to write (default: the HF config's model_type)",
+    )
     g = a.add_argument_group("LLaMA-MoE from a dense LLaMA")
     g.add_argument("--num-experts", type=int, help="E")
     g.add_argument("--num-selects", type=int, help="K (top-k); also overrides an HF LLaMA-MoE's")
-    g.add_argument("--moe-calculator-score-scale-factor", "--score-scale-factor",
-                   dest="score_scale_factor", help="SF: one number, or one per layer comma "
-                   "separated (default E/K); overrides an HF LLaMA-MoE's value")
-    g.add_argument("--split", choices=SPLIT_METHODS, default="random",
-                   help="expert construction method (default random, as the released models)")
-    g.add_argument("--split-seed", type=int, default=0,
-                   help="seed of the split and of the gate initialisation (default 0)")
-    g.add_argument("--split-file", help="reuse a split: a directory of layer_<i>.json (or a "
-                   "converted checkpoint holding split/)")
-    g.add_argument("--expert-sizes", type=_ints, help="unequal expert sizes, comma separated "
-                   "(every layer); must sum to intermediate_size except for gradient "
-                   "sharing-inner")
-    g.add_argument("--gate-network-type", "--gate-network", dest="gate_network",
-                   choices=GATE_NETWORKS, help="gate network (default mlp)")
+    g.add_argument(
+        "--moe-calculator-score-scale-factor",
+        "--score-scale-factor",
+        dest="score_scale_factor",
+        help="SF: one number, or one per layer comma "
+        "separated (default E/K); overrides an HF LLaMA-MoE's value",
+    )
+    g.add_argument(
+        "--split",
+        choices=SPLIT_METHODS,
+        default="random",
+        help="expert construction method (default random, as the released models)",
+    )
+    g.add_argument(
+        "--split-seed",
+        type=int,
+        default=0,
+        help="seed of the split and of the gate initialisation (default 0)",
+    )
+    g.add_argument(
+        "--split-file",
+        help="reuse a split: a directory of layer_<i>.json (or a "
+        "converted checkpoint holding split/)",
+    )
+    g.add_argument(
+        "--expert-sizes",
+        type=_ints,
+        help="unequal expert sizes, comma separated "
+        "(every layer); must sum to intermediate_size except for gradient "
+        "sharing-inner",
+    )
+    g.add_argument(
+        "--gate-network-type",
+        "--gate-network",
+        dest="gate_network",
+        choices=GATE_NETWORKS,
+        help="gate network (default mlp)",
+    )
     g.add_argument("--gate-type", choices=GATE_TYPES)
     g.add_argument("--split-metric", choices=["l2", "cosine"], default="l2", help="clustering")
-    g.add_argument("--split-key", choices=["up", "gate"], default="up",
-                   help="clustering: cluster the rows of up_proj (default) or gate_proj")
-    g.add_argument("--split-data", nargs="+", default=[], metavar="PREFIX",
-                   help="graph/gradient: Megatron indexed datasets (PREFIX.bin/.idx) to sample")
+    g.add_argument(
+        "--split-key",
+        choices=["up", "gate"],
+        default="up",
+        help="clustering: cluster the rows of up_proj (default) or gate_proj",
+    )
+    g.add_argument(
+        "--split-data",
+        nargs="+",
+        default=[],
+        metavar="PREFIX",
+        help="graph/gradient: Megatron indexed datasets (PREFIX.bin/.idx) to sample",
+    )
     g.add_argument("--split-samples", type=int, default=64, help="sample sequences (default 64)")
     g.add_argument("--split-seq-length", type=int, default=256, help="tokens per sample")
     g.add_argument("--split-batch-size", type=int, default=8)
-    g.add_argument("--graph-active-fraction", type=float, default=0.1,
-                   help="graph: a unit is active on a token when its |h| is in the token's top "
-                   "fraction (default 0.1)")
-    g.add_argument("--graph-threshold", type=float, default=0.0,
-                   help="graph: drop edges co-active on fewer than this fraction of tokens")
-    g.add_argument("--gradient-variant", choices=["non-sharing", "sharing-inner"],
-                   default="non-sharing")
+    g.add_argument(
+        "--graph-active-fraction",
+        type=float,
+        default=0.1,
+        help="graph: a unit is active on a token when its |h| is in the token's top "
+        "fraction (default 0.1)",
+    )
+    g.add_argument(
+        "--graph-threshold",
+        type=float,
+        default=0.0,
+        help="graph: drop edges co-active on fewer than this fraction of tokens",
+    )
+    g.add_argument(
+        "--gradient-variant", choices=["non-sharing", "sharing-inner"], default="non-sharing"
+    )
     L = a.add_argument_group("target layout (checked only: loading reshards to any layout)")
     L.add_argument("--tensor-model-parallel-size", type=int, default=1)
     L.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     L.add_argument("--expert-model-parallel-size", type=int, default=1)
-    a.add_argument("--dtype", choices=list(DTYPES), default="float32",
-                   help="parameter dtype of the checkpoint (default float32, lossless)")
+    a.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default="float32",
+        help="parameter dtype of the checkpoint (default float32, lossless)",
+    )
     a.add_argument("--overwrite", action="store_true", help="replace an existing output")
     a.add_argument("--no-progress", action="store_true")
 
     b = sub.add_parser("megamoe-to-hf", help="megamoe checkpoint -> HF LLaMA or LLaMA-MoE")
     b.add_argument("--checkpoint", required=True, help="megamoe checkpoint directory")
     b.add_argument("--output", required=True, help="HF directory to write")
-    b.add_argument("--format", choices=["llama", "llama_moe"],
-                   help="default: the checkpoint's model_type")
+    b.add_argument(
+        "--format", choices=["llama", "llama_moe"], help="default: the checkpoint's model_type"
+    )
     b.add_argument("--tokenizer", help="tokenizer file or directory to copy into the output")
-    b.add_argument("--max-shard-size", default="5GB",
-                   help="shard the safetensors above this size (default 5GB); the shard being "
-                   "filled is held in memory")
+    b.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        help="shard the safetensors above this size (default 5GB); the shard being "
+        "filled is held in memory",
+    )
     b.add_argument("--dtype", choices=list(DTYPES), default="float32")
-    b.add_argument("--remote-code", help="llama_moe: directory with LLaMA-MoE's modeling code "
-                   "(*.py) to copy; config.json then gets the matching auto_map")
+    b.add_argument(
+        "--remote-code",
+        help="llama_moe: directory with LLaMA-MoE's modeling code "
+        "(*.py) to copy; config.json then gets the matching auto_map",
+    )
     b.add_argument("--overwrite", action="store_true", help="replace an existing output")
     b.add_argument("--no-progress", action="store_true")
     return p
 
 
-def run(argv: Optional[Sequence[str]] = None, prog: str = "convert_hf_checkpoint.py") -> Path:
+def run(argv: Sequence[str] | None = None, prog: str = "convert_hf_checkpoint.py") -> Path:
     """Parse and convert; raises on bad input."""
     args = build_parser(prog).parse_args(argv)
     if args.command == "hf-to-megamoe":
         opts = SplitOptions(
-            method=args.split, seed=args.split_seed, expert_sizes=args.expert_sizes,
-            split_file=args.split_file, metric=args.split_metric, key=args.split_key,
-            data=args.split_data, samples=args.split_samples, seq_length=args.split_seq_length,
-            batch_size=args.split_batch_size, graph_active_fraction=args.graph_active_fraction,
-            graph_threshold=args.graph_threshold, gradient_variant=args.gradient_variant)
+            method=args.split,
+            seed=args.split_seed,
+            expert_sizes=args.expert_sizes,
+            split_file=args.split_file,
+            metric=args.split_metric,
+            key=args.split_key,
+            data=args.split_data,
+            samples=args.split_samples,
+            seq_length=args.split_seq_length,
+            batch_size=args.split_batch_size,
+            graph_active_fraction=args.graph_active_fraction,
+            graph_threshold=args.graph_threshold,
+            gradient_variant=args.gradient_variant,
+        )
         return hf_to_megamoe(
-            args.hf_dir, args.output, args.model_type, args.num_experts, args.num_selects,
-            args.gate_network, args.gate_type, args.score_scale_factor, opts,
-            args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-            args.expert_model_parallel_size, args.dtype, args.overwrite, not args.no_progress)
-    return megamoe_to_hf(args.checkpoint, args.output, args.format, args.tokenizer,
-                         args.max_shard_size, args.dtype, args.remote_code, args.overwrite,
-                         not args.no_progress)
+            args.hf_dir,
+            args.output,
+            args.model_type,
+            args.num_experts,
+            args.num_selects,
+            args.gate_network,
+            args.gate_type,
+            args.score_scale_factor,
+            opts,
+            args.tensor_model_parallel_size,
+            args.pipeline_model_parallel_size,
+            args.expert_model_parallel_size,
+            args.dtype,
+            args.overwrite,
+            not args.no_progress,
+        )
+    return megamoe_to_hf(
+        args.checkpoint,
+        args.output,
+        args.format,
+        args.tokenizer,
+        args.max_shard_size,
+        args.dtype,
+        args.remote_code,
+        args.overwrite,
+        not args.no_progress,
+    )
 
 
-def main(argv: Optional[Sequence[str]] = None, prog: str = "convert_hf_checkpoint.py") -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "convert_hf_checkpoint.py") -> int:
     """The command line: 0 on success; 2 with one clear error line on bad input."""
     return run_command(prog, _convert, argv)
 

@@ -20,6 +20,7 @@ Everything runs in this one process (a world of one; on a GPU if there is one). 
 skipped when their outputs exist; the training resumes an interrupted run and starts afresh
 after a complete one.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,6 +44,7 @@ VOCAB = 512
 
 # ---------------------------------------------------------------------------------------------
 # 1. the corpus
+
 
 def _words(rng: random.Random, n: int, lo: int = 2, hi: int = 8) -> list[str]:
     letters = "abcdefghijklmnopqrstuvwxyz"
@@ -83,9 +85,11 @@ class Corpus:
         out = []
         for _ in range(r.randint(3, 8)):
             lvl = r.choice(["INFO", "INFO", "INFO", "WARN", "ERROR"])
-            out.append(f"2026-11-{r.randint(10, 28)} 12:{r.randint(10, 59)}:00 {lvl} worker-"
-                       f"{r.randint(1, 4)} job {r.choice(self.names)} "
-                       f"{'started' if lvl == 'INFO' else 'failed'}")
+            out.append(
+                f"2026-11-{r.randint(10, 28)} 12:{r.randint(10, 59)}:00 {lvl} worker-"
+                f"{r.randint(1, 4)} job {r.choice(self.names)} "
+                f"{'started' if lvl == 'INFO' else 'failed'}"
+            )
         return "\n".join(out)
 
     def math(self, r: random.Random) -> str:
@@ -98,17 +102,21 @@ class Corpus:
 
     def chat(self, r: random.Random) -> str:
         n = r.choice(self.nouns)
-        return (f"User: what is a {n}?\nAssistant: a {n} is a {r.choice(self.adjs)} "
-                f"{r.choice(self.nouns)} that can {r.choice(self.verbs)}.\nUser: can it "
-                f"{r.choice(self.verbs)}?\nAssistant: {r.choice(['yes', 'no', 'sometimes'])}, "
-                f"it {r.choice(self.verbs)}s {r.choice(self.nouns)}s.")
+        return (
+            f"User: what is a {n}?\nAssistant: a {n} is a {r.choice(self.adjs)} "
+            f"{r.choice(self.nouns)} that can {r.choice(self.verbs)}.\nUser: can it "
+            f"{r.choice(self.verbs)}?\nAssistant: {r.choice(['yes', 'no', 'sometimes'])}, "
+            f"it {r.choice(self.verbs)}s {r.choice(self.nouns)}s."
+        )
 
     def wiki(self, r: random.Random) -> str:
         s = []
         for _ in range(r.randint(3, 6)):
-            s.append(f"The {r.choice(self.adjs)} {r.choice(self.nouns)} of "
-                     f"{r.choice(self.names).title()} was {r.choice(self.verbs)}ed in "
-                     f"{r.randint(1500, 2020)} by the {r.choice(self.nouns)}s.")
+            s.append(
+                f"The {r.choice(self.adjs)} {r.choice(self.nouns)} of "
+                f"{r.choice(self.names).title()} was {r.choice(self.verbs)}ed in "
+                f"{r.randint(1500, 2020)} by the {r.choice(self.nouns)}s."
+            )
         return " ".join(s)
 
     def prose(self, r: random.Random) -> str:
@@ -117,8 +125,11 @@ class Corpus:
         out = []
         for _ in range(r.randint(40, 90)):
             out.append(self.vocab[w])
-            w = int(self.next[w][nr.integers(6)]) if nr.random() < 0.85 else int(
-                nr.choice(len(self.vocab), p=self.zipf))
+            w = (
+                int(self.next[w][nr.integers(6)])
+                if nr.random() < 0.85
+                else int(nr.choice(len(self.vocab), p=self.zipf))
+            )
         return " ".join(out) + "."
 
     def noise(self, r: random.Random) -> str:
@@ -143,6 +154,7 @@ def write_corpus(root: str, n_train: int, n_valid: int) -> None:
 # ---------------------------------------------------------------------------------------------
 # 2.-5.
 
+
 def train_tokenizer(corpus_dir: str, prefix: str) -> str:
     import sentencepiece as spm
 
@@ -155,9 +167,19 @@ def train_tokenizer(corpus_dir: str, prefix: str) -> str:
                         break
                     out.write(json.loads(line)["text"].replace("\n", " ") + "\n")
     spm.SentencePieceTrainer.train(
-        input=text, model_prefix=prefix, vocab_size=VOCAB, model_type="bpe", bos_id=1, eos_id=2,
-        unk_id=0, pad_id=-1, character_coverage=1.0, num_threads=1, minloglevel=2,
-        byte_fallback=True)
+        input=text,
+        model_prefix=prefix,
+        vocab_size=VOCAB,
+        model_type="bpe",
+        bos_id=1,
+        eos_id=2,
+        unk_id=0,
+        pad_id=-1,
+        character_coverage=1.0,
+        num_threads=1,
+        minloglevel=2,
+        byte_fallback=True,
+    )
     return prefix + ".model"
 
 
@@ -165,10 +187,22 @@ def preprocess(corpus_dir: str, data_dir: str, tokenizer: str) -> None:
     from .data.preprocess import main as preprocess_main
 
     for split in ("train", "valid"):
-        argv = ["--input", os.path.join(corpus_dir, split), "--domain-folders",
-                "--output-prefix", os.path.join(data_dir, split), "--json-keys", "text",
-                "--tokenizer-model", tokenizer, "--legacy-tokenizer", "--append-eod",
-                "--workers", "1", "--no-progress"]
+        argv = [
+            "--input",
+            os.path.join(corpus_dir, split),
+            "--domain-folders",
+            "--output-prefix",
+            os.path.join(data_dir, split),
+            "--json-keys",
+            "text",
+            "--tokenizer-model",
+            tokenizer,
+            "--legacy-tokenizer",
+            "--append-eod",
+            "--workers",
+            "1",
+            "--no-progress",
+        ]
         _show("python tools/preprocess_data.py", argv)
         if preprocess_main(argv) != 0:
             raise SystemExit("demo: preprocessing failed (see above)")
@@ -177,24 +211,48 @@ def preprocess(corpus_dir: str, data_dir: str, tokenizer: str) -> None:
 def make_dense_hf(path: str, layers: int, hidden: int, ffn: int, seed: int = 0) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=ffn,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                      bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
 
 
 def convert(hf_dir: str, out: str) -> None:
     from .convert import main as convert_main
 
-    argv = ["hf-to-megamoe", "--hf-dir", hf_dir, "--output", out, "--model-type", "llama_moe",
-            "--num-experts", "16", "--num-selects", "4", "--split", "random", "--split-seed", "0",
-            "--overwrite", "--no-progress"]
+    argv = [
+        "hf-to-megamoe",
+        "--hf-dir",
+        hf_dir,
+        "--output",
+        out,
+        "--model-type",
+        "llama_moe",
+        "--num-experts",
+        "16",
+        "--num-selects",
+        "4",
+        "--split",
+        "random",
+        "--split-seed",
+        "0",
+        "--overwrite",
+        "--no-progress",
+    ]
     _show("python tools/convert_hf_checkpoint.py", argv)
     if convert_main(argv) != 0:
         raise SystemExit("demo: the conversion failed (see above)")
@@ -208,9 +266,15 @@ def bigram_ref_losses(data_dir: str) -> dict:
 
     out = {}
     for d in DOMAINS:
+
         def tokens(split):
-            return np.concatenate([np.asarray(IndexedDataset(p).tokens, np.int64)
-                                   for p in find_prefixes(os.path.join(data_dir, split, d))])
+            return np.concatenate(
+                [
+                    np.asarray(IndexedDataset(p).tokens, np.int64)
+                    for p in find_prefixes(os.path.join(data_dir, split, d))
+                ]
+            )
+
         tr, va = tokens("train"), tokens("valid")
         counts = np.full((VOCAB, VOCAB), 0.1)
         np.add.at(counts, (tr[:-1], tr[1:]), 1.0)
@@ -225,14 +289,19 @@ def _show(cmd: str, argv: list) -> None:
 
 # ---------------------------------------------------------------------------------------------
 
+
 def main(argv=None, prog: str = "python -m megamoe.demo") -> int:
-    p = FlagParser(prog=prog, description=__doc__,
-                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = FlagParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--output_dir", default="demo_output")
     p.add_argument("--max_steps", type=int, default=120)
     p.add_argument("--eval_steps", type=int, default=10)
-    p.add_argument("--quick", action="store_true",
-                   help="a smaller corpus, model and run (the test suite's end-to-end check)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smaller corpus, model and run (the test suite's end-to-end check)",
+    )
     a = p.parse_args(argv)
     from .train.main import quiet_library_noise
 
@@ -241,8 +310,11 @@ def main(argv=None, prog: str = "python -m megamoe.demo") -> int:
     out = os.path.abspath(a.output_dir)
     # the demo removes and rewrites parts of its folder: only ever one it made itself
     if os.path.isdir(out) and os.listdir(out) and not written_by_megamoe(Path(out)):
-        print(f"demo: --output_dir {out} holds files the demo did not write; choose an empty or "
-              "new folder", file=sys.stderr)
+        print(
+            f"demo: --output_dir {out} holds files the demo did not write; choose an empty or "
+            "new folder",
+            file=sys.stderr,
+        )
         return 2
     os.makedirs(out, exist_ok=True)
     mark(Path(out), "megamoe demo")
@@ -260,15 +332,20 @@ def main(argv=None, prog: str = "python -m megamoe.demo") -> int:
     print(f"[2/6] sentencepiece tokenizer ({VOCAB} pieces) -> {tok}", flush=True)
     if not os.path.isfile(tok):
         os.makedirs(os.path.dirname(tok), exist_ok=True)
-        train_tokenizer(corpus, tok[:-len(".model")])
+        train_tokenizer(corpus, tok[: -len(".model")])
     data = os.path.join(out, "data")
     print(f"[3/6] preprocess_data.py -> {data}/{{train,valid}}/<domain>/", flush=True)
-    if not os.path.isfile(os.path.join(data, "valid", DOMAINS[-1], f"{DOMAINS[-1]}_text_document.idx")):
+    if not os.path.isfile(
+        os.path.join(data, "valid", DOMAINS[-1], f"{DOMAINS[-1]}_text_document.idx")
+    ):
         shutil.rmtree(data, ignore_errors=True)
         preprocess(corpus, data, tok)
     hf = os.path.join(out, "llama-dense-hf")
-    print(f"[4/6] tiny dense LLaMA ({layers} layers, hidden {hidden}, FFN {ffn}), Hugging Face "
-          f"format -> {hf}", flush=True)
+    print(
+        f"[4/6] tiny dense LLaMA ({layers} layers, hidden {hidden}, FFN {ffn}), Hugging Face "
+        f"format -> {hf}",
+        flush=True,
+    )
     if not os.path.isfile(os.path.join(hf, "config.json")):
         make_dense_hf(hf, layers, hidden, ffn)
     moe = os.path.join(out, "llama-moe-16x4")
@@ -279,31 +356,76 @@ def main(argv=None, prog: str = "python -m megamoe.demo") -> int:
     ref_file = os.path.join(out, "ref_loss.json")
     with open(ref_file, "w") as f:
         json.dump(refs, f, indent=1)
-    print("reference losses (bigram model of each domain): "
-          + ", ".join(f"{k} {v:.2f}" for k, v in refs.items()), flush=True)
+    print(
+        "reference losses (bigram model of each domain): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in refs.items()),
+        flush=True,
+    )
 
     run_dir = os.path.join(out, "run")
     log = os.path.join(run_dir, "train_log.jsonl")
-    if os.path.isfile(log) and any(json.loads(l).get("kind") == "end" for l in open(log)):
+    if os.path.isfile(log) and any(json.loads(line).get("kind") == "end" for line in open(log)):
         print(f"a previous demo run in {run_dir} is complete: starting a fresh one", flush=True)
         shutil.rmtree(run_dir)
     import torch
 
     cuda = torch.cuda.is_available()
-    targv = ["--model_type", "llama_moe", "--pretrained_model", moe, "--tokenizer_model", tok,
-             "--dataset_dir", os.path.join(data, "train"),
-             "--validation_dir", os.path.join(data, "valid"), "--output_dir", run_dir,
-             "--block_size", "64", "--per_device_train_batch_size", "4",
-             "--gradient_accumulation_steps", "2", "--max_steps", str(max_steps),
-             "--learning_rate", "3e-3", "--warmup_steps", str(max(1, max_steps // 10)),
-             "--final_lr_portion", "0.1", "--logging_steps", "2" if quick else "5",
-             "--eval_steps", str(eval_steps), "--eval_at_start", "--save_steps", str(max_steps // 2),
-             "--save_total_limit", "2", "--max_eval_blocks", "8" if quick else "24",
-             "--dynamic_data_selection", "sheared_llama", "--prob_map", "uniform",
-             "--ref_loss", ref_file, "--dds_eta", "0.5", "--seed", "1227", "--export_hf",
-             "--comment", "megamoe demo"] + (["--bf16"] if cuda else [])
-    print(f"[6/6] continual pre-training{' on ' + torch.cuda.get_device_name() if cuda else ' on CPU'}",
-          flush=True)
+    targv = [
+        "--model_type",
+        "llama_moe",
+        "--pretrained_model",
+        moe,
+        "--tokenizer_model",
+        tok,
+        "--dataset_dir",
+        os.path.join(data, "train"),
+        "--validation_dir",
+        os.path.join(data, "valid"),
+        "--output_dir",
+        run_dir,
+        "--block_size",
+        "64",
+        "--per_device_train_batch_size",
+        "4",
+        "--gradient_accumulation_steps",
+        "2",
+        "--max_steps",
+        str(max_steps),
+        "--learning_rate",
+        "3e-3",
+        "--warmup_steps",
+        str(max(1, max_steps // 10)),
+        "--final_lr_portion",
+        "0.1",
+        "--logging_steps",
+        "2" if quick else "5",
+        "--eval_steps",
+        str(eval_steps),
+        "--eval_at_start",
+        "--save_steps",
+        str(max_steps // 2),
+        "--save_total_limit",
+        "2",
+        "--max_eval_blocks",
+        "8" if quick else "24",
+        "--dynamic_data_selection",
+        "sheared_llama",
+        "--prob_map",
+        "uniform",
+        "--ref_loss",
+        ref_file,
+        "--dds_eta",
+        "0.5",
+        "--seed",
+        "1227",
+        "--export_hf",
+        "--comment",
+        "megamoe demo",
+    ] + (["--bf16"] if cuda else [])
+    print(
+        f"[6/6] continual pre-training{' on ' + torch.cuda.get_device_name() if cuda else ' on CPU'}",
+        flush=True,
+    )
     _show("python -m megamoe.train", targv)
     from .train.main import main as train_main
 
@@ -332,20 +454,28 @@ def summary(run_dir: str, seconds: float) -> None:
     print(f"demo finished in {seconds / 60:.1f} min")
     print(f"checkpoint:   {ckpts[-1][1] if ckpts else end and end.get('checkpoint')}")
     print(f"Hugging Face: {os.path.join(run_dir, 'hf')}  (LLaMA-MoE, 16 experts, top-4)")
-    print(f"tensorboard:  tensorboard --logdir {os.path.join(run_dir, 'runs')}"
-          f"   (this run: runs/{runs[-1]})")
+    print(
+        f"tensorboard:  tensorboard --logdir {os.path.join(run_dir, 'runs')}"
+        f"   (this run: runs/{runs[-1]})"
+    )
     print(f"logs:         {os.path.join(run_dir, 'train.log')}")
-    print(f"\n{'domain':<8} {'loss (step ' + str(first['step']) + ')':>16} "
-          f"{'loss (step ' + str(last['step']) + ')':>16} {'weight':>8} -> {'weight':>8}")
+    print(
+        f"\n{'domain':<8} {'loss (step ' + str(first['step']) + ')':>16} "
+        f"{'loss (step ' + str(last['step']) + ')':>16} {'weight':>8} -> {'weight':>8}"
+    )
     w0 = evals[0]["weights"]
     initial = {d: 1.0 / len(w0) for d in w0}
     for d in last["losses"]:
-        print(f"{d:<8} {first['losses'][d]:>16.4f} {last['losses'][d]:>16.4f} "
-              f"{initial[d]:>8.4f} -> {last['weights'][d]:>8.4f}")
+        print(
+            f"{d:<8} {first['losses'][d]:>16.4f} {last['losses'][d]:>16.4f} "
+            f"{initial[d]:>8.4f} -> {last['weights'][d]:>8.4f}"
+        )
     spec = last.get("specialisation")
     if spec:
-        print("routing specialisation by layer (0 = domain-blind, 1 = disjoint experts): "
-              + " ".join(f"{x:.3f}" for x in spec))
+        print(
+            "routing specialisation by layer (0 = domain-blind, 1 = disjoint experts): "
+            + " ".join(f"{x:.3f}" for x in spec)
+        )
     print("=" * 78, flush=True)
 
 

@@ -6,10 +6,11 @@ on errors, ``megamoe check`` files each finding under the checklist item of its 
 converter raises on errors. A message may name its flag as ``{flag}``: each tool spells it as its
 users type it (``--num_selects`` for the trainer, ``--num-selects`` for the converter).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 ERROR, WARNING = "error", "warning"
 
@@ -66,15 +67,20 @@ def warnings(findings: Iterable[Finding]) -> list[Finding]:
 class ConfigError(ValueError):
     """Bad flags, config values or inputs. Holds the error findings; str() is one line each."""
 
-    def __init__(self, findings: Iterable[Finding] | str, spell: Callable[[str], str] = underscore_flag):
+    def __init__(
+        self, findings: Iterable[Finding] | str, spell: Callable[[str], str] = underscore_flag
+    ):
         if isinstance(findings, str):
             findings = [error("", findings)]
         self.findings = list(findings)
         super().__init__("\n".join(f.text(spell) for f in self.findings))
 
 
-def raise_errors(findings: Iterable[Finding], spell: Callable[[str], str] = underscore_flag,
-                 exc: type = ConfigError) -> list[Finding]:
+def raise_errors(
+    findings: Iterable[Finding],
+    spell: Callable[[str], str] = underscore_flag,
+    exc: type = ConfigError,
+) -> list[Finding]:
     """Raise `exc` with every error among `findings`; return the warnings."""
     findings = list(findings)
     bad = errors(findings)

@@ -11,6 +11,7 @@ tokenizer workers) must not outlive it. Two mechanisms, Linux only:
   starts inherits, spawned children that never run our code and their children included; then
   the watchdog exits itself.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -49,10 +50,18 @@ def watch_over_me() -> subprocess.Popen | None:
     if not sys.platform.startswith("linux") or os.environ.get(MARK) == str(os.getpid()):
         return None  # not Linux, or watched already
     os.environ[MARK] = str(os.getpid())
-    return subprocess.Popen([sys.executable, "-m", "megamoe.lifetime", str(os.getpid()),
-                             str(time.time() - 1.0)],  # the run's children start after this
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "megamoe.lifetime",
+            str(os.getpid()),
+            str(time.time() - 1.0),
+        ],  # the run's children start after this
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def _watch(pid: int, born: float, period: float = 0.2) -> None:
@@ -67,8 +76,11 @@ def _watch(pid: int, born: float, period: float = 0.2) -> None:
     died, me = time.time(), os.getpid()
     for p in psutil.process_iter():
         try:  # the run's marked processes (a pid reused since has a later creation time)
-            if p.pid != me and born <= p.create_time() <= died \
-                    and p.environ().get(MARK) == str(pid):
+            if (
+                p.pid != me
+                and born <= p.create_time() <= died
+                and p.environ().get(MARK) == str(pid)
+            ):
                 p.kill()
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             pass

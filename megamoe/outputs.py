@@ -12,6 +12,7 @@ and the old copy is moved aside and deleted only once the new one is in place. T
 by a killed run are recognised by name and by a process id that no longer runs, and removed by
 the next run. Nothing here deletes anything else.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,8 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
 
 MARK = ".megamoe-output"
 
@@ -43,8 +44,12 @@ def _within(a: Path, b: Path) -> bool:
     return a == b or b in a.parents
 
 
-def check_output(output: Path, inputs: Iterable[tuple[str, Optional[os.PathLike]]],
-                 overwrite: bool, flag: str = "--output") -> None:
+def check_output(
+    output: Path,
+    inputs: Iterable[tuple[str, os.PathLike | None]],
+    overwrite: bool,
+    flag: str = "--output",
+) -> None:
     """Refuse an output that would lose a user's files (see the module docstring); `inputs` are
     (flag, path) of what the command reads."""
     out = output.resolve()
@@ -54,19 +59,25 @@ def check_output(output: Path, inputs: Iterable[tuple[str, Optional[os.PathLike]
             continue
         src = Path(path).resolve()
         if _within(src, out) or (replacing and _within(out, src)):
-            where = ("is" if out == src else "contains" if _within(src, out) else "lies inside")
-            raise OutputError(f"{flag} {output} {where} {in_flag} {path}: refusing, it would "
-                              "replace what the command reads; choose an --output outside it")
+            where = "is" if out == src else "contains" if _within(src, out) else "lies inside"
+            raise OutputError(
+                f"{flag} {output} {where} {in_flag} {path}: refusing, it would "
+                "replace what the command reads; choose an --output outside it"
+            )
     if output.exists() and not output.is_dir():
         raise OutputError(f"{flag} {output} exists and is not a directory")
     if replacing:
         if not overwrite:
-            raise OutputError(f"{flag} {output} already holds files; pass --overwrite to replace "
-                              "an output megamoe wrote, or choose another directory")
+            raise OutputError(
+                f"{flag} {output} already holds files; pass --overwrite to replace "
+                "an output megamoe wrote, or choose another directory"
+            )
         if not written_by_megamoe(output):
-            raise OutputError(f"{flag} {output} holds files that megamoe did not write (no {MARK} "
-                              "in it): --overwrite replaces only megamoe's own outputs; choose "
-                              "another directory, or move that one away yourself")
+            raise OutputError(
+                f"{flag} {output} holds files that megamoe did not write (no {MARK} "
+                "in it): --overwrite replaces only megamoe's own outputs; choose "
+                "another directory, or move that one away yourself"
+            )
 
 
 def staging_dir(output: Path, purpose: str = "writing") -> Path:
@@ -97,8 +108,12 @@ def remove_leftovers(output: Path) -> list[str]:
         return gone
     for entry in parent.iterdir():
         m = _LEFTOVER.match(entry.name)
-        if m and m.group("name") == output.name and int(m.group("pid")) != os.getpid() \
-                and not process_alive(int(m.group("pid"))):
+        if (
+            m
+            and m.group("name") == output.name
+            and int(m.group("pid")) != os.getpid()
+            and not process_alive(int(m.group("pid")))
+        ):
             shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink()
             gone.append(entry.name)
     return gone

@@ -25,8 +25,13 @@ def world1():
     from megamoe import parallel
 
     if not dist.is_initialized():
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-                          RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(free_port()),
+            RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_RANK="0",
+        )
     parallel.initialize(parallel.ParallelLayout(), seed=1234)  # reuses the groups when it can
     yield
 
@@ -47,5 +52,6 @@ def tiny(tmp_path_factory):
     ref.write_text(json.dumps({"code": 1.0, "prose": 3.0, "noise": 4.5}))
     moe = F.save_pretrained_inprocess(str(root / "pre-moe"), moe=True)
     dense = F.save_pretrained_inprocess(str(root / "pre-dense"), moe=False)
-    return types.SimpleNamespace(root=str(root), data=data, valid=valid, ref=str(ref),
-                                 moe=moe, dense=dense)
+    return types.SimpleNamespace(
+        root=str(root), data=data, valid=valid, ref=str(ref), moe=moe, dense=dense
+    )

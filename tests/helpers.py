@@ -1,14 +1,22 @@
 """Shared test helpers: tiny configs and HF reference models."""
+
 from __future__ import annotations
 
 import torch
 
-from megamoe.config import ModelConfig, MoEConfig
+from megamoe.config import ModelConfig
 
 
 def tiny_model_config(**kw) -> ModelConfig:
-    base = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    base = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     base.update(kw)
     return ModelConfig(**base)
 
@@ -18,12 +26,20 @@ def hf_llama(m: ModelConfig, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.hidden_size,
-                      intermediate_size=m.intermediate_size, num_hidden_layers=m.num_hidden_layers,
-                      num_attention_heads=m.num_attention_heads, num_key_value_heads=m.kv_heads,
-                      max_position_embeddings=m.max_position_embeddings, rms_norm_eps=m.rms_norm_eps,
-                      rope_theta=m.rope_theta, tie_word_embeddings=False, attention_bias=False,
-                      mlp_bias=False)
+    cfg = LlamaConfig(
+        vocab_size=m.vocab_size,
+        hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_hidden_layers,
+        num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.kv_heads,
+        max_position_embeddings=m.max_position_embeddings,
+        rms_norm_eps=m.rms_norm_eps,
+        rope_theta=m.rope_theta,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
+    )
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # HF inits norms to 1: randomise them so the test sees them
         for name, p in model.named_parameters():

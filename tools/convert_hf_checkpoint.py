@@ -12,6 +12,7 @@
 Runs on one process without a GPU, a layer at a time (memory: about one layer, plus the output
 shard for megamoe-to-hf); the checkpoint it writes loads at any TP/PP/EP layout.
 """
+
 import os
 import sys
 

@@ -6,6 +6,7 @@ Example (LLaMA-MoE data, one folder of jsonl per domain):
         --tokenizer-model llama/tokenizer.model --output-prefix data/train/en_arxiv/en_arxiv \
         --workers 8
 """
+
 import os
 import sys
 

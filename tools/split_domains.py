@@ -5,6 +5,7 @@ en_book, en_arxiv, en_stack) by meta.redpajama_set_name; see the README, section
 Example:
     python tools/split_domains.py --input SlimPajama-627B/train --output-dir data/raw
 """
+
 import os
 import sys
 

@@ -6,9 +6,20 @@ layout loads any checkpoint, resharding on load).
 used, so that importing this package stays cheap (no torch, no megatron-core). `verify` here is
 one process's check; `io.verify` spreads the checksums over the ranks of a run.
 """
+
 from .layout import (  # noqa: F401  (the names every tool uses)
-    META, CheckpointError, checkpoint_path, configs_from_meta, is_checkpoint, list_checkpoints,
-    make_meta, newest_checkpoint, quarantine, read_meta, verify)
+    META,
+    CheckpointError,
+    checkpoint_path,
+    configs_from_meta,
+    is_checkpoint,
+    list_checkpoints,
+    make_meta,
+    newest_checkpoint,
+    quarantine,
+    read_meta,
+    verify,
+)
 
 _IO = ("save", "load_model", "load_optimizer", "load_rank_state", "gather_full_state")
 

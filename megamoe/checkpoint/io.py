@@ -3,22 +3,31 @@ on disk: layout.py). A checkpoint is written into a temporary directory and rena
 so a crash mid-save never leaves a half-written directory under the final name; an existing
 directory is only replaced (moved aside, then deleted) once the new one is complete.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from ..parallel.mcore import dist_checkpointing
 from ..outputs import publish_dir
-from .layout import META, CheckpointError, crc32, files_of, my_share, read_meta, temporary_name
+from ..parallel.mcore import dist_checkpointing
+from .layout import (
+    META,
+    CheckpointError,
+    crc32,
+    files_of,
+    my_share,
+    read_meta,
+    temporary_name,
+    write_manifest,
+)
 from .layout import verify as layout_verify
-from .layout import write_manifest
 
 
 def _rank0() -> bool:
@@ -30,8 +39,13 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save(path: str | os.PathLike, model: torch.nn.Module, meta: dict,
-         optimizer: Any = None, extra_state: Optional[dict] = None) -> Path:
+def save(
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    meta: dict,
+    optimizer: Any = None,
+    extra_state: dict | None = None,
+) -> Path:
     """Collective: every rank calls it. Writes `path` atomically (see module docstring).
     The temporary name is agreed on rank 0 and broadcast."""
     path = Path(path)
@@ -48,8 +62,9 @@ def save(path: str | os.PathLike, model: torch.nn.Module, meta: dict,
     _barrier()
     dist_checkpointing.save(model.sharded_state_dict(), str(tmp / "model"))
     if optimizer is not None:
-        dist_checkpointing.save(optimizer.sharded_state_dict(model.sharded_state_dict()),
-                                str(tmp / "optimizer"))
+        dist_checkpointing.save(
+            optimizer.sharded_state_dict(model.sharded_state_dict()), str(tmp / "optimizer")
+        )
     if extra_state is not None:  # per-rank state (RNG): one small file each
         rank = dist.get_rank() if dist.is_initialized() else 0
         torch.save(extra_state, tmp / f"rank_state_{rank:05d}.pt")
@@ -98,18 +113,22 @@ def load_model(path: str | os.PathLike, model: torch.nn.Module) -> dict:
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not match the model (missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}): was it written for another model type?")
+        raise CheckpointError(
+            f"{path}: weights do not match the model (missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}): was it written for another model type?"
+        )
     return meta
 
 
 def load_optimizer(path: str | os.PathLike, model: torch.nn.Module, optimizer: Any) -> None:
-    state = dist_checkpointing.load(optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=True),
-                                    str(Path(path) / "optimizer"))
+    state = dist_checkpointing.load(
+        optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=True),
+        str(Path(path) / "optimizer"),
+    )
     optimizer.load_state_dict(state)
 
 
-def load_rank_state(path: str | os.PathLike) -> Optional[dict]:
+def load_rank_state(path: str | os.PathLike) -> dict | None:
     rank = dist.get_rank() if dist.is_initialized() else 0
     f = Path(path) / f"rank_state_{rank:05d}.pt"
     return torch.load(f, weights_only=False) if f.exists() else None
@@ -138,9 +157,18 @@ def gather_full_state(model: torch.nn.Module, grads: bool = False) -> dict[str, 
         pieces = []
         flat = [x for v in sd.values() for x in (v if isinstance(v, list) else [v])]
         for v in flat:
-            if isinstance(v, ShardedTensor) and not any(v.replica_id if isinstance(v.replica_id, tuple) else (v.replica_id,)):
-                pieces.append((v.key, tuple(v.global_shape), tuple(v.global_offset),
-                               tuple(v.local_shape), v.data.detach().cpu().clone()))
+            if isinstance(v, ShardedTensor) and not any(
+                v.replica_id if isinstance(v.replica_id, tuple) else (v.replica_id,)
+            ):
+                pieces.append(
+                    (
+                        v.key,
+                        tuple(v.global_shape),
+                        tuple(v.global_offset),
+                        tuple(v.local_shape),
+                        v.data.detach().cpu().clone(),
+                    )
+                )
     finally:
         for p, d in zip(params, saved):
             p.data = d
@@ -154,6 +182,8 @@ def gather_full_state(model: torch.nn.Module, grads: bool = False) -> dict[str, 
             t = full.setdefault(key, torch.zeros(gshape, dtype=data.dtype))
             lshape = (1,) * (len(gshape) - len(lshape)) + lshape  # prepended (layer) axes
             if data.numel() != t[tuple(slice(o, o + n) for o, n in zip(goff, lshape))].numel():
-                raise RuntimeError(f"{key}: shard {tuple(data.shape)} vs {lshape} at {goff} of {gshape}")
+                raise RuntimeError(
+                    f"{key}: shard {tuple(data.shape)} vs {lshape} at {goff} of {gshape}"
+                )
             t[tuple(slice(o, o + n) for o, n in zip(goff, lshape))] = data.reshape(lshape)
     return full

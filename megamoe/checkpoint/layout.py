@@ -18,6 +18,7 @@ truncated or corrupted file: verify() names it). A checkpoint that fails is rena
 verifies. Everything here only reads files, names them or moves directories this code wrote;
 megatron-core I/O is in io.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,9 @@ import re
 import shutil
 import time
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from ..config import ModelConfig, MoEConfig, from_dict, to_dict
 
@@ -53,8 +55,10 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
 def read_meta(path: str | os.PathLike) -> dict:
     meta_file = Path(path) / META
     if not meta_file.is_file():
-        raise CheckpointError(f"{path} is not a megamoe checkpoint (no {META}); convert a Hugging "
-                              "Face model with tools/convert_hf_checkpoint.py hf-to-megamoe")
+        raise CheckpointError(
+            f"{path} is not a megamoe checkpoint (no {META}); convert a Hugging "
+            "Face model with tools/convert_hf_checkpoint.py hf-to-megamoe"
+        )
     try:
         meta = json.loads(meta_file.read_text())
     except (ValueError, OSError) as e:
@@ -65,22 +69,27 @@ def read_meta(path: str | os.PathLike) -> dict:
     return meta
 
 
-def configs_from_meta(meta: dict) -> tuple[ModelConfig, Optional[MoEConfig]]:
+def configs_from_meta(meta: dict) -> tuple[ModelConfig, MoEConfig | None]:
     model = from_dict(ModelConfig, meta["model"])
     moe = from_dict(MoEConfig, meta["moe"]) if meta.get("moe") else None
     return model, moe
 
 
-def make_meta(model: ModelConfig, moe: Optional[MoEConfig], **extra: Any) -> dict:
-    return {"format_version": FORMAT_VERSION, "model_type": "llama_moe" if moe else "llama",
-            "model": to_dict(model), "moe": to_dict(moe) if moe else None, **extra}
+def make_meta(model: ModelConfig, moe: MoEConfig | None, **extra: Any) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "model_type": "llama_moe" if moe else "llama",
+        "model": to_dict(model),
+        "moe": to_dict(moe) if moe else None,
+        **extra,
+    }
 
 
 def checkpoint_path(output_dir: str, step: int) -> str:
     return os.path.join(output_dir, f"checkpoint-{step}")
 
 
-def list_checkpoints(output_dir: Optional[str]) -> list[tuple[int, str]]:
+def list_checkpoints(output_dir: str | None) -> list[tuple[int, str]]:
     """Complete checkpoints of a run (their metadata file written last) as sorted (step, path)."""
     out = []
     if output_dir and os.path.isdir(output_dir):
@@ -92,7 +101,7 @@ def list_checkpoints(output_dir: Optional[str]) -> list[tuple[int, str]]:
     return sorted(out)
 
 
-def newest_checkpoint(output_dir: Optional[str]) -> Optional[str]:
+def newest_checkpoint(output_dir: str | None) -> str | None:
     ckpts = list_checkpoints(output_dir)
     return ckpts[-1][1] if ckpts else None
 
@@ -126,7 +135,7 @@ def remove_stale(output_dir: str) -> list[str]:
     return gone
 
 
-def rotate(output_dir: str, limit: Optional[int]) -> list[str]:
+def rotate(output_dir: str, limit: int | None) -> list[str]:
     """Keep the newest `limit` complete checkpoints; returns the removed paths."""
     if not limit:
         return []
@@ -144,8 +153,9 @@ def rotate(output_dir: str, limit: Optional[int]) -> list[str]:
 def files_of(directory: str | os.PathLike) -> list[str]:
     """Every file of a checkpoint (relative, sorted) but its manifest."""
     root = Path(directory)
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
-                  if p.is_file() and p.name != MANIFEST)
+    return sorted(
+        str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != MANIFEST
+    )
 
 
 def crc32(path: str | os.PathLike) -> str:
@@ -169,8 +179,11 @@ def write_manifest(directory: str | os.PathLike, crcs: dict[str, str]) -> None:
     (root / MANIFEST).write_text(json.dumps({"files": files}, indent=1) + "\n")
 
 
-def verify(directory: str | os.PathLike, share: Optional[tuple[int, int]] = (0, 1),
-           skip: tuple[str, ...] = ()) -> list[str]:
+def verify(
+    directory: str | os.PathLike,
+    share: tuple[int, int] | None = (0, 1),
+    skip: tuple[str, ...] = (),
+) -> list[str]:
     """What is wrong with a checkpoint (one line per file, naming it), [] when it is intact:
     its metadata must parse, and each file of the manifest exist with its size; the checksums
     of this rank's `share` (rank, world) of the files are compared too (share None: sizes only).
@@ -194,8 +207,10 @@ def verify(directory: str | os.PathLike, share: Optional[tuple[int, int]] = (0, 
         if not f.is_file():
             bad.append(f"{f}: missing")
         elif f.stat().st_size != want["size"]:
-            bad.append(f"{f}: {f.stat().st_size} bytes, the manifest says {want['size']} "
-                       "(truncated or replaced)")
+            bad.append(
+                f"{f}: {f.stat().st_size} bytes, the manifest says {want['size']} "
+                "(truncated or replaced)"
+            )
     if share is not None and not bad:
         for name in my_share(sorted(files), *share):
             if crc32(root / name) != files[name]["crc32"]:

@@ -4,12 +4,13 @@ Values are those of LLaMA-MoE / Sheared-LLaMA (see the README, section Data). A 
 file {"<domain>": value, ...}; every loader checks that the names match the domains in use
 exactly, because a silently missing domain would train on the wrong mixture.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import os
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 DOMAINS = ["en_cc", "en_c4", "github", "en_wikipedia", "en_book", "en_arxiv", "en_stack"]
 
@@ -23,8 +24,9 @@ REF_LOSSES = {
     # Validation losses of LLaMA-2-7B on each domain (LLaMA-MoE's reference).
     "llama2_7b": dict(zip(DOMAINS, [1.6917, 2.0749, 0.6984, 1.5899, 1.9252, 1.2408, 1.4975])),
     # Sheared-LLaMA's scaling-law predictions for a 2.7B target.
-    "sheared_llama_2.7b": dict(zip(DOMAINS, [1.8712, 2.0328, 0.6883, 1.6297, 2.0325, 1.3560,
-                                             1.5353])),
+    "sheared_llama_2.7b": dict(
+        zip(DOMAINS, [1.8712, 2.0328, 0.6883, 1.6297, 2.0325, 1.3560, 1.5353])
+    ),
 }
 DEFAULT_REF_LOSS = "llama2_7b"
 

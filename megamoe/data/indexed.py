@@ -16,6 +16,7 @@ We keep our own implementation (rather than megatron-core's) so that the writer 
 memory does not grow with the input), writes to temporary names renamed at the end, and the
 reader gives clear errors that name the file.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,6 @@ import os
 import re
 import secrets
 import struct
-from typing import Optional
 
 import numpy as np
 
@@ -33,8 +33,14 @@ MAGIC = b"MMIDIDX\x00\x00"
 HEADER_SIZE = 9 + 8 + 1 + 8 + 8  # magic, version, dtype code, sequence count, document count
 
 DTYPE_CODES = {
-    1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32,
-    5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16,
+    1: np.uint8,
+    2: np.int8,
+    3: np.int16,
+    4: np.int32,
+    5: np.int64,
+    6: np.float64,
+    7: np.float32,
+    8: np.uint16,
 }
 CODE_OF = {np.dtype(t): c for c, t in DTYPE_CODES.items()}
 
@@ -57,7 +63,7 @@ def stats_path(prefix: str) -> str:
     return prefix + ".stats.json"
 
 
-def read_stats(prefix: str) -> Optional[dict]:
+def read_stats(prefix: str) -> dict | None:
     """The stats file of a dataset, None when it has none (made by another tool)."""
     try:
         with open(stats_path(prefix)) as f:
@@ -68,7 +74,9 @@ def read_stats(prefix: str) -> Optional[dict]:
         raise IndexedDatasetError(f"{stats_path(prefix)}: unreadable ({e})") from None
 
 
-_TEMPORARY = re.compile(r"^\.(?P<base>.+)\.(bin|len|doc|idx|stats)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+_TEMPORARY = re.compile(
+    r"^\.(?P<base>.+)\.(bin|len|doc|idx|stats)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$"
+)
 
 
 def remove_dead_temporaries(directory: str, base: str) -> list[str]:
@@ -110,7 +118,8 @@ class IndexedDataset:
             head = f.read(HEADER_SIZE)
         if len(head) < len(MAGIC) or head[: len(MAGIC)] != MAGIC:
             raise IndexedDatasetError(
-                f"{path}: not a Megatron indexed dataset index (bad magic {head[:9]!r})")
+                f"{path}: not a Megatron indexed dataset index (bad magic {head[:9]!r})"
+            )
         if len(head) < HEADER_SIZE:
             raise IndexedDatasetError(f"{path}: truncated index header ({size} bytes)")
         version, code, n, d = struct.unpack("<QBQQ", head[9:])
@@ -124,7 +133,8 @@ class IndexedDataset:
             kind = "truncated" if size < expected else "has trailing bytes"
             raise IndexedDatasetError(
                 f"{path}: index {kind}: {size} bytes, expected {expected} "
-                f"for {n} sequences and {d} document indices")
+                f"for {n} sequences and {d} document indices"
+            )
         self.dtype = np.dtype(DTYPE_CODES[code])
         self._idx_mmap = np.memmap(path, mode="r", dtype=np.uint8)
         buf = self._idx_mmap
@@ -133,31 +143,36 @@ class IndexedDataset:
         self.sequence_pointers = np.frombuffer(buf, np.int64, n, off + 4 * n)
         self.document_indices = np.frombuffer(buf, np.int64, d, off + 12 * n)
         if d == 0 or self.document_indices[-1] != n or self.document_indices[0] != 0:
-            raise IndexedDatasetError(
-                f"{path}: document indices do not span the {n} sequences")
+            raise IndexedDatasetError(f"{path}: document indices do not span the {n} sequences")
 
     def _map_bin(self, path: str) -> None:
         size = os.path.getsize(path)
         n = len(self.sequence_lengths)
         itemsize = self.dtype.itemsize
-        need = 0 if n == 0 else int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * itemsize
+        need = (
+            0
+            if n == 0
+            else int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * itemsize
+        )
         if size != need:
             what = "truncated" if size < need else "larger than its index describes"
             raise IndexedDatasetError(
                 f"{path}: data file {what}: {size} bytes, the index {idx_path(self.prefix)} "
-                f"describes {need}")
+                f"describes {need}"
+            )
         if size % itemsize:
             raise IndexedDatasetError(f"{path}: size {size} is not a multiple of {itemsize}")
         # An empty file cannot be memory-mapped.
-        self._bin_mmap = (np.memmap(path, mode="r", dtype=self.dtype) if size
-                          else np.zeros(0, self.dtype))
+        self._bin_mmap = (
+            np.memmap(path, mode="r", dtype=self.dtype) if size else np.zeros(0, self.dtype)
+        )
 
     def __len__(self) -> int:
         return len(self.sequence_lengths)
 
     def __getitem__(self, i: int) -> np.ndarray:
         start = int(self.sequence_pointers[i]) // self.dtype.itemsize
-        return self._bin_mmap[start: start + int(self.sequence_lengths[i])]
+        return self._bin_mmap[start : start + int(self.sequence_lengths[i])]
 
     @property
     def num_documents(self) -> int:
@@ -185,9 +200,10 @@ class IndexedDataset:
             raise IndexedDatasetError(f"{idx_path(self.prefix)}: first sequence not at offset 0")
         for s in range(0, max(len(ptr) - 1, 0), chunk):  # chunked: bounded temporary memory
             e = min(s + chunk, len(ptr) - 1)
-            if not np.array_equal(ptr[s + 1: e + 1], ptr[s:e] + lens[s:e].astype(np.int64) * item):
+            if not np.array_equal(ptr[s + 1 : e + 1], ptr[s:e] + lens[s:e].astype(np.int64) * item):
                 raise IndexedDatasetError(
-                    f"{idx_path(self.prefix)}: sequences are not stored contiguously")
+                    f"{idx_path(self.prefix)}: sequences are not stored contiguously"
+                )
 
 
 class IndexedDatasetWriter:
@@ -197,15 +213,19 @@ class IndexedDatasetWriter:
     temporary files; `abort()` (or leaving a `with` block by an exception) removes them.
     """
 
-    def __init__(self, prefix: str, dtype=np.uint16, chunk: int = 1 << 20,
-                 info: Optional[dict] = None):
+    def __init__(
+        self, prefix: str, dtype=np.uint16, chunk: int = 1 << 20, info: dict | None = None
+    ):
         self.prefix = prefix
         self.info = dict(info or {})  # how the data was made, for the stats file
         self.dtype = np.dtype(dtype)
         if self.dtype not in CODE_OF:
             raise ValueError(f"unsupported token dtype {self.dtype}")
-        self._limit = (np.iinfo(self.dtype).min, np.iinfo(self.dtype).max) \
-            if self.dtype.kind in "iu" else None
+        self._limit = (
+            (np.iinfo(self.dtype).min, np.iinfo(self.dtype).max)
+            if self.dtype.kind in "iu"
+            else None
+        )
         self._chunk = chunk
         d = os.path.dirname(os.path.abspath(prefix))
         os.makedirs(d, exist_ok=True)
@@ -217,8 +237,9 @@ class IndexedDatasetWriter:
         self._tmp, self._paths = {}, {}
         for k in ("bin", "len", "doc", "idx", "stats"):
             path = self._paths[k] = os.path.join(d, f".{base}.{k}.{tag}.tmp")
-            self._tmp[k] = os.fdopen(os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o666),
-                                     "w+b")
+            self._tmp[k] = os.fdopen(
+                os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o666), "w+b"
+            )
         self._lens: list[int] = []
         self._docs: list[int] = []
         self.num_sequences = 0
@@ -271,8 +292,10 @@ class IndexedDatasetWriter:
         if self._limit is not None and arr.size:
             lo, hi = int(arr.min()), int(arr.max())
             if lo < self._limit[0] or hi > self._limit[1]:
-                raise ValueError(f"token id {hi if hi > self._limit[1] else lo} does not fit "
-                                 f"the dataset dtype {self.dtype.name} of {self.prefix}")
+                raise ValueError(
+                    f"token id {hi if hi > self._limit[1] else lo} does not fit "
+                    f"the dataset dtype {self.dtype.name} of {self.prefix}"
+                )
             self.max_token_id = max(self.max_token_id, hi)
 
     def _spill(self) -> None:
@@ -299,18 +322,21 @@ class IndexedDatasetWriter:
         out.write(struct.pack("<QBQQ", 1, CODE_OF[self.dtype], n, self.num_documents + 1))
         lens = np.memmap(self._paths["len"], np.int32, "r") if n else np.zeros(0, np.int32)
         for s in range(0, n, self._chunk):
-            out.write(np.ascontiguousarray(lens[s: s + self._chunk]).tobytes())
+            out.write(np.ascontiguousarray(lens[s : s + self._chunk]).tobytes())
         offset = 0  # byte offset of each sequence = running sum of lengths * itemsize
         for s in range(0, n, self._chunk):
-            part = lens[s: s + self._chunk].astype(np.int64) * item
+            part = lens[s : s + self._chunk].astype(np.int64) * item
             ptr = np.cumsum(part) - part + offset
             out.write(ptr.tobytes())
             offset += int(part.sum())
         out.write(struct.pack("<q", 0))
-        docs = (np.memmap(self._paths["doc"], np.int64, "r") if self.num_documents
-                else np.zeros(0, np.int64))
+        docs = (
+            np.memmap(self._paths["doc"], np.int64, "r")
+            if self.num_documents
+            else np.zeros(0, np.int64)
+        )
         for s in range(0, len(docs), self._chunk):
-            out.write(np.ascontiguousarray(docs[s: s + self._chunk]).tobytes())
+            out.write(np.ascontiguousarray(docs[s : s + self._chunk]).tobytes())
         del lens, docs
         self._tmp["stats"].write(json.dumps(self.stats(), indent=1).encode() + b"\n")
         for f in self._tmp.values():
@@ -329,9 +355,14 @@ class IndexedDatasetWriter:
 
     def stats(self) -> dict:
         """What the stats file records beside the dataset (read back by read_stats)."""
-        return {"num_documents": self.num_documents, "num_sequences": self.num_sequences,
-                "num_tokens": self.num_tokens, "max_token_id": self.max_token_id,
-                "dtype": self.dtype.name, **self.info}
+        return {
+            "num_documents": self.num_documents,
+            "num_sequences": self.num_sequences,
+            "num_tokens": self.num_tokens,
+            "max_token_id": self.max_token_id,
+            "dtype": self.dtype.name,
+            **self.info,
+        }
 
     def abort(self) -> None:
         """Drop everything written so far; files under the final names are left untouched."""
@@ -346,7 +377,7 @@ class IndexedDatasetWriter:
                 os.unlink(self._paths[k])
         self._closed = True
 
-    def __enter__(self) -> "IndexedDatasetWriter":
+    def __enter__(self) -> IndexedDatasetWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -1,4 +1,5 @@
 """Finding and streaming jsonl inputs (.jsonl, .json, .jsonl.gz, .jsonl.zst)."""
+
 from __future__ import annotations
 
 import glob
@@ -18,8 +19,12 @@ def input_files(specs) -> list[str]:
         if os.path.isfile(spec):
             out.append(spec)
         elif os.path.isdir(spec):
-            found = [os.path.join(root, f) for root, _, files in os.walk(spec) for f in files
-                     if f.endswith(EXTENSIONS) and not f.startswith(".")]
+            found = [
+                os.path.join(root, f)
+                for root, _, files in os.walk(spec)
+                for f in files
+                if f.endswith(EXTENSIONS) and not f.startswith(".")
+            ]
             out.extend(sorted(found))
         else:
             matches = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
@@ -39,8 +44,9 @@ def open_binary(path: str):
         try:
             import zstandard
         except ImportError:
-            raise RuntimeError(f"{path}: reading .zst needs the 'zstandard' package "
-                               "(pip install zstandard)") from None
+            raise RuntimeError(
+                f"{path}: reading .zst needs the 'zstandard' package (pip install zstandard)"
+            ) from None
         raw = open(path, "rb")
         return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
     return open(path, "rb")
@@ -49,5 +55,4 @@ def open_binary(path: str):
 def iter_lines(path: str):
     """(line number from 1, raw bytes line) for every line of the file."""
     with open_binary(path) as f:
-        for n, line in enumerate(f, 1):
-            yield n, line
+        yield from enumerate(f, 1)

@@ -16,6 +16,7 @@ that Luby-Rackoff needs for a pseudo-random permutation from random round functi
 statistics see structure at 3 rounds, none at 4). The round keys come from numpy's SeedSequence
 (stable across platforms and numpy versions; the tests pin a few values of the order).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -75,8 +76,10 @@ class BlockOrder:
         if p.dtype.kind not in "iu":
             raise TypeError(f"positions must be integers, got {p.dtype}")
         if p.size and (p.min() < 0 or p.max() >= self.n):
-            raise IndexError(f"position out of range [0, {self.n}): "
-                             f"{int(p.min()) if p.min() < 0 else int(p.max())}")
+            raise IndexError(
+                f"position out of range [0, {self.n}): "
+                f"{int(p.min()) if p.min() < 0 else int(p.max())}"
+            )
         if self.n == 1:
             out = np.zeros(p.shape, np.int64)
         else:

@@ -6,6 +6,7 @@ stream[b * block_size : (b + 1) * block_size], read lazily from the memory maps.
 does not fill a block is not used. With `eod_id` set, one EOD token is inserted after every
 document (for data preprocessed without --append-eod whose model wants a separator).
 """
+
 from __future__ import annotations
 
 import bisect
@@ -63,8 +64,10 @@ class _File:
         item = self.ds.dtype.itemsize
         buf = os.pread(self._fd, (e - s) * item, s * item)
         if len(buf) != (e - s) * item:
-            raise IndexedDatasetError(f"{bin_path(self.ds.prefix)}: short read at token {s} "
-                                      "(the file shrank after it was opened?)")
+            raise IndexedDatasetError(
+                f"{bin_path(self.ds.prefix)}: short read at token {s} "
+                "(the file shrank after it was opened?)"
+            )
         return np.frombuffer(buf, self.ds.dtype).astype(np.int64)
 
     def _doc_start(self, i: int) -> int:
@@ -78,8 +81,7 @@ class _File:
         if self.eod_id is None:
             return self._read_tokens(s, e)
         # last document whose virtual start is <= s
-        i = bisect.bisect_right(range(self.num_docs), s,
-                                key=lambda k: self._doc_start(k) + k) - 1
+        i = bisect.bisect_right(range(self.num_docs), s, key=lambda k: self._doc_start(k) + k) - 1
         out, p = [], s
         while p < e:
             start, end = self._doc_start(i), self._doc_start(i + 1)
@@ -98,8 +100,7 @@ class _File:
 class DomainStream:
     """Blocks of one domain over one or more indexed datasets."""
 
-    def __init__(self, name: str, prefixes: list[str], block_size: int,
-                 eod_id: int | None = None):
+    def __init__(self, name: str, prefixes: list[str], block_size: int, eod_id: int | None = None):
         if block_size < 2:
             raise ValueError(f"block_size must be >= 2, got {block_size}")
         if not prefixes:
@@ -110,21 +111,26 @@ class DomainStream:
         self.num_tokens = int(self.bounds[-1])
         self.num_blocks = self.num_tokens // self.block_size
         if self.num_blocks == 0:
-            raise ValueError(f"domain {name!r} is empty or too small: {self.num_tokens} tokens "
-                             f"in {self.prefixes}, fewer than one block of {block_size}")
+            raise ValueError(
+                f"domain {name!r} is empty or too small: {self.num_tokens} tokens "
+                f"in {self.prefixes}, fewer than one block of {block_size}"
+            )
 
     def block(self, b: int) -> np.ndarray:
         """Tokens of block b as int64 [block_size]."""
         if not 0 <= b < self.num_blocks:
-            raise IndexError(f"block {b} out of range for domain {self.name!r} "
-                             f"({self.num_blocks} blocks)")
+            raise IndexError(
+                f"block {b} out of range for domain {self.name!r} ({self.num_blocks} blocks)"
+            )
         return self._read(b * self.block_size, (b + 1) * self.block_size)
 
     def blocks(self, lo: int, hi: int) -> np.ndarray:
         """Blocks lo .. hi-1 as int64 [hi - lo, block_size], read in one pass (validation)."""
         if not 0 <= lo <= hi <= self.num_blocks:
-            raise IndexError(f"blocks {lo}..{hi} out of range for domain {self.name!r} "
-                             f"({self.num_blocks} blocks)")
+            raise IndexError(
+                f"blocks {lo}..{hi} out of range for domain {self.name!r} "
+                f"({self.num_blocks} blocks)"
+            )
         if lo == hi:
             return np.zeros((0, self.block_size), np.int64)
         return self._read(lo * self.block_size, hi * self.block_size).reshape(-1, self.block_size)

@@ -13,6 +13,7 @@ are in flight, and results are written in submission order, so the output is ide
 number of workers. Outputs are written under temporary names and renamed only when the whole
 input succeeded.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,6 +40,7 @@ class PreprocessError(ValueError):
 
 def load_tokenizer(path: str):
     import sentencepiece as spm
+
     if not os.path.isfile(path):
         raise PreprocessError(f"tokenizer model not found: {path}")
     try:
@@ -52,8 +54,10 @@ def choose_dtype(vocab_size: int, requested: str = "auto"):
         return optimal_dtype(vocab_size)
     dtype = np.dtype(requested)
     if vocab_size - 1 > np.iinfo(dtype).max:
-        raise PreprocessError(f"a vocabulary of {vocab_size} tokens does not fit {requested}; "
-                              "use --dtype int32 (or auto)")
+        raise PreprocessError(
+            f"a vocabulary of {vocab_size} tokens does not fit {requested}; "
+            "use --dtype int32 (or auto)"
+        )
     return dtype.type
 
 
@@ -103,8 +107,14 @@ def _encode_batch(batch):
             continue
         unencodable = [k for k in keys if not _utf8(rec[k])]
         if unencodable:
-            errors.append((path, lineno, f"key {unencodable[0]!r} holds text that is not valid "
-                                         "Unicode (a lone surrogate such as \\ud800)"))
+            errors.append(
+                (
+                    path,
+                    lineno,
+                    f"key {unencodable[0]!r} holds text that is not valid "
+                    "Unicode (a lone surrogate such as \\ud800)",
+                )
+            )
             continue
         for k in keys:
             texts[k].append(rec[k])
@@ -168,6 +178,7 @@ class _Progress:
         self.bar = None
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
+
             self.bar = tqdm(unit="doc", unit_scale=True, desc=desc, file=sys.stderr)
         self.enabled = enabled
 
@@ -181,18 +192,32 @@ class _Progress:
         elif self.enabled and self.docs >= self.next_log:
             self.next_log += self.interval
             el = time.time() - self.t0
-            print(f"processed {self.docs:,} documents ({self.docs / el:,.0f} docs/s, "
-                  f"{rate:,.0f} tokens/s)", file=sys.stderr, flush=True)
+            print(
+                f"processed {self.docs:,} documents ({self.docs / el:,.0f} docs/s, "
+                f"{rate:,.0f} tokens/s)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
 
 
-def preprocess(inputs, output_prefix: str, tokenizer_model: str, json_keys=("text",),
-               append_eod: bool = False, workers: int = 1, skip_bad_lines: bool = False,
-               add_bos: bool = False, dtype: str = "auto", batch_lines: int = 256,
-               progress: bool = True, log_interval: int = 100_000) -> dict:
+def preprocess(
+    inputs,
+    output_prefix: str,
+    tokenizer_model: str,
+    json_keys=("text",),
+    append_eod: bool = False,
+    workers: int = 1,
+    skip_bad_lines: bool = False,
+    add_bos: bool = False,
+    dtype: str = "auto",
+    batch_lines: int = 256,
+    progress: bool = True,
+    log_interval: int = 100_000,
+) -> dict:
     """Tokenize `inputs` into `<output_prefix>_<key>_document.{bin,idx}`; returns statistics."""
     keys = list(json_keys)
     if workers < 1:
@@ -207,18 +232,30 @@ def preprocess(inputs, output_prefix: str, tokenizer_model: str, json_keys=("tex
     add_bos = add_bos and sp.bos_id() >= 0
     out_dtype = choose_dtype(vocab, dtype)
     initargs = (tokenizer_model, keys, add_bos, append_eod)
-    info = {"tokenizer_model": os.path.abspath(tokenizer_model), "vocab_size": vocab,
-            "bos": add_bos, "eod": append_eod, "json_key": None}
-    writers = {k: IndexedDatasetWriter(f"{output_prefix}_{k}_document", out_dtype,
-                                       info=dict(info, json_key=k)) for k in keys}
+    info = {
+        "tokenizer_model": os.path.abspath(tokenizer_model),
+        "vocab_size": vocab,
+        "bos": add_bos,
+        "eod": append_eod,
+        "json_key": None,
+    }
+    writers = {
+        k: IndexedDatasetWriter(
+            f"{output_prefix}_{k}_document", out_dtype, info=dict(info, json_key=k)
+        )
+        for k in keys
+    }
     stats = collections.Counter()
     bar = _Progress(log_interval, progress, os.path.basename(output_prefix))
     t0 = time.time()
     try:
         # spawn: workers start clean (no forked torch/OpenMP threads); ProcessPoolExecutor
         # raises BrokenProcessPool when a worker dies, where multiprocessing.Pool would hang.
-        pool_cm = (_Inline(*initargs) if workers <= 1 else
-                   ProcessPoolExecutor(workers, mp.get_context("spawn"), _init_worker, initargs))
+        pool_cm = (
+            _Inline(*initargs)
+            if workers <= 1
+            else ProcessPoolExecutor(workers, mp.get_context("spawn"), _init_worker, initargs)
+        )
         with pool_cm as pool:  # on an error, leaving the block stops the workers
             pending = collections.deque()
             max_pending = 1 if workers <= 1 else 4 * workers  # bounded memory
@@ -236,8 +273,9 @@ def preprocess(inputs, output_prefix: str, tokenizer_model: str, json_keys=("tex
                     stats["bad_lines"] += len(errs)
                     if not skip_bad_lines:
                         p, line, msg = errs[0]
-                        raise PreprocessError(f"{p}:{line}: {msg} (use --skip-bad-lines to "
-                                              "skip such lines)")
+                        raise PreprocessError(
+                            f"{p}:{line}: {msg} (use --skip-bad-lines to skip such lines)"
+                        )
                     for p, line, msg in errs:  # name the first few, count the rest
                         if stats["reported"] < 5:
                             stats["reported"] += 1
@@ -267,8 +305,13 @@ def preprocess(inputs, output_prefix: str, tokenizer_model: str, json_keys=("tex
     finally:
         bar.close()
     stats.pop("reported", None)
-    return dict(stats, seconds=time.time() - t0, vocab_size=vocab,
-                dtype=np.dtype(out_dtype).name, files=len(files))
+    return dict(
+        stats,
+        seconds=time.time() - t0,
+        vocab_size=vocab,
+        dtype=np.dtype(out_dtype).name,
+        files=len(files),
+    )
 
 
 def _domain_jobs(input_dir: str, output_dir: str):
@@ -293,42 +336,67 @@ def _domain_jobs(input_dir: str, output_dir: str):
 
 def build_parser(prog: str = "preprocess_data.py") -> argparse.ArgumentParser:
     p = FlagParser(
-        prog=prog,
-        description="Tokenize jsonl into Megatron indexed datasets (.bin/.idx).")
+        prog=prog, description="Tokenize jsonl into Megatron indexed datasets (.bin/.idx)."
+    )
     g = p.add_argument_group("input data")
-    g.add_argument("--input", required=True, nargs="+",
-                   help="jsonl file(s), folder(s) (searched recursively) or glob(s); "
-                        ".jsonl, .jsonl.gz, .jsonl.zst (with zstandard installed)")
-    g.add_argument("--json-keys", nargs="+", default=["text"],
-                   help="keys to extract, each to its own dataset (LLaMA-MoE data: content)")
-    g.add_argument("--skip-bad-lines", action="store_true",
-                   help="skip malformed lines and lines missing a key (counted) instead of failing")
-    g.add_argument("--domain-folders", action="store_true",
-                   help="--input is a folder whose sub-folders (or <domain>.jsonl files) are "
-                        "domains; --output-prefix is an output folder that receives "
-                        "<domain>/<domain>_<key>_document.{bin,idx} for each")
+    g.add_argument(
+        "--input",
+        required=True,
+        nargs="+",
+        help="jsonl file(s), folder(s) (searched recursively) or glob(s); "
+        ".jsonl, .jsonl.gz, .jsonl.zst (with zstandard installed)",
+    )
+    g.add_argument(
+        "--json-keys",
+        nargs="+",
+        default=["text"],
+        help="keys to extract, each to its own dataset (LLaMA-MoE data: content)",
+    )
+    g.add_argument(
+        "--skip-bad-lines",
+        action="store_true",
+        help="skip malformed lines and lines missing a key (counted) instead of failing",
+    )
+    g.add_argument(
+        "--domain-folders",
+        action="store_true",
+        help="--input is a folder whose sub-folders (or <domain>.jsonl files) are "
+        "domains; --output-prefix is an output folder that receives "
+        "<domain>/<domain>_<key>_document.{bin,idx} for each",
+    )
     g = p.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer-type", default="Llama2Tokenizer",
-                   choices=["Llama2Tokenizer", "SentencePieceTokenizer",
-                            "GPTSentencePieceTokenizer"],
-                   help="all read a sentencepiece model (the choice matters with "
-                        "--legacy-tokenizer)")
-    g.add_argument("--legacy-tokenizer", action="store_true",
-                   help="with Llama2Tokenizer: BOS before every document, LLaMA's convention "
-                        "(Megatron-LM core 0.15/0.16's --legacy-tokenizer; without it, as current "
-                        "Megatron-LM, no BOS)")
+    g.add_argument(
+        "--tokenizer-type",
+        default="Llama2Tokenizer",
+        choices=["Llama2Tokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer"],
+        help="all read a sentencepiece model (the choice matters with --legacy-tokenizer)",
+    )
+    g.add_argument(
+        "--legacy-tokenizer",
+        action="store_true",
+        help="with Llama2Tokenizer: BOS before every document, LLaMA's convention "
+        "(Megatron-LM core 0.15/0.16's --legacy-tokenizer; without it, as current "
+        "Megatron-LM, no BOS)",
+    )
     g.add_argument("--tokenizer-model", required=True, help="sentencepiece model (tokenizer.model)")
     g.add_argument("--append-eod", action="store_true", help="append EOS to every document")
     g = p.add_argument_group("output data")
-    g.add_argument("--output-prefix", required=True,
-                   help="writes <prefix>_<key>_document.bin/.idx")
-    g.add_argument("--dtype", default="auto", choices=["auto", "uint16", "int32"],
-                   help="token dtype; auto = uint16 for vocabularies under 65500, else int32")
+    g.add_argument("--output-prefix", required=True, help="writes <prefix>_<key>_document.bin/.idx")
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "uint16", "int32"],
+        help="token dtype; auto = uint16 for vocabularies under 65500, else int32",
+    )
     g = p.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     g.add_argument("--batch-lines", type=int, default=256, help="lines per task sent to a worker")
-    g.add_argument("--log-interval", type=int, default=100_000,
-                   help="documents between progress lines when stderr is not a terminal")
+    g.add_argument(
+        "--log-interval",
+        type=int,
+        default=100_000,
+        help="documents between progress lines when stderr is not a terminal",
+    )
     g.add_argument("--no-progress", action="store_true")
     return p
 
@@ -344,12 +412,18 @@ def main(argv=None, prog: str = PROG) -> int:
 def run(argv, prog: str = PROG) -> int:
     """The command, raising on bad input."""
     a = build_parser(prog).parse_args(argv)
-    common = dict(tokenizer_model=a.tokenizer_model, json_keys=a.json_keys,
-                  append_eod=a.append_eod, workers=a.workers, skip_bad_lines=a.skip_bad_lines,
-                  add_bos=a.legacy_tokenizer and a.tokenizer_type == "Llama2Tokenizer",
-                  dtype=a.dtype,
-                  batch_lines=a.batch_lines, progress=not a.no_progress,
-                  log_interval=a.log_interval)
+    common = dict(
+        tokenizer_model=a.tokenizer_model,
+        json_keys=a.json_keys,
+        append_eod=a.append_eod,
+        workers=a.workers,
+        skip_bad_lines=a.skip_bad_lines,
+        add_bos=a.legacy_tokenizer and a.tokenizer_type == "Llama2Tokenizer",
+        dtype=a.dtype,
+        batch_lines=a.batch_lines,
+        progress=not a.no_progress,
+        log_interval=a.log_interval,
+    )
     if a.domain_folders:
         if len(a.input) != 1 or not os.path.isdir(a.input[0]):
             raise PreprocessError("--domain-folders takes one input folder")
@@ -359,11 +433,13 @@ def run(argv, prog: str = PROG) -> int:
     for domain, inp, prefix in jobs:
         s = preprocess(inp, prefix, **common)
         rate = s["tokens"] / max(s["seconds"], 1e-9)
-        print(f"{'[' + domain + '] ' if domain else ''}{s['documents']:,} documents, "
-              f"{s['tokens']:,} tokens ({s['dtype']}) from {s['files']} file(s) in "
-              f"{s['seconds']:.1f} s: {s['documents'] / max(s['seconds'], 1e-9):,.0f} docs/s, "
-              f"{rate:,.0f} tokens/s; {'BOS' if common['add_bos'] else 'no BOS'}, "
-              f"{'EOS' if a.append_eod else 'no EOS'} per document"
-              + (f"; skipped {s['bad_lines']} bad line(s)" if s.get("bad_lines") else "")
-              + f" -> {prefix}_{{{','.join(a.json_keys)}}}_document.bin/.idx")
+        print(
+            f"{'[' + domain + '] ' if domain else ''}{s['documents']:,} documents, "
+            f"{s['tokens']:,} tokens ({s['dtype']}) from {s['files']} file(s) in "
+            f"{s['seconds']:.1f} s: {s['documents'] / max(s['seconds'], 1e-9):,.0f} docs/s, "
+            f"{rate:,.0f} tokens/s; {'BOS' if common['add_bos'] else 'no BOS'}, "
+            f"{'EOS' if a.append_eod else 'no EOS'} per document"
+            + (f"; skipped {s['bad_lines']} bad line(s)" if s.get("bad_lines") else "")
+            + f" -> {prefix}_{{{','.join(a.json_keys)}}}_document.bin/.idx"
+        )
     return 0

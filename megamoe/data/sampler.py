@@ -10,10 +10,11 @@ losses and K domains (all in float64):
     sheared_llama_paper  a = w * exp(max(0, l - r));          w' = a / sum(a)
     none                 w' = w (the losses are still recorded in the history)
 """
+
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -35,8 +36,16 @@ def _as_weights(weights, domains: list[str]) -> np.ndarray:
 
 
 class DomainSampler:
-    def __init__(self, domains: Sequence[str], weights, rule: str = "none", ref_loss=None,
-                 seed: int = 0, eta: float = 1.0, c: float = 1e-4):
+    def __init__(
+        self,
+        domains: Sequence[str],
+        weights,
+        rule: str = "none",
+        ref_loss=None,
+        seed: int = 0,
+        eta: float = 1.0,
+        c: float = 1e-4,
+    ):
         if rule not in RULES:
             raise ValueError(f"unknown dynamic data selection rule {rule!r}; choose from {RULES}")
         if len(set(domains)) != len(domains) or not domains:
@@ -74,41 +83,59 @@ class DomainSampler:
     def update(self, val_losses: Mapping[str, float], step: int | None = None) -> np.ndarray:
         """Apply the rule to per-domain validation losses; returns the new weights."""
         check_domain_names(val_losses, self.domains, "validation losses")
-        l = np.array([float(val_losses[d]) for d in self.domains], np.float64)
-        if not np.all(np.isfinite(l)):
+        loss = np.array([float(val_losses[d]) for d in self.domains], np.float64)
+        if not np.all(np.isfinite(loss)):
             raise ValueError(f"non-finite validation loss: {dict(val_losses)}")
         w, r, K = self._w, self.ref_loss, len(self.domains)
         if self.rule == "sheared_llama":
             with np.errstate(divide="ignore"):  # log 0 = -inf: a zero weight stays at c / K
-                z = np.log(w) + self.eta * (l - r)
+                z = np.log(w) + self.eta * (loss - r)
             a = np.exp(z - z.max())
             a /= a.sum()
             new = (1.0 - self.c) * a + self.c / K
             new /= new.sum()
         elif self.rule == "sheared_llama_paper":
-            a = w * np.exp(np.maximum(0.0, l - r))
+            a = w * np.exp(np.maximum(0.0, loss - r))
             new = a / a.sum()
         else:
             new = w.copy()
         self._w = new
-        self.history.append({"step": step, "num_samples": self.num_samples,
-                             "losses": l.tolist(), "weights": new.tolist()})
+        self.history.append(
+            {
+                "step": step,
+                "num_samples": self.num_samples,
+                "losses": loss.tolist(),
+                "weights": new.tolist(),
+            }
+        )
         return self.weights
 
     def state_dict(self) -> dict:
         """JSON-serialisable (lists, numbers, strings; the 128-bit RNG words as strings)."""
         st = self._rng.bit_generator.state
-        rng = {"bit_generator": st["bit_generator"],
-               "state": str(st["state"]["state"]), "inc": str(st["state"]["inc"]),
-               "has_uint32": int(st["has_uint32"]), "uinteger": int(st["uinteger"])}
-        return {"domains": list(self.domains), "rule": self.rule, "seed": self.seed,
-                "weights": self._w.tolist(), "rng": rng, "num_samples": int(self.num_samples),
-                "counts": self.counts.tolist(), "history": [dict(h) for h in self.history]}
+        rng = {
+            "bit_generator": st["bit_generator"],
+            "state": str(st["state"]["state"]),
+            "inc": str(st["state"]["inc"]),
+            "has_uint32": int(st["has_uint32"]),
+            "uinteger": int(st["uinteger"]),
+        }
+        return {
+            "domains": list(self.domains),
+            "rule": self.rule,
+            "seed": self.seed,
+            "weights": self._w.tolist(),
+            "rng": rng,
+            "num_samples": int(self.num_samples),
+            "counts": self.counts.tolist(),
+            "history": [dict(h) for h in self.history],
+        }
 
     def load_state_dict(self, sd: Mapping) -> None:
         if list(sd["domains"]) != self.domains:
-            raise ValueError(f"sampler state is for domains {list(sd['domains'])}, "
-                             f"this run uses {self.domains}")
+            raise ValueError(
+                f"sampler state is for domains {list(sd['domains'])}, this run uses {self.domains}"
+            )
         w = np.array(sd["weights"], np.float64)
         if w.shape != self._w.shape or not math.isclose(w.sum(), 1.0, rel_tol=1e-9):
             raise ValueError(f"sampler state has invalid weights {sd['weights']}")
@@ -116,7 +143,9 @@ class DomainSampler:
         self._rng.bit_generator.state = {
             "bit_generator": r["bit_generator"],
             "state": {"state": int(r["state"]), "inc": int(r["inc"])},
-            "has_uint32": int(r["has_uint32"]), "uinteger": int(r["uinteger"])}
+            "has_uint32": int(r["has_uint32"]),
+            "uinteger": int(r["uinteger"]),
+        }
         # The checkpoint wins over the constructor for everything that shapes the sequence;
         # the rule and its constants stay as constructed (a resumed run may change them).
         self._w = w

@@ -8,6 +8,7 @@ collide (a counter separates any names that still would). Files are written in a
 inside `<out>` and moved into place only when the whole input succeeded; a file this would
 replace must have been written by megamoe (an output folder it created), else it refuses.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,21 +69,35 @@ def out_names(files: list[str], compress: bool) -> list[str]:
     return names
 
 
-def split_domains(inputs, output_dir: str, key: str = "meta.redpajama_set_name",
-                  mapping: dict | None = None, unknown: str = "error",
-                  skip_bad_lines: bool = False, compress: bool = False, log=print) -> dict:
+def split_domains(
+    inputs,
+    output_dir: str,
+    key: str = "meta.redpajama_set_name",
+    mapping: dict | None = None,
+    unknown: str = "error",
+    skip_bad_lines: bool = False,
+    compress: bool = False,
+    log=print,
+) -> dict:
     """Returns {domain: number of records}; see the module docstring."""
     mapping = dict(DEFAULT_MAPPING if mapping is None else mapping)
     files = input_files([inputs] if isinstance(inputs, str) else list(inputs))
     names = out_names(files, compress)
     out = Path(output_dir)
     if out.is_dir() and not written_by_megamoe(out):
-        taken = [str(out / d / n) for d in os.listdir(out) if (out / d).is_dir() for n in names
-                 if (out / d / n).exists()]
+        taken = [
+            str(out / d / n)
+            for d in os.listdir(out)
+            if (out / d).is_dir()
+            for n in names
+            if (out / d / n).exists()
+        ]
         if taken:
-            raise SplitError(f"--output-dir {output_dir} already holds {taken[0]}, which this "
-                             "split would replace, and megamoe did not write it: choose another "
-                             "--output-dir")
+            raise SplitError(
+                f"--output-dir {output_dir} already holds {taken[0]}, which this "
+                "split would replace, and megamoe did not write it: choose another "
+                "--output-dir"
+            )
     ours = not out.is_dir() or not any(out.iterdir())  # then a rerun may replace its files
     out.mkdir(parents=True, exist_ok=True)
     tmp = staging_dir(out / "split", "tmp")
@@ -102,16 +117,19 @@ def split_domains(inputs, output_dir: str, key: str = "meta.redpajama_set_name",
                             raise ValueError(f"no string at key {key!r}")
                     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError included
                         if not skip_bad_lines:
-                            raise SplitError(f"{path}:{lineno}: {e} (use --skip-bad-lines to "
-                                             "skip such lines)") from None
+                            raise SplitError(
+                                f"{path}:{lineno}: {e} (use --skip-bad-lines to skip such lines)"
+                            ) from None
                         bad += 1
                         continue
                     domain = mapping.get(value)
                     if domain is None:
                         if unknown == "error":
-                            raise SplitError(f"{path}:{lineno}: {key} = {value!r} is not in the "
-                                             f"mapping {sorted(mapping)} (see --mapping, "
-                                             "--unknown)")
+                            raise SplitError(
+                                f"{path}:{lineno}: {key} = {value!r} is not in the "
+                                f"mapping {sorted(mapping)} (see --mapping, "
+                                "--unknown)"
+                            )
                         if unknown == "skip":
                             counts[f"(skipped) {value}"] += 1
                             continue
@@ -136,8 +154,10 @@ def split_domains(inputs, output_dir: str, key: str = "meta.redpajama_set_name",
         mark(out, "megamoe split-domains")
     lost = [p for p, n in written.items() if not os.path.isfile(p) or os.path.getsize(p) != n]
     if lost:
-        raise SplitError(f"{lost[0]} is not on disk as written (another process changed the "
-                         "output folder?); the counts above would not match")
+        raise SplitError(
+            f"{lost[0]} is not on disk as written (another process changed the "
+            "output folder?); the counts above would not match"
+        )
     result = dict(counts)
     if bad:
         result["(bad lines)"] = bad
@@ -146,17 +166,26 @@ def split_domains(inputs, output_dir: str, key: str = "meta.redpajama_set_name",
 
 def build_parser(prog: str = "split_domains.py") -> argparse.ArgumentParser:
     p = FlagParser(
-        prog=prog,
-        description="Split SlimPajama-style jsonl into one folder per domain.")
+        prog=prog, description="Split SlimPajama-style jsonl into one folder per domain."
+    )
     p.add_argument("--input", required=True, nargs="+", help="jsonl file(s), folder(s) or glob(s)")
     p.add_argument("--output-dir", required=True)
-    p.add_argument("--key", default="meta.redpajama_set_name",
-                   help="dotted path of the domain field in each record")
-    p.add_argument("--mapping", help="json file {raw value: domain folder}, replacing the "
-                   "default SlimPajama mapping")
-    p.add_argument("--unknown", choices=["error", "skip", "keep"], default="error",
-                   help="records whose value is not in the mapping: fail, drop, or keep them "
-                        "in a folder named after the value")
+    p.add_argument(
+        "--key",
+        default="meta.redpajama_set_name",
+        help="dotted path of the domain field in each record",
+    )
+    p.add_argument(
+        "--mapping",
+        help="json file {raw value: domain folder}, replacing the default SlimPajama mapping",
+    )
+    p.add_argument(
+        "--unknown",
+        choices=["error", "skip", "keep"],
+        default="error",
+        help="records whose value is not in the mapping: fail, drop, or keep them "
+        "in a folder named after the value",
+    )
     p.add_argument("--skip-bad-lines", action="store_true")
     p.add_argument("--compress", action="store_true", help="write .jsonl.gz")
     return p
@@ -179,8 +208,9 @@ def run(argv, prog: str = PROG) -> int:
             mapping = json.load(f)
         if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
             raise SplitError(f"{a.mapping} must hold a json object {{value: domain}}")
-    counts = split_domains(a.input, a.output_dir, a.key, mapping, a.unknown, a.skip_bad_lines,
-                           a.compress)
+    counts = split_domains(
+        a.input, a.output_dir, a.key, mapping, a.unknown, a.skip_bad_lines, a.compress
+    )
     expected = sorted(set((mapping or DEFAULT_MAPPING).values()))
     for d in sorted(set(counts) | set(expected)):
         print(f"{d:<24} {counts.get(d, 0):>12,} records")

@@ -11,6 +11,7 @@ Data parallelism: every rank draws the same global batch of batch_size * dp_size
 identical state; rank r then reads only global samples [r * batch_size, (r + 1) * batch_size).
 Within an epoch of a domain no block is used twice, so no two ranks see the same sample.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,24 +40,36 @@ def find_domain_folders(dataset_dir: str) -> dict[str, list[str]]:
             continue
         out[name] = find_prefixes(path)
         if not out[name]:
-            raise ValueError(f"domain folder {path} holds no *_document.bin/.idx datasets "
-                             "(empty domain)")
+            raise ValueError(
+                f"domain folder {path} holds no *_document.bin/.idx datasets (empty domain)"
+            )
     if not out:
         raise ValueError(f"{dataset_dir} has no domain sub-folders with *_document.bin/.idx")
     return out
 
 
 class MultiDomainTrainData:
-    def __init__(self, dataset_dir: str, block_size: int, sampler: DomainSampler,
-                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
-                 eod_id: int | None = None, log=print):
+    def __init__(
+        self,
+        dataset_dir: str,
+        block_size: int,
+        sampler: DomainSampler,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        seed: int = 0,
+        eod_id: int | None = None,
+        log=print,
+    ):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} out of range for dp_size {dp_size}")
         if int(seed) < 0:
             raise ValueError(f"the data order needs a seed >= 0 (--seed), got {seed}")
         found = find_domain_folders(dataset_dir)
-        check_domain_names(sampler.domains, list(found),
-                           f"domain weights (for the domain folders in {dataset_dir})")
+        check_domain_names(
+            sampler.domains,
+            list(found),
+            f"domain weights (for the domain folders in {dataset_dir})",
+        )
         self.domains = list(sampler.domains)
         self.sampler, self.block_size, self.seed = sampler, int(block_size), int(seed)
         self.dp_rank, self.dp_size, self.log = dp_rank, dp_size, log
@@ -74,9 +87,13 @@ class MultiDomainTrainData:
 
     def summary(self) -> str:
         w = self.sampler.weights
-        rows = [f"  {d:<14} {s.num_tokens:>14,} tokens {s.num_blocks:>11,} blocks  weight {x:.4f}"
-                for d, s, x in zip(self.domains, self.streams, w)]
-        return f"data: {len(self.domains)} domains, block size {self.block_size}\n" + "\n".join(rows)
+        rows = [
+            f"  {d:<14} {s.num_tokens:>14,} tokens {s.num_blocks:>11,} blocks  weight {x:.4f}"
+            for d, s, x in zip(self.domains, self.streams, w)
+        ]
+        return f"data: {len(self.domains)} domains, block size {self.block_size}\n" + "\n".join(
+            rows
+        )
 
     def _order(self, k: int, e: int):
         """Block order of epoch e of domain k: positions (int array) -> block numbers."""
@@ -101,8 +118,10 @@ class MultiDomainTrainData:
             g = self.position[k] + np.arange(idx.size, dtype=np.int64)
             epoch, pos = self.epoch[k] + g // n, g % n
             for e in range(self.epoch[k], int(epoch[-1])):
-                self.log(f"data: domain {self.domains[k]} exhausted after epoch {e} "
-                         f"({n} blocks); starting epoch {e + 1}")
+                self.log(
+                    f"data: domain {self.domains[k]} exhausted after epoch {e} "
+                    f"({n} blocks); starting epoch {e + 1}"
+                )
             mine = (idx >= lo) & (idx < lo + batch_size)
             for e in np.unique(epoch[mine]).tolist():
                 sel = mine & (epoch == e)
@@ -110,48 +129,62 @@ class MultiDomainTrainData:
             self.epoch[k], self.position[k] = int(epoch[-1]), int(pos[-1]) + 1
             if k in self._legacy and self._legacy[k] < self.epoch[k]:
                 del self._legacy[k]  # the old checkpoint's epoch is finished
-        mine = doms[lo: lo + batch_size]
-        tokens = np.stack([self.streams[k].block(b) for k, b in zip(mine.tolist(), blocks.tolist())])
+        mine = doms[lo : lo + batch_size]
+        tokens = np.stack(
+            [self.streams[k].block(b) for k, b in zip(mine.tolist(), blocks.tolist())]
+        )
         self.consumed_samples += len(doms)
         return torch.from_numpy(tokens), torch.from_numpy(mine.copy())
 
     def state_dict(self) -> dict:
         """JSON-serialisable; identical on every data-parallel rank."""
-        return {"domains": list(self.domains), "block_size": self.block_size, "seed": self.seed,
-                "num_blocks": [s.num_blocks for s in self.streams],
-                "epoch": list(self.epoch), "position": list(self.position),
-                "order": ORDER,
-                "legacy_order_epochs": {self.domains[k]: e for k, e in self._legacy.items()},
-                "consumed_samples": self.consumed_samples,
-                "sampler": self.sampler.state_dict()}
+        return {
+            "domains": list(self.domains),
+            "block_size": self.block_size,
+            "seed": self.seed,
+            "num_blocks": [s.num_blocks for s in self.streams],
+            "epoch": list(self.epoch),
+            "position": list(self.position),
+            "order": ORDER,
+            "legacy_order_epochs": {self.domains[k]: e for k, e in self._legacy.items()},
+            "consumed_samples": self.consumed_samples,
+            "sampler": self.sampler.state_dict(),
+        }
 
     def load_state_dict(self, sd: dict) -> None:
         if list(sd["domains"]) != self.domains:
             raise ValueError(f"data state is for domains {sd['domains']}, not {self.domains}")
         if sd["block_size"] != self.block_size or sd["seed"] != self.seed:
-            raise ValueError(f"data state has block_size {sd['block_size']} and seed "
-                             f"{sd['seed']}; this run uses {self.block_size} and {self.seed}")
+            raise ValueError(
+                f"data state has block_size {sd['block_size']} and seed "
+                f"{sd['seed']}; this run uses {self.block_size} and {self.seed}"
+            )
         now = [s.num_blocks for s in self.streams]
         if list(sd["num_blocks"]) != now:
-            raise ValueError(f"the datasets changed since the checkpoint: blocks per domain "
-                             f"{dict(zip(self.domains, sd['num_blocks']))} then, "
-                             f"{dict(zip(self.domains, now))} now")
+            raise ValueError(
+                f"the datasets changed since the checkpoint: blocks per domain "
+                f"{dict(zip(self.domains, sd['num_blocks']))} then, "
+                f"{dict(zip(self.domains, now))} now"
+            )
         order = sd.get("order")
         if order not in (None, ORDER):
-            raise ValueError(f"data state uses the block order {order!r}; this version knows "
-                             f"{ORDER!r} (and older states without one)")
+            raise ValueError(
+                f"data state uses the block order {order!r}; this version knows "
+                f"{ORDER!r} (and older states without one)"
+            )
         self.epoch = [int(x) for x in sd["epoch"]]
         self.position = [int(x) for x in sd["position"]]
         self._orders.clear()
         if order is None:
             # Saved before the per-position order: finish each partly read epoch in the old
             # materialised permutation, so the resume is exact; later epochs use the new order.
-            self._legacy = {k: self.epoch[k] for k, n in enumerate(now)
-                            if 0 < self.position[k] < n}
+            self._legacy = {k: self.epoch[k] for k, n in enumerate(now) if 0 < self.position[k] < n}
             if self._legacy:
-                self.log("data: the checkpoint predates the per-position block order; "
-                         + ", ".join(self.domains[k] for k in self._legacy)
-                         + " finish their current epoch in the old (materialised) order")
+                self.log(
+                    "data: the checkpoint predates the per-position block order; "
+                    + ", ".join(self.domains[k] for k in self._legacy)
+                    + " finish their current epoch in the old (materialised) order"
+                )
         else:
             legacy = sd.get("legacy_order_epochs") or {}
             self._legacy = {self.domains.index(d): int(e) for d, e in legacy.items()}

@@ -6,6 +6,7 @@
                                             the json key must then contain no underscore)
 Each domain's documents are concatenated in order (no shuffling) and cut into blocks.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,24 +38,32 @@ def find_validation_sets(validation_dir: str) -> dict[str, list[str]]:
                 raise FileNotFoundError(f"{path}: the matching data file {prefix}.bin is missing")
             found.setdefault(stem.rsplit("_", 1)[0], []).append(prefix)
     if not found:
-        raise ValueError(f"{validation_dir} holds no validation sets (<domain>/*_document.idx or "
-                         "<domain>_<key>_document.idx)")
+        raise ValueError(
+            f"{validation_dir} holds no validation sets (<domain>/*_document.idx or "
+            "<domain>_<key>_document.idx)"
+        )
     return found
 
 
-def load_validation_sets(validation_dir: str, block_size: int,
-                         max_blocks_per_domain: int | None = None,
-                         domains: list[str] | None = None,
-                         eod_id: int | None = None) -> dict[str, torch.Tensor]:
+def load_validation_sets(
+    validation_dir: str,
+    block_size: int,
+    max_blocks_per_domain: int | None = None,
+    domains: list[str] | None = None,
+    eod_id: int | None = None,
+) -> dict[str, torch.Tensor]:
     """{domain: LongTensor [n, block_size]}: the first n blocks of each domain's validation data.
     With `domains`, the sets found must match those names exactly (and come in that order)."""
     found = find_validation_sets(validation_dir)
     if domains is not None:
         check_domain_names(list(found), list(domains), f"validation sets in {validation_dir}")
     out = {}
-    for d in (domains if domains is not None else found):
+    for d in domains if domains is not None else found:
         s = DomainStream(d, found[d], block_size, eod_id)
-        n = s.num_blocks if max_blocks_per_domain is None else min(s.num_blocks,
-                                                                     max_blocks_per_domain)
+        n = (
+            s.num_blocks
+            if max_blocks_per_domain is None
+            else min(s.num_blocks, max_blocks_per_domain)
+        )
         out[d] = torch.from_numpy(s.blocks(0, n))
     return out

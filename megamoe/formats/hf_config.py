@@ -5,12 +5,13 @@ Reading accepts the configs transformers 4.x writes (``rope_theta``, ``rope_scal
 layout, which both read, and which the LLaMA-MoE remote code (transformers 4.x era) expects.
 The LLaMA-MoE fields are those the released LLaMA-MoE configs carry (README, "Checkpoints").
 """
+
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from ..config import ModelConfig, MoEConfig
 
@@ -27,7 +28,7 @@ def _refuse(path: str, findings) -> None:
         raise HFFormatError(f"{path}: " + "; ".join(bad))
 
 
-def _dtype_name(cfg: dict) -> Optional[str]:
+def _dtype_name(cfg: dict) -> str | None:
     return cfg.get("torch_dtype") or cfg.get("dtype")
 
 
@@ -36,8 +37,10 @@ def read_config_json(hf_dir: str | os.PathLike) -> dict:
     if not Path(hf_dir).is_dir():
         raise HFFormatError(f"--hf-dir {hf_dir}: no such directory")
     if not path.is_file():
-        raise HFFormatError(f"{path}: not found; --hf-dir must be a Hugging Face model directory "
-                            "(config.json plus *.safetensors or pytorch_model*.bin)")
+        raise HFFormatError(
+            f"{path}: not found; --hf-dir must be a Hugging Face model directory "
+            "(config.json plus *.safetensors or pytorch_model*.bin)"
+        )
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -50,15 +53,21 @@ def _rope_theta(cfg: dict, path: str) -> float:
     if isinstance(rp, dict):
         kind = rp.get("rope_type", rp.get("type", "default"))
         if kind != "default":
-            raise HFFormatError(f"{path}: rope_parameters type {kind!r} is not supported (only "
-                                "plain RoPE, as in LLaMA-1/2)")
+            raise HFFormatError(
+                f"{path}: rope_parameters type {kind!r} is not supported (only "
+                "plain RoPE, as in LLaMA-1/2)"
+            )
         if "rope_theta" in rp:
             return float(rp["rope_theta"])
     if scaling:
-        kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else scaling
+        kind = (
+            scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else scaling
+        )
         if kind not in (None, "default"):
-            raise HFFormatError(f"{path}: rope_scaling {scaling!r} is not supported (only plain "
-                                "RoPE, as in LLaMA-1/2)")
+            raise HFFormatError(
+                f"{path}: rope_scaling {scaling!r} is not supported (only plain "
+                "RoPE, as in LLaMA-1/2)"
+            )
     return float(cfg.get("rope_theta", 10000.0))
 
 
@@ -68,10 +77,17 @@ def model_config_from_hf(cfg: dict, path: str = CONFIG) -> ModelConfig:
     caller)."""
     mt = cfg.get("model_type")
     if mt not in ("llama", "llama_moe"):
-        raise HFFormatError(f"{path}: model_type {mt!r} is not LLaMA; hf-to-megamoe converts "
-                            "model_type 'llama' (LlamaForCausalLM) or 'llama_moe' (LLaMA-MoE)")
-    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                "num_attention_heads")
+        raise HFFormatError(
+            f"{path}: model_type {mt!r} is not LLaMA; hf-to-megamoe converts "
+            "model_type 'llama' (LlamaForCausalLM) or 'llama_moe' (LLaMA-MoE)"
+        )
+    required = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+    )
     missing = [k for k in required if k not in cfg]
     if missing:
         raise HFFormatError(f"{path}: missing {missing}")
@@ -82,8 +98,10 @@ def model_config_from_hf(cfg: dict, path: str = CONFIG) -> ModelConfig:
         if cfg.get(flag):
             raise HFFormatError(f"{path}: {flag} is true; megamoe's LLaMA has no biases")
     if cfg.get("pretraining_tp", 1) not in (1, None):
-        raise HFFormatError(f"{path}: pretraining_tp {cfg['pretraining_tp']} is not supported; "
-                            "set it to 1 (it only changes how HF computes, not the weights)")
+        raise HFFormatError(
+            f"{path}: pretraining_tp {cfg['pretraining_tp']} is not supported; "
+            "set it to 1 (it only changes how HF computes, not the weights)"
+        )
     m = ModelConfig(
         vocab_size=int(cfg["vocab_size"]),
         hidden_size=int(cfg["hidden_size"]),
@@ -100,15 +118,30 @@ def model_config_from_hf(cfg: dict, path: str = CONFIG) -> ModelConfig:
     _refuse(path, m.check())
     head_dim = cfg.get("head_dim")
     if head_dim is not None and int(head_dim) != m.head_dim:
-        raise HFFormatError(f"{path}: head_dim {head_dim} differs from hidden_size / "
-                            f"num_attention_heads = {m.head_dim}; not supported")
+        raise HFFormatError(
+            f"{path}: head_dim {head_dim} differs from hidden_size / "
+            f"num_attention_heads = {m.head_dim}; not supported"
+        )
     return m
 
 
-_MOE_FIELDS = ("num_experts", "num_selects", "size_experts", "gate_type", "gate_network",
-               "gate_use_softmax", "gate_use_balance", "gate_balance_loss_weight",
-               "gate_add_noise", "gate_noise_epsilon", "gate_load_rule", "score_scale_factor",
-               "multiply_gate_scores", "capacity_factor", "drop_tokens")
+_MOE_FIELDS = (
+    "num_experts",
+    "num_selects",
+    "size_experts",
+    "gate_type",
+    "gate_network",
+    "gate_use_softmax",
+    "gate_use_balance",
+    "gate_balance_loss_weight",
+    "gate_add_noise",
+    "gate_noise_epsilon",
+    "gate_load_rule",
+    "score_scale_factor",
+    "multiply_gate_scores",
+    "capacity_factor",
+    "drop_tokens",
+)
 
 
 def moe_config_from_hf(cfg: dict, m: ModelConfig, path: str = CONFIG) -> MoEConfig:
@@ -130,14 +163,18 @@ def moe_config_from_hf(cfg: dict, m: ModelConfig, path: str = CONFIG) -> MoEConf
     e = moe.num_experts
     if moe.size_experts is not None:
         sizes = moe.size_experts
-        if (isinstance(sizes, list) and len(sizes) == e and all(isinstance(s, int) for s in sizes)):
+        if isinstance(sizes, list) and len(sizes) == e and all(isinstance(s, int) for s in sizes):
             sizes = [list(sizes) for _ in range(m.num_hidden_layers)]  # one list for all layers
         moe.size_experts = [[int(s) for s in layer] for layer in sizes]
         if len(sizes) != m.num_hidden_layers or any(len(layer) != e for layer in sizes):
-            raise HFFormatError(f"{path}: size_experts must hold {m.num_hidden_layers} lists "
-                                f"(one per layer) of {e} expert sizes")
-        if all(s == m.intermediate_size // e for layer in moe.size_experts for s in layer) \
-                and m.intermediate_size % e == 0:
+            raise HFFormatError(
+                f"{path}: size_experts must hold {m.num_hidden_layers} lists "
+                f"(one per layer) of {e} expert sizes"
+            )
+        if (
+            all(s == m.intermediate_size // e for layer in moe.size_experts for s in layer)
+            and m.intermediate_size % e == 0
+        ):
             moe.size_experts = None  # equal sizes: the canonical form
     _refuse(path, moe.check(m))
     return moe
@@ -170,16 +207,18 @@ def _llama_fields(m: ModelConfig, dtype: str) -> dict:
     }
 
 
-def llama_config_dict(m: ModelConfig, dtype: str = "float32",
-                      extra: Optional[dict[str, Any]] = None) -> dict:
+def llama_config_dict(
+    m: ModelConfig, dtype: str = "float32", extra: dict[str, Any] | None = None
+) -> dict:
     """config.json of an HF LlamaForCausalLM."""
     cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **_llama_fields(m, dtype)}
     cfg.update(extra or {})
     return cfg
 
 
-def llama_moe_config_dict(m: ModelConfig, moe: MoEConfig, dtype: str = "float32",
-                          extra: Optional[dict[str, Any]] = None) -> dict:
+def llama_moe_config_dict(
+    m: ModelConfig, moe: MoEConfig, dtype: str = "float32", extra: dict[str, Any] | None = None
+) -> dict:
     """config.json of an HF LLaMA-MoE model, with every MoE field of the released configs."""
     sf = moe.score_scale_factor
     if sf is None:
@@ -188,28 +227,35 @@ def llama_moe_config_dict(m: ModelConfig, moe: MoEConfig, dtype: str = "float32"
         sf = [float(s) for s in sf]
     else:
         sf = float(sf)
-    cfg = {"architectures": ["LlamaMoEForCausalLM"], "model_type": "llama_moe",
-           **_llama_fields(m, dtype),
-           "num_experts": moe.num_experts,
-           "num_selects": moe.num_selects,
-           "size_experts": None if moe.size_experts is None else
-           [[int(s) for s in layer] for layer in moe.size_experts],
-           "gate_type": moe.gate_type,
-           "gate_network": moe.gate_network,
-           "gate_use_softmax": moe.gate_use_softmax,
-           "gate_use_balance": moe.gate_use_balance,
-           "gate_balance_loss_weight": moe.gate_balance_loss_weight,
-           "gate_add_noise": moe.gate_add_noise,
-           "gate_noise_epsilon": moe.gate_noise_epsilon,
-           "gate_load_rule": moe.gate_load_rule,  # megamoe's; ignored by the remote code
-           "calculator_type": ("SwitchDropTokenCalculator" if moe.gate_type == "SwitchBalancedGate"
-                               else "UniversalCalculator"),
-           "multiply_gate_scores": moe.multiply_gate_scores,
-           "score_scale_factor": sf,
-           "add_weight_norm": False,
-           "drop_tokens": moe.drop_tokens,
-           "dropped_padding": "zero",
-           "capacity_factor": moe.capacity_factor}
+    cfg = {
+        "architectures": ["LlamaMoEForCausalLM"],
+        "model_type": "llama_moe",
+        **_llama_fields(m, dtype),
+        "num_experts": moe.num_experts,
+        "num_selects": moe.num_selects,
+        "size_experts": None
+        if moe.size_experts is None
+        else [[int(s) for s in layer] for layer in moe.size_experts],
+        "gate_type": moe.gate_type,
+        "gate_network": moe.gate_network,
+        "gate_use_softmax": moe.gate_use_softmax,
+        "gate_use_balance": moe.gate_use_balance,
+        "gate_balance_loss_weight": moe.gate_balance_loss_weight,
+        "gate_add_noise": moe.gate_add_noise,
+        "gate_noise_epsilon": moe.gate_noise_epsilon,
+        "gate_load_rule": moe.gate_load_rule,  # megamoe's; ignored by the remote code
+        "calculator_type": (
+            "SwitchDropTokenCalculator"
+            if moe.gate_type == "SwitchBalancedGate"
+            else "UniversalCalculator"
+        ),
+        "multiply_gate_scores": moe.multiply_gate_scores,
+        "score_scale_factor": sf,
+        "add_weight_norm": False,
+        "drop_tokens": moe.drop_tokens,
+        "dropped_padding": "zero",
+        "capacity_factor": moe.capacity_factor,
+    }
     cfg.update(extra or {})
     return cfg
 

@@ -5,13 +5,14 @@ Reading keeps memory bounded: safetensors files are memory-mapped and each tenso
 on request; .bin shards are loaded with ``torch.load(mmap=True)`` one shard at a time (the last
 one is cached, so a layer-by-layer walk through a sharded checkpoint loads each shard about once).
 """
+
 from __future__ import annotations
 
 import json
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
 
 import torch
 
@@ -38,7 +39,7 @@ class HFWeights:
         self.weight_map: dict[str, str] = {}  # tensor name -> file name (relative)
         self._read: set[str] = set()
         self._safe_handles: dict[str, object] = {}
-        self._bin_cache: tuple[Optional[str], Optional[dict]] = (None, None)
+        self._bin_cache: tuple[str | None, dict | None] = (None, None)
         self.kind = self._discover()
 
     def _discover(self) -> str:
@@ -49,12 +50,16 @@ class HFWeights:
                     data = json.loads((d / index).read_text())
                     self.weight_map = dict(data["weight_map"])
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise HFFormatError(f"{d / index}: not a valid index file ({e!r}); it must hold "
-                                        "{\"weight_map\": {tensor name: file}}") from None
+                    raise HFFormatError(
+                        f"{d / index}: not a valid index file ({e!r}); it must hold "
+                        '{"weight_map": {tensor name: file}}'
+                    ) from None
                 missing = sorted({f for f in self.weight_map.values() if not (d / f).is_file()})
                 if missing:
-                    raise HFFormatError(f"{d / index} names shard files that are missing: "
-                                        f"{missing[:5]}; download them or fix the index")
+                    raise HFFormatError(
+                        f"{d / index} names shard files that are missing: "
+                        f"{missing[:5]}; download them or fix the index"
+                    )
                 return kind
         if (d / SAFE_SINGLE).is_file():
             return self._map_single(SAFE_SINGLE, "safetensors")
@@ -65,8 +70,9 @@ class HFWeights:
             return self._map_single(safes[0], "safetensors")
         raise HFFormatError(
             f"{d}: no weights found: expected {SAFE_SINGLE}, {SAFE_INDEX} (sharded), {BIN_SINGLE} "
-            f"or {BIN_INDEX} (sharded)" + (f"; found several *.safetensors without an index: "
-                                           f"{safes[:4]}" if safes else ""))
+            f"or {BIN_INDEX} (sharded)"
+            + (f"; found several *.safetensors without an index: {safes[:4]}" if safes else "")
+        )
 
     def _map_single(self, fname: str, kind: str) -> str:
         if kind == "safetensors":
@@ -84,7 +90,9 @@ class HFWeights:
             try:
                 h = safe_open(str(self.dir / fname), framework="pt")
             except Exception as e:  # safetensors raises its own error types
-                raise HFFormatError(f"{self.dir / fname}: cannot read as safetensors ({e})") from None
+                raise HFFormatError(
+                    f"{self.dir / fname}: cannot read as safetensors ({e})"
+                ) from None
             self._safe_handles[fname] = h
         return h
 
@@ -118,8 +126,10 @@ class HFWeights:
     def get(self, name: str) -> torch.Tensor:
         fname = self.weight_map.get(name)
         if fname is None:
-            raise HFFormatError(f"{self.dir}: tensor {name!r} not found in the {self.kind} weights "
-                                f"({len(self.weight_map)} tensors); is this the right model type?")
+            raise HFFormatError(
+                f"{self.dir}: tensor {name!r} not found in the {self.kind} weights "
+                f"({len(self.weight_map)} tensors); is this the right model type?"
+            )
         self._read.add(name)
         if self.kind == "safetensors":
             try:
@@ -127,11 +137,15 @@ class HFWeights:
             except HFFormatError:
                 raise
             except Exception as e:
-                raise HFFormatError(f"{self.dir / fname}: cannot read tensor {name!r} ({e})") from None
+                raise HFFormatError(
+                    f"{self.dir / fname}: cannot read tensor {name!r} ({e})"
+                ) from None
         sd = self._bin(fname)
         if name not in sd:
-            raise HFFormatError(f"{self.dir / fname}: tensor {name!r} is listed in the index but "
-                                "missing from the file")
+            raise HFFormatError(
+                f"{self.dir / fname}: tensor {name!r} is listed in the index but "
+                "missing from the file"
+            )
         return sd[name]
 
     def unread(self) -> list[str]:
@@ -143,8 +157,18 @@ class HFWeights:
         self._bin_cache = (None, None)
 
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(text: str | int) -> int:
@@ -153,8 +177,9 @@ def parse_size(text: str | int) -> int:
         return text
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
     if not m or m.group(2).upper() not in _UNITS:
-        raise ValueError(f"--max-shard-size {text!r}: give a size like 5GB, 500MB, 2GiB or a "
-                         "number of bytes")
+        raise ValueError(
+            f"--max-shard-size {text!r}: give a size like 5GB, 500MB, 2GiB or a number of bytes"
+        )
     n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
     if n <= 0:
         raise ValueError(f"--max-shard-size {text!r} must be positive")

@@ -22,13 +22,14 @@ This relies on internals of megatron-core 0.16.1's torch_dist strategy (imported
 parallel/mcore.py) and of torch.distributed.checkpoint's file writer;
 tests/convert/test_convert_streaming.py checks the files against ``checkpoint.save``'s.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import os
 import re
 from collections import Counter
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import torch
 from torch.distributed import checkpoint as dcp
@@ -40,7 +41,6 @@ from ..config import ModelConfig, MoEConfig
 from ..parallel.mcore import ShardedTensor, apply_factories, dist_checkpointing, nested_values
 from ..parallel.mcore import torch_dist_strategy as _torch_strategy
 
-
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.")
 
 
@@ -48,8 +48,9 @@ class StreamError(ValueError):
     """The stream of tensors does not fit the model (a converter bug, or a bad source)."""
 
 
-def meta_model(m: ModelConfig, moe: Optional[MoEConfig] = None,
-               dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def meta_model(
+    m: ModelConfig, moe: MoEConfig | None = None, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
     """``build_model(m, moe, dtype=dtype)`` of a world of one on the meta device: the shapes and
     checkpoint layout without memory or initialisation. parallel.initialize() first."""
     from ..model import llama
@@ -68,6 +69,7 @@ def layer_group(name: str, num_layers: int) -> int:
 @dataclasses.dataclass
 class Piece:
     """One ShardedTensor of the checkpoint: the view (size, stride, storage offset) of `param`."""
+
     sharded: ShardedTensor
     param: str
     size: tuple
@@ -94,8 +96,10 @@ def _sharded_pieces(model: torch.nn.Module) -> tuple[dict, list[Piece]]:
         d = sh.data
         name = names.get(id(d if d._base is None else d._base))
         if name is None:
-            raise StreamError(f"checkpoint tensor {sh.key} is neither a parameter nor a view of "
-                              "one; the streaming converter cannot produce it")
+            raise StreamError(
+                f"checkpoint tensor {sh.key} is neither a parameter nor a view of "
+                "one; the streaming converter cannot produce it"
+            )
         pieces.append(Piece(sh, name, tuple(d.shape), tuple(d.stride()), d.storage_offset()))
     return sd, pieces
 
@@ -108,8 +112,9 @@ class _StreamSource:
     """Serves each write item's data from a stream of (parameter name, full tensor) pairs in
     layer order, keeping a tensor only until all of its pieces are written."""
 
-    def __init__(self, model: torch.nn.Module, pieces: list[Piece],
-                 items: Iterable[tuple[str, torch.Tensor]]):
+    def __init__(
+        self, model: torch.nn.Module, pieces: list[Piece], items: Iterable[tuple[str, torch.Tensor]]
+    ):
         self.params = dict(model.named_parameters())
         rank = {n: i for i, n in enumerate(self.params)}
         layers = len(model.decoder.layers)
@@ -119,7 +124,7 @@ class _StreamSource:
         self.ready: dict[str, torch.Tensor] = {}
         self.seen: set[str] = set()
         self.items = iter(items)
-        self.error: Optional[BaseException] = None  # the first failure inside the DCP writer
+        self.error: BaseException | None = None  # the first failure inside the DCP writer
 
     def order(self, item: WriteItem) -> tuple:
         if item.type == WriteItemType.BYTE_IO:
@@ -143,8 +148,9 @@ class _StreamSource:
             try:
                 n, t = next(self.items)
             except StopIteration:
-                raise StreamError(f"internal: parameter {name} was not produced from the "
-                                  "source") from None
+                raise StreamError(
+                    f"internal: parameter {name} was not produced from the source"
+                ) from None
             self._accept(n, t)
         return self.ready[name]
 
@@ -155,8 +161,9 @@ class _StreamSource:
         if name in self.seen:
             raise StreamError(f"internal: parameter {name} produced twice")
         if tuple(p.shape) != tuple(t.shape):
-            raise StreamError(f"{name}: shape {list(t.shape)} does not fit the model's "
-                              f"{list(p.shape)}")
+            raise StreamError(
+                f"{name}: shape {list(t.shape)} does not fit the model's {list(p.shape)}"
+            )
         self.seen.add(name)
         self.ready[name] = t.detach().to(p.dtype).contiguous()
 
@@ -192,8 +199,11 @@ class _Writer(dcp.FileSystemWriter):
                 data = planner.resolve_data(item)
                 if torch.is_tensor(data) and data.untyped_storage().nbytes() != data.nbytes:
                     data = data.clone()  # torch.save writes a view's whole storage
-                results.append(_fs._write_item(self.transforms, stream, data, item, name,
-                                               self.serialization_format))
+                results.append(
+                    _fs._write_item(
+                        self.transforms, stream, data, item, name, self.serialization_format
+                    )
+                )
                 del data
             if self.sync_files:
                 os.fsync(stream.fileno())
@@ -211,14 +221,19 @@ class _StreamingStrategy(_torch_strategy.TorchDistSaveShardedStrategy):
 
     def save(self, sharded_state_dict, checkpoint_dir) -> None:
         sd, _, _ = _torch_strategy._replace_state_dict_keys_with_sharded_keys(
-            sharded_state_dict, self.keep_only_main_replica)
+            sharded_state_dict, self.keep_only_main_replica
+        )
         state = _torch_strategy.mcore_to_pyt_state_dict(sd, False)
-        dcp.save(state, storage_writer=_Writer(str(checkpoint_dir), self.source),
-                 planner=_Planner(self.source))
+        dcp.save(
+            state,
+            storage_writer=_Writer(str(checkpoint_dir), self.source),
+            planner=_Planner(self.source),
+        )
 
 
-def save_streaming(model: torch.nn.Module, path: str | os.PathLike,
-                   items: Iterable[tuple[str, torch.Tensor]]) -> None:
+def save_streaming(
+    model: torch.nn.Module, path: str | os.PathLike, items: Iterable[tuple[str, torch.Tensor]]
+) -> None:
     """Write the model/ directory of a megamoe checkpoint for `model` (a ``meta_model``) with
     the data of `items`: (parameter name, full tensor) for every parameter once, in layer
     order (embedding, layer 0, 1, ..., the rest), cast to the parameter's dtype. Holds about one
@@ -252,7 +267,7 @@ class CheckpointReader:
         self.groups: dict[int, list[Piece]] = {}
         for p in _sharded_pieces(model)[1]:
             self.groups.setdefault(layer_group(p.param, self.layers), []).append(p)
-        self.group: Optional[int] = None
+        self.group: int | None = None
         self.loaded: dict[str, torch.Tensor] = {}
 
     def missing_keys(self) -> list[str]:
@@ -269,8 +284,10 @@ class CheckpointReader:
 
     def _load(self, g: int) -> dict[str, torch.Tensor]:
         pieces = self.groups.get(g, [])
-        full = {p.param: torch.empty(self.params[p.param].shape, dtype=self.params[p.param].dtype)
-                for p in pieces}
+        full = {
+            p.param: torch.empty(self.params[p.param].shape, dtype=self.params[p.param].dtype)
+            for p in pieces
+        }
         views = [p.view(full[p.param]) for p in pieces]
         request = {str(i): _as_chunk(p.sharded, v) for i, (p, v) in enumerate(zip(pieces, views))}
         # one layer is part of the stacked tensors: no whole-tensor access check
@@ -287,5 +304,6 @@ def _as_chunk(sh: ShardedTensor, data: torch.Tensor) -> ShardedTensor:
     reads a stacked tensor's prepended-axis shards as one regular grid, which at world size 1
     must be complete, but reads plain chunks one by one."""
     n = sh.prepend_axis_num
-    return dataclasses.replace(sh, data=data[(None,) * n], prepend_axis_num=0,
-                               local_shape=(1,) * n + tuple(sh.local_shape))
+    return dataclasses.replace(
+        sh, data=data[(None,) * n], prepend_axis_num=0, local_shape=(1,) * n + tuple(sh.local_shape)
+    )

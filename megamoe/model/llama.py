@@ -6,11 +6,11 @@ embeddings, grouped-query attention when num_key_value_heads < num_attention_hea
 Core attention is torch's scaled_dot_product_attention (flash/cuDNN kernels on GPUs).
 LLaMA-MoE: the same, with every layer's mlp our LlamaMoEMLP (moe/layer.py).
 """
+
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,7 @@ from ..parallel.mcore import (
     get_num_layers_to_build,
     get_transformer_layer_offset,
 )
+
 # megatron-core's column/row-parallel linears, whose sequence-parallel collectives overlap the GEMMs
 # when parallel.set_overlap(tp_comm=True) (parallel/tp_overlap.py); megatron-core's own path otherwise
 from ..parallel.tp_overlap import OverlappedColumnParallelLinear as ColumnParallelLinear
@@ -63,29 +64,53 @@ class RMSNorm(nn.Module):
 class SDPAttention(MegatronModule):
     """Causal core attention on torch.nn.functional.scaled_dot_product_attention."""
 
-    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type,
-                 attention_type: str = "self", attention_dropout: Optional[float] = None,
-                 softmax_scale: Optional[float] = None, **unused):
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type,
+        attention_type: str = "self",
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        **unused,
+    ):
         super().__init__(config=config)
         self.softmax_scale = softmax_scale
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
 
-    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
-                attention_bias=None, packed_seq_params=None):
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        attention_mask=None,
+        attn_mask_type=None,
+        attention_bias=None,
+        packed_seq_params=None,
+    ):
         if packed_seq_params is not None or attention_bias is not None:
             raise NotImplementedError("packed sequences and attention bias are not supported")
         sq, b = query.shape[0], query.shape[1]
         # [s, b, heads, dim] -> [b, heads, s, dim]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, scale=self.softmax_scale,
+            q,
+            k,
+            v,
+            is_causal=True,
+            scale=self.softmax_scale,
             dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=k.shape[1] != q.shape[1])
+            enable_gqa=k.shape[1] != q.shape[1],
+        )
         return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
 
 
-def transformer_config(model: ModelConfig, layout: parallel.ParallelLayout,
-                       dtype: torch.dtype = torch.float32, recompute: bool = False) -> TransformerConfig:
+def transformer_config(
+    model: ModelConfig,
+    layout: parallel.ParallelLayout,
+    dtype: torch.dtype = torch.float32,
+    recompute: bool = False,
+) -> TransformerConfig:
     raise_errors(model.check(), exc=ValueError)
     return TransformerConfig(
         num_layers=model.num_hidden_layers,
@@ -127,46 +152,72 @@ def _layer_spec(mlp: ModuleSpec) -> ModuleSpec:
         module=SelfAttention,
         params={"attn_mask_type": AttnMaskType.causal},
         submodules=SelfAttentionSubmodules(
-            linear_qkv=ColumnParallelLinear, core_attention=SDPAttention,
-            linear_proj=RowParallelLinear, q_layernorm=IdentityOp, k_layernorm=IdentityOp))
+            linear_qkv=ColumnParallelLinear,
+            core_attention=SDPAttention,
+            linear_proj=RowParallelLinear,
+            q_layernorm=IdentityOp,
+            k_layernorm=IdentityOp,
+        ),
+    )
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=RMSNorm, self_attention=attention, self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=RMSNorm, mlp=mlp, mlp_bda=get_bias_dropout_add))
+            input_layernorm=RMSNorm,
+            self_attention=attention,
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=RMSNorm,
+            mlp=mlp,
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
 
 
-def block_spec(config: TransformerConfig, model: ModelConfig,
-               moe: Optional[MoEConfig]) -> TransformerBlockSubmodules:
+def block_spec(
+    config: TransformerConfig, model: ModelConfig, moe: MoEConfig | None
+) -> TransformerBlockSubmodules:
     """The layer specs of this pipeline stage (each MoE layer knows its global index)."""
     offset = get_transformer_layer_offset(config)
     specs = []
     for i in range(offset, offset + get_num_layers_to_build(config)):
         if moe is None:
-            mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(
-                linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear))
+            mlp = ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(
+                    linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear
+                ),
+            )
         else:
-            mlp = ModuleSpec(module=moe_layer.LlamaMoEMLP, params={
-                "moe": moe, "layer_index": i, "intermediate_size": model.intermediate_size})
+            mlp = ModuleSpec(
+                module=moe_layer.LlamaMoEMLP,
+                params={"moe": moe, "layer_index": i, "intermediate_size": model.intermediate_size},
+            )
         specs.append(_layer_spec(mlp))
     return TransformerBlockSubmodules(layer_specs=specs, layer_norm=RMSNorm)
 
 
-def build_model(model: ModelConfig, moe: Optional[MoEConfig] = None,
-                layout: Optional[parallel.ParallelLayout] = None,
-                dtype: torch.dtype = torch.float32, recompute: bool = False,
-                meta: bool = False) -> GPTModel:
+def build_model(
+    model: ModelConfig,
+    moe: MoEConfig | None = None,
+    layout: parallel.ParallelLayout | None = None,
+    dtype: torch.dtype = torch.float32,
+    recompute: bool = False,
+    meta: bool = False,
+) -> GPTModel:
     """This rank's part of a LLaMA (moe=None) or LLaMA-MoE model. parallel.initialize() first.
 
     ``meta=True``: on the meta device, uninitialised (shapes and checkpoint layout only; the
     streaming converter uses it)."""
     layout = layout or parallel.ParallelLayout()
-    raise_errors((moe.check(model) if moe is not None else [])
-                 + layout.check(model, moe.num_experts if moe is not None else None),
-                 exc=ValueError)
+    raise_errors(
+        (moe.check(model) if moe is not None else [])
+        + layout.check(model, moe.num_experts if moe is not None else None),
+        exc=ValueError,
+    )
     config = transformer_config(model, layout, dtype, recompute)
     if meta:  # megatron-core would otherwise allocate on the GPU explicitly, not on meta
-        config = dataclasses.replace(config, use_cpu_initialization=True, perform_initialization=False)
+        config = dataclasses.replace(
+            config, use_cpu_initialization=True, perform_initialization=False
+        )
     with torch.device("meta") if meta else contextlib.nullcontext():
         gpt = _gpt(config, model, moe)
     if torch.cuda.is_available() and not meta:
@@ -176,7 +227,7 @@ def build_model(model: ModelConfig, moe: Optional[MoEConfig] = None,
     return gpt
 
 
-def _gpt(config: TransformerConfig, model: ModelConfig, moe: Optional[MoEConfig]) -> GPTModel:
+def _gpt(config: TransformerConfig, model: ModelConfig, moe: MoEConfig | None) -> GPTModel:
     return GPTModel(
         config=config,
         transformer_layer_spec=block_spec(config, model, moe),

@@ -31,12 +31,13 @@ The modules are switched to subclasses in place (``module.__class__``), so param
 checkpoint keys of the base weights do not change: a LoRA checkpoint holds the base weights
 under their usual keys plus ``...lora_A_<t>`` / ``...lora_B_<t>`` (experts: ``lora_<t>_A.<j>``).
 """
+
 from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +56,6 @@ from ..parallel.mcore import (
     reduce_scatter_to_sequence_parallel_region,
 )
 from .moe.experts import GroupedSwiGLUExperts, grouped_mm_available, mark_expert_param
-
 
 
 @dataclass
@@ -115,19 +115,31 @@ class LoRAColumnParallelLinear(ColumnParallelLinear):
             A = _init_A((spec.rank, in_features), f"{name}.lora_A_{t}", spec.seed)
             setattr(self, f"lora_A_{t}", _new_param(A, self.weight, sequence_parallel=sp))
             B = torch.zeros(rows * groups, spec.rank)  # this rank's output rows
-            setattr(self, f"lora_B_{t}", _new_param(
-                B, self.weight, tensor_model_parallel=True, partition_dim=0, partition_stride=1,
-                sequence_parallel=False))
+            setattr(
+                self,
+                f"lora_B_{t}",
+                _new_param(
+                    B,
+                    self.weight,
+                    tensor_model_parallel=True,
+                    partition_dim=0,
+                    partition_stride=1,
+                    sequence_parallel=False,
+                ),
+            )
 
     def forward(self, input_, weight=None, runtime_gather_output=None):
-        out, bias = super().forward(input_, weight=weight, runtime_gather_output=runtime_gather_output)
+        out, bias = super().forward(
+            input_, weight=weight, runtime_gather_output=runtime_gather_output
+        )
         x = F.dropout(input_, self.lora_dropout, self.training) if self.lora_dropout else input_
         deltas = {}
         for t in self.lora_targets:
             h = F.linear(x, getattr(self, f"lora_A_{t}"))
             if self.config.sequence_parallel:
-                h = gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=True,
-                                                         group=parallel.tp_group())
+                h = gather_from_sequence_parallel_region(
+                    h, tensor_parallel_output_grad=True, group=parallel.tp_group()
+                )
             else:
                 h = copy_to_tensor_model_parallel_region(h, group=parallel.tp_group())
             deltas[t] = F.linear(h, getattr(self, f"lora_B_{t}")) * self.lora_scale
@@ -135,7 +147,7 @@ class LoRAColumnParallelLinear(ColumnParallelLinear):
         o = out.reshape(*lead, self.lora_groups, -1)
         pieces, col = [], 0
         for t, rows in self.lora_parts:
-            piece = o[..., col:col + rows]
+            piece = o[..., col : col + rows]
             if t in deltas:
                 piece = piece + deltas[t].reshape(*lead, self.lora_groups, rows)
             pieces.append(piece)
@@ -145,13 +157,18 @@ class LoRAColumnParallelLinear(ColumnParallelLinear):
     def lora_delta_weight(self) -> torch.Tensor:
         """scale * B A in this rank's weight layout (fp32)."""
         w = self.weight
-        d = torch.zeros(self.lora_groups, w.shape[0] // self.lora_groups, w.shape[1],
-                        dtype=torch.float32, device=w.device)
+        d = torch.zeros(
+            self.lora_groups,
+            w.shape[0] // self.lora_groups,
+            w.shape[1],
+            dtype=torch.float32,
+            device=w.device,
+        )
         col = 0
         for t, rows in self.lora_parts:
             if t in self.lora_targets:
                 BA = getattr(self, f"lora_B_{t}").float() @ getattr(self, f"lora_A_{t}").float()
-                d[:, col:col + rows] = BA.view(self.lora_groups, rows, -1) * self.lora_scale
+                d[:, col : col + rows] = BA.view(self.lora_groups, rows, -1) * self.lora_scale
             col += rows
         return d.view_as(w)
 
@@ -162,8 +179,13 @@ class LoRAColumnParallelLinear(ColumnParallelLinear):
         state_dict = self.state_dict(prefix="", keep_vars=True)
         axes = {"weight": 0, "bias": 0, **{f"lora_B_{t}": 0 for t in self.lora_targets}}
         return make_sharded_tensors_for_checkpoint(
-            state_dict, prefix, axes, sharded_offsets, tp_group=self.tp_group,
-            dp_cp_group=metadata["dp_cp_group"])
+            state_dict,
+            prefix,
+            axes,
+            sharded_offsets,
+            tp_group=self.tp_group,
+            dp_cp_group=metadata["dp_cp_group"],
+        )
 
 
 class LoRARowParallelLinear(RowParallelLinear):
@@ -175,10 +197,14 @@ class LoRARowParallelLinear(RowParallelLinear):
         tp, rank = parallel.tp_size(), parallel.tp_rank()
         A = _init_A((spec.rank, in_features_full), f"{name}.lora_A_{target}", spec.seed)
         A = A.chunk(tp, dim=1)[rank]  # this rank's input columns
-        self.lora_A = _new_param(A, self.weight, tensor_model_parallel=True, partition_dim=1,
-                                 partition_stride=1)
-        self.lora_B = _new_param(torch.zeros(self.weight.shape[0], spec.rank), self.weight,
-                                 sequence_parallel=self.config.sequence_parallel)
+        self.lora_A = _new_param(
+            A, self.weight, tensor_model_parallel=True, partition_dim=1, partition_stride=1
+        )
+        self.lora_B = _new_param(
+            torch.zeros(self.weight.shape[0], spec.rank),
+            self.weight,
+            sequence_parallel=self.config.sequence_parallel,
+        )
 
     def forward(self, input_):
         out, bias = super().forward(input_)
@@ -199,8 +225,13 @@ class LoRARowParallelLinear(RowParallelLinear):
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         state_dict = self.state_dict(prefix="", keep_vars=True)
         return make_sharded_tensors_for_checkpoint(
-            state_dict, prefix, {"weight": 1, "lora_A": 1}, sharded_offsets,
-            tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"])
+            state_dict,
+            prefix,
+            {"weight": 1, "lora_A": 1},
+            sharded_offsets,
+            tp_group=self.tp_group,
+            dp_cp_group=metadata["dp_cp_group"],
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,12 +261,22 @@ class LoRAGroupedSwiGLUExperts(GroupedSwiGLUExperts):
         like = self.weight_gate
         for t in self.lora_targets:
             if t in ("gate", "up"):
-                A = torch.cat([_init_A((r, d), f"{name}.{self.first_expert + j}.lora_{t}_A", spec.seed)
-                               for j in range(self.num_experts)], 0)
+                A = torch.cat(
+                    [
+                        _init_A((r, d), f"{name}.{self.first_expert + j}.lora_{t}_A", spec.seed)
+                        for j in range(self.num_experts)
+                    ],
+                    0,
+                )
                 B = torch.zeros(sum(self.sizes), r)
             else:
-                A = torch.cat([_init_A((r, s), f"{name}.{self.first_expert + j}.lora_down_A", spec.seed)
-                               for j, s in enumerate(self.sizes)], 1)
+                A = torch.cat(
+                    [
+                        _init_A((r, s), f"{name}.{self.first_expert + j}.lora_down_A", spec.seed)
+                        for j, s in enumerate(self.sizes)
+                    ],
+                    1,
+                )
                 B = torch.zeros(d, self.num_experts * r)
             setattr(self, f"lora_{t}_A", mark_expert_param(_new_param(A, like)))
             setattr(self, f"lora_{t}_B", mark_expert_param(_new_param(B, like)))
@@ -257,8 +298,8 @@ class LoRAGroupedSwiGLUExperts(GroupedSwiGLUExperts):
         r = self.lora_rank
         A, B = getattr(self, f"lora_{t}_A"), getattr(self, f"lora_{t}_B")
         if t == "down":
-            return A[:, col:col + s], B[:, j * r:(j + 1) * r]
-        return A[j * r:(j + 1) * r], B[col:col + s]
+            return A[:, col : col + s], B[:, j * r : (j + 1) * r]
+        return A[j * r : (j + 1) * r], B[col : col + s]
 
     def _lora(self, x, t, j, col, s):
         A, B = self._ab(t, j, col, s)
@@ -272,15 +313,15 @@ class LoRAGroupedSwiGLUExperts(GroupedSwiGLUExperts):
         counts = tokens_per_expert.tolist()
         outs, row, col = [], 0, 0
         for j, (n, s) in enumerate(zip(counts, self.sizes)):
-            xe = x[row:row + n]
-            g = F.linear(xe, self.weight_gate[col:col + s])
-            u = F.linear(xe, self.weight_up[col:col + s])
+            xe = x[row : row + n]
+            g = F.linear(xe, self.weight_gate[col : col + s])
+            u = F.linear(xe, self.weight_up[col : col + s])
             if "gate" in self.lora_targets:
                 g = g + self._lora(xe, "gate", j, col, s)
             if "up" in self.lora_targets:
                 u = u + self._lora(xe, "up", j, col, s)
             h = F.silu(g) * u
-            o = F.linear(h, self.weight_down[:, col:col + s])
+            o = F.linear(h, self.weight_down[:, col : col + s])
             if "down" in self.lora_targets:
                 o = o + self._lora(h, "down", j, col, s)
             outs.append(o)
@@ -293,7 +334,11 @@ class LoRAGroupedSwiGLUExperts(GroupedSwiGLUExperts):
         e, s, d, r = self.num_experts, self.sizes[0], x.shape[1], self.lora_rank
         offs = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
         gm = torch._grouped_mm
-        drop = (lambda t: F.dropout(t, self.lora_dropout, self.training)) if self.lora_dropout else (lambda t: t)
+        drop = (
+            (lambda t: F.dropout(t, self.lora_dropout, self.training))
+            if self.lora_dropout
+            else (lambda t: t)
+        )
 
         def in_proj(w, t):
             y = gm(x, w.view(e, s, d).transpose(1, 2), offs=offs)
@@ -323,9 +368,9 @@ class LoRAGroupedSwiGLUExperts(GroupedSwiGLUExperts):
                 A, B = self._ab(t, j, col, s)
                 BA = (B.float() @ A.float()) * self.lora_scale
                 if t == "down":
-                    d[:, col:col + s] = BA
+                    d[:, col : col + s] = BA
                 else:
-                    d[col:col + s] = BA
+                    d[col : col + s] = BA
                 col += s
             out[names[t]] = d
         return out
@@ -357,14 +402,20 @@ def apply_lora(model: nn.Module, spec: LoRASpec) -> dict:
             hpg = attn.num_attention_heads_per_partition // ng
             hd = attn.hidden_size_per_attention_head
             qkv.__class__ = LoRAColumnParallelLinear
-            qkv._lora_setup([("q", hpg * hd), ("k", hd), ("v", hd)], ng, spec,
-                            f"layers.{g}.self_attn", qkv.weight.shape[1])
+            qkv._lora_setup(
+                [("q", hpg * hd), ("k", hd), ("v", hd)],
+                ng,
+                spec,
+                f"layers.{g}.self_attn",
+                qkv.weight.shape[1],
+            )
             n_modules += 1
         if "o" in targets:
             proj = attn.linear_proj
             proj.__class__ = LoRARowParallelLinear
-            proj._lora_setup("o", spec, f"layers.{g}.self_attn.o_proj",
-                             proj.weight.shape[1] * parallel.tp_size())
+            proj._lora_setup(
+                "o", spec, f"layers.{g}.self_attn.o_proj", proj.weight.shape[1] * parallel.tp_size()
+            )
             n_modules += 1
         mlp = layer.mlp
         if isinstance(getattr(mlp, "experts", None), GroupedSwiGLUExperts):
@@ -377,14 +428,19 @@ def apply_lora(model: nn.Module, spec: LoRASpec) -> dict:
                 fc1 = mlp.linear_fc1
                 half = fc1.weight.shape[0] // 2
                 fc1.__class__ = LoRAColumnParallelLinear
-                fc1._lora_setup([("gate", half), ("up", half)], 1, spec, f"layers.{g}.mlp",
-                                fc1.weight.shape[1])
+                fc1._lora_setup(
+                    [("gate", half), ("up", half)], 1, spec, f"layers.{g}.mlp", fc1.weight.shape[1]
+                )
                 n_modules += 1
             if "down" in targets:
                 fc2 = mlp.linear_fc2
                 fc2.__class__ = LoRARowParallelLinear
-                fc2._lora_setup("down", spec, f"layers.{g}.mlp.down_proj",
-                                fc2.weight.shape[1] * parallel.tp_size())
+                fc2._lora_setup(
+                    "down",
+                    spec,
+                    f"layers.{g}.mlp.down_proj",
+                    fc2.weight.shape[1] * parallel.tp_size(),
+                )
                 n_modules += 1
     for name, p in model.named_parameters():  # freezes only: what the model froze stays frozen
         p.requires_grad_(p.requires_grad and is_trainable_in_lora(name, spec))
@@ -421,8 +477,14 @@ def merge_lora(model: nn.Module) -> int:
             w.copy_((w.float() + m.lora_delta_weight()).to(w.dtype))
         for pname in m.lora_param_names():
             delattr(m, pname)
-        for attr in ("lora_targets", "lora_scale", "lora_dropout", "lora_parts", "lora_groups",
-                     "lora_rank"):
+        for attr in (
+            "lora_targets",
+            "lora_scale",
+            "lora_dropout",
+            "lora_parts",
+            "lora_groups",
+            "lora_rank",
+        ):
             if attr in m.__dict__:
                 delattr(m, attr)
         m.__class__ = m.lora_base_class

@@ -5,9 +5,10 @@ points, chosen greedily over all (point, cluster) pairs in order of increasing d
 (2) a centroid update (the mean; renormalised for the cosine metric). It stops when no point
 changes cluster. k-means++ seeding from a seeded generator makes it deterministic. numpy only.
 """
+
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -43,7 +44,7 @@ def balanced_assign(dist: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
         best = d[np.arange(free.size), choice]
         for j in np.unique(choice):
             prop = np.flatnonzero(choice == j)
-            take = prop[np.argsort(best[prop], kind="stable")[:cap[j]]]
+            take = prop[np.argsort(best[prop], kind="stable")[: cap[j]]]
             labels[free[take]] = j
             cap[j] -= take.size
         free = np.flatnonzero(labels < 0)
@@ -62,8 +63,9 @@ def _kmeans_pp(x: np.ndarray, k: int, rng: np.random.Generator, metric: str) -> 
     return np.stack(centers)
 
 
-def balanced_kmeans(x: np.ndarray, sizes: Sequence[int], metric: str = "l2", seed: int = 0,
-                    max_iter: int = 100) -> np.ndarray:
+def balanced_kmeans(
+    x: np.ndarray, sizes: Sequence[int], metric: str = "l2", seed: int = 0, max_iter: int = 100
+) -> np.ndarray:
     """Cluster the rows of x [n, d] into len(sizes) clusters of exactly the given sizes."""
     if metric not in METRICS:
         raise ValueError(f"--split-metric {metric!r}: choose one of {METRICS}")
@@ -87,8 +89,14 @@ def normalize_rows(w: np.ndarray) -> np.ndarray:
     return w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)
 
 
-def clustering_split(weight, num_experts: int, metric: str = "l2", seed: int = 0,
-                     sizes: Optional[Sequence[int]] = None, max_iter: int = 100) -> list[np.ndarray]:
+def clustering_split(
+    weight,
+    num_experts: int,
+    metric: str = "l2",
+    seed: int = 0,
+    sizes: Sequence[int] | None = None,
+    max_iter: int = 100,
+) -> list[np.ndarray]:
     """Split neurons by balanced k-means of the L2-normalised rows of `weight` [d_ff, d]
     (up_proj or gate_proj)."""
     w = weight.detach().float().cpu().numpy() if hasattr(weight, "detach") else np.asarray(weight)

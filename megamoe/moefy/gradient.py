@@ -10,9 +10,10 @@ scores[j, i] is the sum over the tokens of cluster j of |h_i * dL/dh_i|, h the F
 - ``non-sharing``: experts take turns (round-robin) picking their highest-scoring neuron that no
   expert holds yet, until each has sizes[j]; with sizes summing to d_ff this partitions the FFN.
 """
+
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -21,8 +22,9 @@ from .split import SplitError, resolve_sizes
 VARIANTS = ("sharing-inner", "non-sharing")
 
 
-def gradient_split(scores: np.ndarray, variant: str = "non-sharing",
-                   sizes: Optional[Sequence[int]] = None) -> list[np.ndarray]:
+def gradient_split(
+    scores: np.ndarray, variant: str = "non-sharing", sizes: Sequence[int] | None = None
+) -> list[np.ndarray]:
     """scores [E, d_ff] -> split. Ties are broken by neuron id (deterministic)."""
     if variant not in VARIANTS:
         raise SplitError(f"--gradient-variant {variant!r}: choose one of {VARIANTS}")
@@ -31,7 +33,7 @@ def gradient_split(scores: np.ndarray, variant: str = "non-sharing",
     sizes = resolve_sizes(d_ff, e, sizes, partition=variant == "non-sharing")
     order = np.argsort(-scores, axis=1, kind="stable")  # [E, d_ff], best first
     if variant == "sharing-inner":
-        return [np.sort(order[j, :sizes[j]]).astype(np.int64) for j in range(e)]
+        return [np.sort(order[j, : sizes[j]]).astype(np.int64) for j in range(e)]
     taken = np.zeros(d_ff, dtype=bool)
     pos = np.zeros(e, dtype=np.int64)
     chosen: list[list[int]] = [[] for _ in range(e)]

@@ -9,9 +9,10 @@ units. Edges below `threshold` are dropped. The graph is cut into E parts of pre
 3. refinement: pairwise swaps between parts while they raise the weight inside parts
    (Kernighan-Lin style; sizes never change).
 """
+
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -49,8 +50,11 @@ class CoactivationCounter:
         a = torch.zeros(self.d_ff, self.d_ff, dtype=torch.float64, device=device)
         packed = np.concatenate(self.chunks)
         for s in range(0, len(packed), chunk_tokens):
-            b = torch.from_numpy(np.unpackbits(packed[s:s + chunk_tokens], axis=1,
-                                               count=self.d_ff).astype(np.float32)).to(device)
+            b = torch.from_numpy(
+                np.unpackbits(packed[s : s + chunk_tokens], axis=1, count=self.d_ff).astype(
+                    np.float32
+                )
+            ).to(device)
             a += (b.T @ b).double()  # integer counts, exact in fp32 below 2^24 per chunk
         a /= self.tokens
         a.fill_diagonal_(0)
@@ -61,8 +65,9 @@ def _default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _top_eigenvectors(m: np.ndarray, k: int, seed: int, iters: int = 200,
-                      dense_limit: int = 3000) -> np.ndarray:
+def _top_eigenvectors(
+    m: np.ndarray, k: int, seed: int, iters: int = 200, dense_limit: int = 3000
+) -> np.ndarray:
     """Eigenvectors of the k largest eigenvalues of symmetric m (eigenvalues in [-1, 1]):
     a full eigendecomposition up to `dense_limit` units, orthogonal iteration above."""
     n = m.shape[0]
@@ -126,8 +131,9 @@ def refine_partition(a: np.ndarray, labels: np.ndarray, k: int, rounds: int = 4)
     return labels
 
 
-def partition_graph(a: np.ndarray, sizes: Sequence[int], seed: int = 0,
-                    refine_rounds: int = 4) -> np.ndarray:
+def partition_graph(
+    a: np.ndarray, sizes: Sequence[int], seed: int = 0, refine_rounds: int = 4
+) -> np.ndarray:
     """Labels [n] cutting the weighted graph a [n, n] into len(sizes) parts of those sizes."""
     a = np.asarray(a, dtype=np.float64)
     a = 0.5 * (a + a.T)
@@ -141,8 +147,14 @@ def partition_graph(a: np.ndarray, sizes: Sequence[int], seed: int = 0,
     return refine_partition(a, labels, k, refine_rounds)
 
 
-def graph_split(a: np.ndarray, num_experts: int, seed: int = 0, threshold: float = 0.0,
-                sizes: Optional[Sequence[int]] = None, refine_rounds: int = 4) -> list[np.ndarray]:
+def graph_split(
+    a: np.ndarray,
+    num_experts: int,
+    seed: int = 0,
+    threshold: float = 0.0,
+    sizes: Sequence[int] | None = None,
+    refine_rounds: int = 4,
+) -> list[np.ndarray]:
     """Split from a co-activation matrix a [d_ff, d_ff] (see CoactivationCounter.matrix); edges
     with weight below `threshold` (a fraction of tokens) are dropped."""
     a = np.asarray(a, dtype=np.float64)

@@ -16,12 +16,14 @@
 hf-to-megamoe writes them under ``<output>/split/``; ``--split-file`` reads them back (give the
 split directory, or a megamoe checkpoint that holds one).
 """
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -36,12 +38,22 @@ def layer_file(directory: str | os.PathLike, layer: int) -> Path:
     return Path(directory) / f"layer_{layer}.json"
 
 
-def write_split(directory: str | os.PathLike, layer: int, split: Sequence[np.ndarray],
-                intermediate_size: int, **info: Any) -> Path:
+def write_split(
+    directory: str | os.PathLike,
+    layer: int,
+    split: Sequence[np.ndarray],
+    intermediate_size: int,
+    **info: Any,
+) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    head = {"layer": layer, **info, "num_experts": len(split),
-            "intermediate_size": intermediate_size, "sizes": [int(len(s)) for s in split]}
+    head = {
+        "layer": layer,
+        **info,
+        "num_experts": len(split),
+        "intermediate_size": intermediate_size,
+        "sizes": [int(len(s)) for s in split],
+    }
     lines = ["{"]
     for k, v in head.items():
         lines.append(f"  {json.dumps(k)}: {json.dumps(v)},")
@@ -57,8 +69,12 @@ def write_split(directory: str | os.PathLike, layer: int, split: Sequence[np.nda
     return path
 
 
-def read_split(path: str | os.PathLike, intermediate_size: Optional[int] = None,
-               num_experts: Optional[int] = None, partition: bool = False) -> tuple[list[np.ndarray], dict]:
+def read_split(
+    path: str | os.PathLike,
+    intermediate_size: int | None = None,
+    num_experts: int | None = None,
+    partition: bool = False,
+) -> tuple[list[np.ndarray], dict]:
     """(split, header fields) of one layer file, validated against the model's shapes."""
     path = Path(path)
     if not path.is_file():
@@ -67,12 +83,16 @@ def read_split(path: str | os.PathLike, intermediate_size: Optional[int] = None,
         data = json.loads(path.read_text())
         experts = [np.asarray(e, dtype=np.int64) for e in data["experts"]]
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise SplitError(f"--split-file: {path} is not a split file ({e!r}); expected JSON with "
-                         "an \"experts\" list of neuron-id lists") from None
+        raise SplitError(
+            f"--split-file: {path} is not a split file ({e!r}); expected JSON with "
+            'an "experts" list of neuron-id lists'
+        ) from None
     d_ff = intermediate_size if intermediate_size is not None else data.get("intermediate_size")
     if intermediate_size is not None and data.get("intermediate_size", d_ff) != intermediate_size:
-        raise SplitError(f"--split-file: {path} was made for intermediate_size "
-                         f"{data['intermediate_size']}, the model has {intermediate_size}")
+        raise SplitError(
+            f"--split-file: {path} was made for intermediate_size "
+            f"{data['intermediate_size']}, the model has {intermediate_size}"
+        )
     e = num_experts if num_experts is not None else len(experts)
     experts = validate_split(experts, int(d_ff), e, partition=partition, where=str(path))
     info = {k: v for k, v in data.items() if k not in STRUCTURE}
@@ -85,29 +105,42 @@ def find_split_dir(path: str | os.PathLike) -> Path:
     if (path / SPLIT_DIR).is_dir() and not layer_file(path, 0).is_file():
         path = path / SPLIT_DIR
     if not path.is_dir():
-        raise SplitError(f"--split-file {path}: no such directory (give the split directory "
-                         "with layer_<i>.json files, or a converted checkpoint that holds one)")
+        raise SplitError(
+            f"--split-file {path}: no such directory (give the split directory "
+            "with layer_<i>.json files, or a converted checkpoint that holds one)"
+        )
     return path
 
 
-def read_splits(path: str | os.PathLike, num_layers: int, intermediate_size: int,
-                num_experts: Optional[int] = None) -> tuple[list[list[np.ndarray]], list[dict]]:
+def read_splits(
+    path: str | os.PathLike,
+    num_layers: int,
+    intermediate_size: int,
+    num_experts: int | None = None,
+) -> tuple[list[list[np.ndarray]], list[dict]]:
     """Every layer's split from a split directory (or a checkpoint holding split/)."""
     d = find_split_dir(path)
     splits, infos = [], []
     for i in range(num_layers):
         f = layer_file(d, i)
         if not f.is_file():
-            raise SplitError(f"--split-file {d}: {f.name} is missing; the model has {num_layers} "
-                             "layers and needs one split file for each")
+            raise SplitError(
+                f"--split-file {d}: {f.name} is missing; the model has {num_layers} "
+                "layers and needs one split file for each"
+            )
         s, info = read_split(f, intermediate_size, num_experts)
         if num_experts is None:
             num_experts = len(s)
         splits.append(s)
         infos.append(info)
-    extra = sorted(p.name for p in d.glob("layer_*.json")
-                   if not p.stem[6:].isdigit() or int(p.stem[6:]) >= num_layers)
+    extra = sorted(
+        p.name
+        for p in d.glob("layer_*.json")
+        if not p.stem[6:].isdigit() or int(p.stem[6:]) >= num_layers
+    )
     if extra:
-        raise SplitError(f"--split-file {d}: {extra} are beyond the model's {num_layers} layers; "
-                         "was it made for another model?")
+        raise SplitError(
+            f"--split-file {d}: {extra} are beyond the model's {num_layers} layers; "
+            "was it made for another model?"
+        )
     return splits, infos

@@ -13,18 +13,18 @@ What the trainer allocates before any activation (megamoe/train/optim.py, train/
 Dense parameters are split over TP x PP, experts over EP x PP (pipeline stages taken as equal).
 Activations come on top and depend on micro-batch, sequence and recomputation.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from ..config import ModelConfig, MoEConfig
 from ..train.flops import attention_and_norm_params, gate_params
 
-GIB = 2 ** 30
+GIB = 2**30
 
 
-def parameter_counts(m: ModelConfig, moe: Optional[MoEConfig]) -> tuple[int, int]:
+def parameter_counts(m: ModelConfig, moe: MoEConfig | None) -> tuple[int, int]:
     """(dense, expert) parameter counts of the whole model. Dense: embeddings, output layer,
     attention, norms, gates (and the FFN of a dense LLaMA); expert: every expert's weights."""
     d = m.hidden_size
@@ -51,14 +51,24 @@ class MemoryEstimate:
         return self.weights + self.gradients + self.optimizer
 
     def line(self) -> str:
-        return (f"weights {self.weights / GIB:.1f} GiB + gradients {self.gradients / GIB:.1f} GiB "
-                f"+ optimizer {self.optimizer / GIB:.1f} GiB = {self.total / GIB:.1f} GiB per GPU "
-                "before activations")
+        return (
+            f"weights {self.weights / GIB:.1f} GiB + gradients {self.gradients / GIB:.1f} GiB "
+            f"+ optimizer {self.optimizer / GIB:.1f} GiB = {self.total / GIB:.1f} GiB per GPU "
+            "before activations"
+        )
 
 
-def estimate(m: ModelConfig, moe: Optional[MoEConfig], tp: int = 1, pp: int = 1, ep: int = 1,
-             dp: int = 1, distributed_optimizer: bool = True, bf16: bool = True,
-             lora: bool = False) -> MemoryEstimate:
+def estimate(
+    m: ModelConfig,
+    moe: MoEConfig | None,
+    tp: int = 1,
+    pp: int = 1,
+    ep: int = 1,
+    dp: int = 1,
+    distributed_optimizer: bool = True,
+    bf16: bool = True,
+    lora: bool = False,
+) -> MemoryEstimate:
     dense, experts = parameter_counts(m, moe)
     ep = ep if moe is not None else 1
     dense_gpu = dense / (tp * pp)

@@ -16,14 +16,15 @@ module interprets the small part of bash that sbatch scripts use for that, as ba
 Nothing else is run: command substitution (``$(...)``, backquotes) is reported and read as
 empty, and control flow is read straight through (every assignment, in order).
 """
+
 from __future__ import annotations
 
 import ast
 import os
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
 
 from ..config import RunConfig, parse_run_config
 from ..findings import ConfigError
@@ -32,8 +33,21 @@ from .slurm import parse_sbatch_header
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 ASSIGN = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\+?=")
 DECLARERS = ("export", "readonly", "declare", "typeset", "local")
-CONTROL = ("if", "then", "else", "elif", "fi", "for", "while", "until", "do", "done", "case",
-           "esac", "function")
+CONTROL = (
+    "if",
+    "then",
+    "else",
+    "elif",
+    "fi",
+    "for",
+    "while",
+    "until",
+    "do",
+    "done",
+    "case",
+    "esac",
+    "function",
+)
 OPENERS = ("if", "for", "while", "until", "case", "function")
 
 
@@ -80,7 +94,7 @@ def _commands(text: str) -> list[tuple[int, list[str]]]:
             if text[i + 1] == "\n":  # continuation
                 i, line = i + 2, line + 1
                 continue
-            word, in_word, i = word + text[i:i + 2], True, i + 2
+            word, in_word, i = word + text[i : i + 2], True, i + 2
             continue
         if c in "'\"`" or (c == "$" and text.startswith(("$(", "${"), i)):
             j = _closing(text, i)
@@ -189,11 +203,11 @@ class Shell:
             c = s[i]
             if c == "'" and not quoted:
                 j = _closing(s, i)
-                out.append((s[i + 1:j - 1], False))
+                out.append((s[i + 1 : j - 1], False))
                 i = j
             elif c == '"' and not quoted:
                 j = _closing(s, i)
-                inner = s[i + 1:j - 1]
+                inner = s[i + 1 : j - 1]
                 out.append(("".join(t for t, _ in self._expand(inner, quoted=True)), False))
                 i = j
             elif c == "\\" and i + 1 < len(s):
@@ -216,14 +230,14 @@ class Shell:
     def _dollar(self, s: str, i: int) -> tuple[str, int]:
         if s.startswith("$((", i):
             j = _closing(s, i)
-            return self._arith(s[i + 3:j - 2]), j
+            return self._arith(s[i + 3 : j - 2]), j
         if s.startswith("$(", i):
             j = _closing(s, i)
             self.unknown.append(s[i:j])
             return "", j
         if s.startswith("${", i):
             j = _closing(s, i)
-            return self._braced(s[i + 2:j - 1]), j
+            return self._braced(s[i + 2 : j - 1]), j
         m = NAME.match(s, i + 1) or re.compile(r"[0-9#?$!@*-]").match(s, i + 1)
         if not m:
             return "$", i + 1
@@ -290,7 +304,7 @@ def _int_eval(node) -> int:
         if isinstance(node.op, ast.Mod):
             return a - b * int(a / b)
         if isinstance(node.op, ast.Pow) and 0 <= b < 64:
-            return a ** b
+            return a**b
     raise ValueError("not integer arithmetic")
 
 
@@ -298,19 +312,23 @@ def _int_eval(node) -> int:
 # The script
 
 
-def _launch_start(words: list[str]) -> Optional[int]:
+def _launch_start(words: list[str]) -> int | None:
     """Index of the first trainer flag when `words` run the launcher or the trainer."""
     for k, w in enumerate(words):
         if w.endswith("launch.sh"):
             return k + 1
         if w in ("megamoe.launch", "megamoe.train") and k > 0 and words[k - 1] == "-m":
             return k + 1
-        if os.path.basename(w) == "megamoe" and k + 1 < len(words) and words[k + 1] in ("launch", "train"):
+        if (
+            os.path.basename(w) == "megamoe"
+            and k + 1 < len(words)
+            and words[k + 1] in ("launch", "train")
+        ):
             return k + 2
     return None
 
 
-def read_script(path: str, env: Optional[Mapping[str, str]] = None) -> Target:
+def read_script(path: str, env: Mapping[str, str] | None = None) -> Target:
     """The trainer flags an sbatch script passes to the launcher, read without running it."""
     text = Path(path).read_text(errors="replace")
     t = Target(path, "script", sbatch=parse_sbatch_header(text))
@@ -335,7 +353,7 @@ def read_script(path: str, env: Optional[Mapping[str, str]] = None) -> Target:
         if not rest or raw[0] in DECLARERS:
             for a in assigns:  # shell variables
                 m = ASSIGN.match(a)
-                value = sh.value(a[m.end():])
+                value = sh.value(a[m.end() :])
                 append = a[m.end() - 2] == "+"
                 sh.vars[m.group(1)] = sh.vars.get(m.group(1), "") + value if append else value
         else:
@@ -345,17 +363,23 @@ def read_script(path: str, env: Optional[Mapping[str, str]] = None) -> Target:
                 t.argv = words[start:]
                 t.launch_exec = words[0] == "exec"
                 if len(sh.unknown) > before:
-                    t.notes.append(f"line {line}: {', '.join(sh.unknown[before:])} is not run by "
-                                   "the check: the flags read it as empty")
+                    t.notes.append(
+                        f"line {line}: {', '.join(sh.unknown[before:])} is not run by "
+                        "the check: the flags read it as empty"
+                    )
                 break
         for u in sh.unknown[before:]:
             t.notes.append(f"line {line}: {u} is not run by the check: read as empty")
     else:
-        t.problems.append("the script never calls scripts/launch.sh (or megamoe launch, or "
-                          "python -m megamoe.train)")
+        t.problems.append(
+            "the script never calls scripts/launch.sh (or megamoe launch, or "
+            "python -m megamoe.train)"
+        )
     if control:
-        t.notes.append(f"the script has control flow ({', '.join(sorted(control))}): the check "
-                       "reads every assignment in order, whatever the conditions")
+        t.notes.append(
+            f"the script has control flow ({', '.join(sorted(control))}): the check "
+            "reads every assignment in order, whatever the conditions"
+        )
     return t
 
 
@@ -367,7 +391,7 @@ class OptionsError(ValueError):
     pass
 
 
-def parse_run(argv: Sequence[str] = (), config: Optional[dict] = None) -> RunConfig:
+def parse_run(argv: Sequence[str] = (), config: dict | None = None) -> RunConfig:
     """Flags (and/or config keys) -> the trainer's RunConfig, through its own parser. Raises
     OptionsError with the parser's message (instead of exiting)."""
     import contextlib
@@ -381,16 +405,17 @@ def parse_run(argv: Sequence[str] = (), config: Optional[dict] = None) -> RunCon
         raise OptionsError(str(e)) from None
     except SystemExit:
         msg = [ln for ln in err.getvalue().splitlines() if "error:" in ln]
-        raise OptionsError(msg[-1].split("error:", 1)[1].strip() if msg else
-                           "the trainer rejected the flags") from None
+        raise OptionsError(
+            msg[-1].split("error:", 1)[1].strip() if msg else "the trainer rejected the flags"
+        ) from None
 
 
-def resolve_options(argv: Sequence[str] = (), config: Optional[dict] = None) -> dict:
+def resolve_options(argv: Sequence[str] = (), config: dict | None = None) -> dict:
     """{knob: value} over every trainer flag, defaults included."""
     return parse_run(argv, config).flat()
 
 
-def read_target(path: str, env: Optional[Mapping[str, str]] = None) -> Target:
+def read_target(path: str, env: Mapping[str, str] | None = None) -> Target:
     """An sbatch script, or a YAML/JSON config (by its suffix)."""
     from ..config import load_config_file
 

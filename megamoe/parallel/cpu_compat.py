@@ -23,6 +23,7 @@ Nothing is patched when CUDA is available: GPU runs use megatron-core unchanged.
 so an upgrade of megatron-core that moves one of these symbols fails loudly instead of silently
 running on a half-patched library.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -159,9 +160,24 @@ class _CpuCuda(types.SimpleNamespace):
 
 
 _FACTORIES = (
-    "empty", "zeros", "ones", "full", "tensor", "as_tensor", "arange", "rand", "randn",
-    "randint", "empty_like", "zeros_like", "ones_like", "full_like", "randn_like", "randperm",
-    "empty_strided", "linspace",
+    "empty",
+    "zeros",
+    "ones",
+    "full",
+    "tensor",
+    "as_tensor",
+    "arange",
+    "rand",
+    "randn",
+    "randint",
+    "empty_like",
+    "zeros_like",
+    "ones_like",
+    "full_like",
+    "randn_like",
+    "randperm",
+    "empty_strided",
+    "linspace",
 )
 
 
@@ -190,7 +206,10 @@ def _cpu_set_rng_state(new_state, device=-1, graph_safe=False):
     torch.set_rng_state(new_state)
 
 
-_REPLACEMENTS = {"_get_cuda_rng_state": _cpu_get_rng_state, "_set_cuda_rng_state": _cpu_set_rng_state}
+_REPLACEMENTS = {
+    "_get_cuda_rng_state": _cpu_get_rng_state,
+    "_set_cuda_rng_state": _cpu_set_rng_state,
+}
 _applied = False
 
 

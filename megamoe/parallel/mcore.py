@@ -4,6 +4,7 @@ Everything else in megamoe imports megatron-core's names from here, so that an u
 megatron-core means reading and fixing this file (and cpu_compat.py, its CPU shim) only.
 Importing this module applies the CPU shim when CUDA is absent.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -12,13 +13,36 @@ import warnings
 warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
 warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
 
-from megatron.core import dist_checkpointing, parallel_state, tensor_parallel  # noqa: E402
-from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, apply_factories  # noqa: E402,F401
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig  # noqa: E402,F401
-from megatron.core.distributed import finalize_model_grads  # noqa: E402,F401
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel  # noqa: E402,F401
+
+# The streaming converter (megamoe/formats/mcore_stream.py): the torch_dist save strategy it extends.
+from megatron.core.dist_checkpointing.dict_utils import nested_values  # noqa: E402,F401
+
+# The trainer (megamoe/train/optim.py): megatron-core's optimizers and checkpoint factories.
+from megatron.core.dist_checkpointing.mapping import (  # noqa: E402,F401
+    ShardedObject,
+    ShardedTensor,
+    ShardedTensorFactory,  # noqa: E402,F401
+    apply_factories,
+)
+from megatron.core.dist_checkpointing.strategies import torch as torch_dist_strategy  # noqa: E402,F401
+from megatron.core.distributed import (  # noqa: E402,F401
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,  # noqa: E402,F401
+)
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add  # noqa: E402,F401
 from megatron.core.models.gpt import GPTModel  # noqa: E402,F401
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: E402,F401
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402,F401
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear  # noqa: E402,F401
+from megatron.core.tensor_parallel.mappings import (  # noqa: E402,F401
+    all_to_all,
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+)
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: E402,F401
 from megatron.core.transformer import TransformerConfig  # noqa: E402,F401
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules  # noqa: E402,F401
@@ -27,31 +51,16 @@ from megatron.core.transformer.identity_op import IdentityOp  # noqa: E402,F401
 from megatron.core.transformer.mlp import MLP, MLPSubmodules  # noqa: E402,F401
 from megatron.core.transformer.module import MegatronModule  # noqa: E402,F401
 from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402,F401
-from megatron.core.transformer.transformer_layer import (  # noqa: E402,F401
-    TransformerLayer,
-    TransformerLayerSubmodules,
-)
-from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add  # noqa: E402,F401
-from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint  # noqa: E402,F401
 from megatron.core.transformer.transformer_block import (  # noqa: E402,F401
     TransformerBlockSubmodules,
     get_num_layers_to_build,
 )
-from megatron.core.transformer.transformer_layer import get_transformer_layer_offset  # noqa: E402,F401
-from megatron.core.tensor_parallel.mappings import (  # noqa: E402,F401
-    all_to_all,
-    copy_to_tensor_model_parallel_region,
-    gather_from_sequence_parallel_region,
-    reduce_from_tensor_model_parallel_region,
-    reduce_scatter_to_sequence_parallel_region,
+from megatron.core.transformer.transformer_layer import (  # noqa: E402,F401
+    TransformerLayer,
+    TransformerLayerSubmodules,
+    get_transformer_layer_offset,  # noqa: E402,F401
 )
-# The trainer (megamoe/train/optim.py): megatron-core's optimizers and checkpoint factories.
-from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory  # noqa: E402,F401
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: E402,F401
-# The streaming converter (megamoe/formats/mcore_stream.py): the torch_dist save strategy it extends.
-from megatron.core.dist_checkpointing.dict_utils import nested_values  # noqa: E402,F401
-from megatron.core.dist_checkpointing.strategies import torch as torch_dist_strategy  # noqa: E402,F401
-
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint  # noqa: E402,F401
 
 
 def fix_fully_reshardable_load(optimizers) -> None:
@@ -69,7 +78,10 @@ def fix_fully_reshardable_load(optimizers) -> None:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     for opt in optimizers:
-        if not isinstance(opt, DistributedOptimizer) or opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+        if (
+            not isinstance(opt, DistributedOptimizer)
+            or opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8
+        ):
             continue
 
         def set_states(model_param, tensors, opt=opt):

@@ -20,6 +20,7 @@ are the same as megatron-core's, split by rows, and the reduction adds the same 
 split GEMMs). Used when parallel.set_overlap(tp_comm=True); the linears below fall back to
 megatron-core's path otherwise (or without sequence parallelism, or with a frozen weight).
 """
+
 from __future__ import annotations
 
 import torch
@@ -55,7 +56,7 @@ def _exchange_partials(parts: torch.Tensor, tp: int, r: int, n: int, group):
 def _sum_into(local: torch.Tensor, recv: torch.Tensor, tp: int, n: int) -> torch.Tensor:
     """local + the partial sums the other ranks computed for this block, in rank order."""
     for q in range(tp - 1):
-        local = local + recv[q * n:(q + 1) * n]
+        local = local + recv[q * n : (q + 1) * n]
     return local
 
 
@@ -70,7 +71,7 @@ class AllGatherMatmul(torch.autograd.Function):
         full = x2.new_empty(tp * n, x2.shape[1])
         work = dist.all_gather_into_tensor(full, x2, group=group, async_op=True)
         out = x2.new_empty(tp * n, weight.shape[0])
-        torch.mm(x2, weight.t(), out=out[r * n:(r + 1) * n])  # while the other blocks travel
+        torch.mm(x2, weight.t(), out=out[r * n : (r + 1) * n])  # while the other blocks travel
         work.wait()
         for a, b in _others(tp, r, n):
             torch.mm(full[a:b], weight.t(), out=out[a:b])
@@ -92,7 +93,7 @@ class AllGatherMatmul(torch.autograd.Function):
         work_x = dist.all_gather_into_tensor(full, x2, group=group, async_op=True)
         others = _other_rows(g, tp, r, n) @ weight
         recv, work = _exchange_partials(others, tp, r, n, group)
-        grad_x = _sum_into(g[r * n:(r + 1) * n] @ weight, _wait(recv, work), tp, n)
+        grad_x = _sum_into(g[r * n : (r + 1) * n] @ weight, _wait(recv, work), tp, n)
         work_x.wait()
         grad_w = g.t() @ full
         grad_b = g.sum(0) if ctx.has_bias else None
@@ -109,7 +110,7 @@ class MatmulReduceScatter(torch.autograd.Function):
         n = x2.shape[0] // tp
         others = _other_rows(x2, tp, r, n) @ weight.t()
         recv, work = _exchange_partials(others, tp, r, n, group)
-        y = _sum_into(x2[r * n:(r + 1) * n] @ weight.t(), _wait(recv, work), tp, n)
+        y = _sum_into(x2[r * n : (r + 1) * n] @ weight.t(), _wait(recv, work), tp, n)
         ctx.save_for_backward(x2, weight)
         ctx.group, ctx.x_shape = group, x.shape
         return y.view(x.shape[0] // tp, *x.shape[1:-1], weight.shape[0])
@@ -124,7 +125,7 @@ class MatmulReduceScatter(torch.autograd.Function):
         full = g.new_empty(tp * n, g.shape[1])
         work = dist.all_gather_into_tensor(full, g, group=ctx.group, async_op=True)
         grad_x = x2.new_empty(tp * n, weight.shape[1])
-        torch.mm(g, weight, out=grad_x[r * n:(r + 1) * n])  # while the other blocks travel
+        torch.mm(g, weight, out=grad_x[r * n : (r + 1) * n])  # while the other blocks travel
         work.wait()
         for a, b in _others(tp, r, n):
             torch.mm(full[a:b], weight, out=grad_x[a:b])
@@ -140,8 +141,12 @@ def _wait(t, work):
 def _overlap_on(layer, weight) -> bool:
     from . import tp_comm_overlap
 
-    return (tp_comm_overlap() and layer.sequence_parallel and weight.requires_grad
-            and dist.get_world_size(layer.tp_group) > 1)
+    return (
+        tp_comm_overlap()
+        and layer.sequence_parallel
+        and weight.requires_grad
+        and dist.get_world_size(layer.tp_group) > 1
+    )
 
 
 class OverlappedColumnParallelLinear(ColumnParallelLinear):
@@ -149,8 +154,11 @@ class OverlappedColumnParallelLinear(ColumnParallelLinear):
     AllGatherMatmul."""
 
     def _forward_impl(self, input, weight, *args, **kwargs):
-        if (_overlap_on(self, weight) and not kwargs.get("gradient_accumulation_fusion")
-                and kwargs.get("sequence_parallel")):
+        if (
+            _overlap_on(self, weight)
+            and not kwargs.get("gradient_accumulation_fusion")
+            and kwargs.get("sequence_parallel")
+        ):
             return AllGatherMatmul.apply(input, weight, kwargs.get("bias"), self.tp_group)
         return super()._forward_impl(input, weight, *args, **kwargs)
 
@@ -160,8 +168,12 @@ class OverlappedRowParallelLinear(RowParallelLinear):
     MatmulReduceScatter."""
 
     def forward(self, input_):
-        if not (_overlap_on(self, self.weight) and self.input_is_parallel and not self.explicit_expert_comm
-                and not self.gradient_accumulation_fusion):
+        if not (
+            _overlap_on(self, self.weight)
+            and self.input_is_parallel
+            and not self.explicit_expert_comm
+            and not self.gradient_accumulation_fusion
+        ):
             return super().forward(input_)
         output_ = MatmulReduceScatter.apply(input_, self.weight, self.tp_group)
         if not self.skip_bias_add:

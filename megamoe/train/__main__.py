@@ -1,4 +1,5 @@
 """python -m megamoe.train FLAGS (also under torchrun): the trainer; see megamoe/train/main.py."""
+
 import sys
 
 from ..lifetime import watch_over_me

@@ -8,17 +8,25 @@ output layer (the input embedding is a lookup and is not counted). The attention
 score and value products over the full block of s tokens (not halved for causality, as PaLM and
 Megatron count). MFU = FLOPs per token x tokens/s per device / peak FLOP/s of one device.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 
 from ..config import ModelConfig, MoEConfig
 
 # dense bf16 tensor-core peak, TFLOP/s (spec sheets)
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "GH200": 989.0, "A100": 312.0,
-               "A800": 312.0, "L40S": 362.0, "A6000": 155.0, "V100": 125.0}
+PEAK_TFLOPS = {
+    "H100": 989.0,
+    "H200": 989.0,
+    "H800": 989.0,
+    "GH200": 989.0,
+    "A100": 312.0,
+    "A800": 312.0,
+    "L40S": 362.0,
+    "A6000": 155.0,
+    "V100": 125.0,
+}
 CPU_NOMINAL_TFLOPS = 1.0
 
 
@@ -39,7 +47,7 @@ def gate_params(m: ModelConfig, moe: MoEConfig, in_use_only: bool) -> int:
     return n
 
 
-def activated_params(m: ModelConfig, moe: Optional[MoEConfig]) -> int:
+def activated_params(m: ModelConfig, moe: MoEConfig | None) -> int:
     d = m.hidden_size
     total = 0
     for i in range(m.num_hidden_layers):
@@ -53,12 +61,12 @@ def activated_params(m: ModelConfig, moe: Optional[MoEConfig]) -> int:
     return int(total + d + m.vocab_size * d)  # final norm + output layer
 
 
-def flops_per_token(m: ModelConfig, moe: Optional[MoEConfig], seq_len: int) -> float:
+def flops_per_token(m: ModelConfig, moe: MoEConfig | None, seq_len: int) -> float:
     attn = 12.0 * m.num_hidden_layers * seq_len * m.num_attention_heads * m.head_dim
     return 6.0 * activated_params(m, moe) + attn
 
 
-def peak_flops(given_tflops: Optional[float]) -> tuple[float, str]:
+def peak_flops(given_tflops: float | None) -> tuple[float, str]:
     """(peak FLOP/s of one device, where the number comes from)."""
     if given_tflops:
         return given_tflops * 1e12, f"--peak_tflops {given_tflops:g}"
@@ -68,5 +76,6 @@ def peak_flops(given_tflops: Optional[float]) -> tuple[float, str]:
             if key in name:
                 return v * 1e12, f"{name}: {v:g} TFLOP/s bf16 peak"
         return 989e12, f"{name}: unknown peak, assuming 989 TFLOP/s (set --peak_tflops)"
-    return CPU_NOMINAL_TFLOPS * 1e12, (f"CPU: nominal {CPU_NOMINAL_TFLOPS:g} TFLOP/s "
-                                       "(set --peak_tflops for a real MFU)")
+    return CPU_NOMINAL_TFLOPS * 1e12, (
+        f"CPU: nominal {CPU_NOMINAL_TFLOPS:g} TFLOP/s (set --peak_tflops for a real MFU)"
+    )

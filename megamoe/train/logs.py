@@ -17,6 +17,7 @@ Heatmaps are written with numpy (no matplotlib): one cell per (layer, expert), c
 expert's share of the layer's selections x E (1.0 = perfectly balanced) on a viridis-like scale
 from 0 to 2 (clipped), so images are comparable across steps and domains.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,16 +27,16 @@ import socket
 import sys
 import time
 from datetime import datetime
-from typing import Optional
 
 import numpy as np
 
 # viridis anchors (0, .25, .5, .75, 1)
-_CMAP = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]],
-                 dtype=np.float64)
+_CMAP = np.array(
+    [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64
+)
 
 
-def default_logging_dir(output_dir: str, now: Optional[float] = None) -> str:
+def default_logging_dir(output_dir: str, now: float | None = None) -> str:
     """HF's layout: <output_dir>/runs/<Mon>DD_HH-MM-SS_<hostname>."""
     stamp = datetime.fromtimestamp(now or time.time()).strftime("%b%d_%H-%M-%S")
     return os.path.join(output_dir, "runs", f"{stamp}_{socket.gethostname()}")
@@ -53,7 +54,7 @@ def heatmap_image(rel: np.ndarray, vmax: float = 2.0) -> np.ndarray:
     rgb = _CMAP[lo] * (1 - frac) + _CMAP[lo + 1] * frac  # [L, E, 3]
     img = np.repeat(np.repeat(rgb, cell_h, axis=0), cell_w, axis=1)
     # thin dark separators between layers, so rows are countable
-    img[cell_h - 1::cell_h, :, :] *= 0.6
+    img[cell_h - 1 :: cell_h, :, :] *= 0.6
     return img.round().astype(np.uint8).transpose(2, 0, 1)
 
 
@@ -88,7 +89,7 @@ def specialisation(per_domain: dict) -> np.ndarray:
 class RunLogger:
     """Rank 0 logs; on other ranks every method is a no-op (console errors go to stderr)."""
 
-    def __init__(self, output_dir: str, logging_dir: Optional[str], enabled: bool):
+    def __init__(self, output_dir: str, logging_dir: str | None, enabled: bool):
         self.enabled = enabled
         self.output_dir = output_dir
         self.logging_dir = logging_dir
@@ -141,7 +142,9 @@ class RunLogger:
         if self.tb is not None and value is not None and math.isfinite(float(value)):
             self.tb.add_scalar(tag, float(value), step)
 
-    def expert_histograms(self, step: int, counts: np.ndarray, tag: str = "moe/expert_load") -> None:
+    def expert_histograms(
+        self, step: int, counts: np.ndarray, tag: str = "moe/expert_load"
+    ) -> None:
         """counts [L, E]: one histogram per layer over expert index."""
         if self.tb is None:
             return
@@ -153,9 +156,16 @@ class RunLogger:
             if n <= 0:
                 continue
             self.tb.add_histogram_raw(
-                f"{tag}/layer_{i}", min=0.0, max=float(E - 1), num=float(n),
-                sum=float((c * idx).sum()), sum_squares=float((c * idx * idx).sum()),
-                bucket_limits=(idx + 0.5).tolist(), bucket_counts=c.tolist(), global_step=step)
+                f"{tag}/layer_{i}",
+                min=0.0,
+                max=float(E - 1),
+                num=float(n),
+                sum=float((c * idx).sum()),
+                sum_squares=float((c * idx * idx).sum()),
+                bucket_limits=(idx + 0.5).tolist(),
+                bucket_counts=c.tolist(),
+                global_step=step,
+            )
 
     def heatmap(self, tag: str, counts: np.ndarray, step: int) -> None:
         if self.tb is not None:

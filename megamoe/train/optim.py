@@ -29,6 +29,7 @@ i < warmup, then lr0 * max(final_lr_portion, 0.5 * (1 + cos(pi * progress))) wit
 progress = (i - warmup) / (max_steps - warmup). The weight decay of each group is
 weight_decay x the group's wd_mult (0 for norms and biases).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -55,14 +56,24 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
 
 
 def schedule_state(cfg: OptimConfig, max_steps: int) -> dict:
-    return {"learning_rate": cfg.learning_rate, "final_lr_portion": cfg.final_lr_portion,
-            "warmup_steps": cfg.warmup_steps, "max_steps": max_steps,
-            "weight_decay": cfg.weight_decay}
+    return {
+        "learning_rate": cfg.learning_rate,
+        "final_lr_portion": cfg.final_lr_portion,
+        "warmup_steps": cfg.warmup_steps,
+        "max_steps": max_steps,
+        "weight_decay": cfg.weight_decay,
+    }
 
 
 class TrainOptimizer:
-    def __init__(self, ddp_model: torch.nn.Module, model: torch.nn.Module, cfg: OptimConfig,
-                 bf16: bool, use_distributed_optimizer: bool):
+    def __init__(
+        self,
+        ddp_model: torch.nn.Module,
+        model: torch.nn.Module,
+        cfg: OptimConfig,
+        bf16: bool,
+        use_distributed_optimizer: bool,
+    ):
         self.cfg = cfg
         self.model = model  # unwrapped (for its sharded state dict)
         self.distributed = use_distributed_optimizer
@@ -70,11 +81,19 @@ class TrainOptimizer:
         self.checkpoint_format = cfg.optimizer_checkpoint_format
         params_dtype = next(model.parameters()).dtype
         oc = OptimizerConfig(
-            optimizer="adam", lr=cfg.learning_rate, min_lr=0.0, weight_decay=cfg.weight_decay,
-            adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_epsilon,
+            optimizer="adam",
+            lr=cfg.learning_rate,
+            min_lr=0.0,
+            weight_decay=cfg.weight_decay,
+            adam_beta1=cfg.adam_beta1,
+            adam_beta2=cfg.adam_beta2,
+            adam_eps=cfg.adam_epsilon,
             clip_grad=0.0,  # clipped in step() (see module docstring)
-            bf16=params_dtype == torch.bfloat16, fp16=False, params_dtype=params_dtype,
-            use_distributed_optimizer=use_distributed_optimizer)
+            bf16=params_dtype == torch.bfloat16,
+            fp16=False,
+            params_dtype=params_dtype,
+            use_distributed_optimizer=use_distributed_optimizer,
+        )
         self.mc = get_megatron_optimizer(oc, [ddp_model])
         self.chain = list(getattr(self.mc, "chained_optimizers", [self.mc]))
         if use_distributed_optimizer:
@@ -131,10 +150,14 @@ class TrainOptimizer:
             if is_loading:
                 self._create_state()
             fmt = self.checkpoint_format
-            sd = (_expert_factories(model_sharded_state_dict, self.model)
-                  if fmt == "fully_reshardable" else model_sharded_state_dict)
-            return self.mc.sharded_state_dict(sd, is_loading,
-                                              metadata={"distrib_optim_sharding_type": fmt})
+            sd = (
+                _expert_factories(model_sharded_state_dict, self.model)
+                if fmt == "fully_reshardable"
+                else model_sharded_state_dict
+            )
+            return self.mc.sharded_state_dict(
+                sd, is_loading, metadata={"distrib_optim_sharding_type": fmt}
+            )
         sd = _expert_factories(model_sharded_state_dict, self.model)
         return self.mc.sharded_state_dict(sd, is_loading)
 
@@ -203,10 +226,12 @@ def _expert_factories(model_sd: dict, model: torch.nn.Module) -> dict:
             templates = [sd.pop(k) for k in keys]
             base_key = templates[0].key.rsplit(".", 1)[0]
             sd[f"{mname}.{pname}"] = ShardedTensorFactory(
-                key=base_key, data=getattr(mod, pname),
+                key=base_key,
+                data=getattr(mod, pname),
                 build_fn=_make_build(templates, sizes, axis, mod.first_expert),
                 merge_fn=_make_merge(len(sizes), axis),
-                replica_id=templates[0].replica_id)
+                replica_id=templates[0].replica_id,
+            )
     return sd
 
 
@@ -215,15 +240,20 @@ def _make_build(templates: list, sizes: list, axis: int, first: int):
         if flattened_range is not None:
             raise NotImplementedError("flattened (distributed-optimizer) expert state")
         parts = data.split(sizes, dim=axis)
-        return {str(j): dataclasses.replace(t, key=f"{key}.{first + j}", data=part,
-                                            dtype=part.dtype, replica_id=replica_id)
-                for j, (t, part) in enumerate(zip(templates, parts))}
+        return {
+            str(j): dataclasses.replace(
+                t, key=f"{key}.{first + j}", data=part, dtype=part.dtype, replica_id=replica_id
+            )
+            for j, (t, part) in enumerate(zip(templates, parts))
+        }
+
     return build
 
 
 def _make_merge(n: int, axis: int):
     def merge(sub_state_dict):
         return torch.cat([sub_state_dict[str(j)] for j in range(n)], dim=axis)
+
     return merge
 
 

@@ -5,9 +5,10 @@ data-parallel and expert-data-parallel reduction); `forward_backward` runs the s
 layout (no pipelining, or 1F1B across pipeline stages) and finishes the gradients (DP/EP reduce,
 sequence-parallel norms and gates summed over TP, embedding sync).
 """
+
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -23,9 +24,13 @@ from ..parallel.mcore import (
 )
 
 
-def wrap_model(model: torch.nn.Module, use_distributed_optimizer: bool = False,
-               overlap_grad_reduce: bool = False, bucket_size: Optional[int] = None,
-               overlap_param_gather: bool = False) -> DistributedDataParallel:
+def wrap_model(
+    model: torch.nn.Module,
+    use_distributed_optimizer: bool = False,
+    overlap_grad_reduce: bool = False,
+    bucket_size: int | None = None,
+    overlap_param_gather: bool = False,
+) -> DistributedDataParallel:
     """With `overlap_grad_reduce`, each bucket of `bucket_size` parameters starts its data-parallel
     reduction as soon as the last micro-batch's backward has produced all its gradients, as
     Megatron-LM sets it up: earlier micro-batches run under ddp.no_sync, and the pipeline
@@ -39,9 +44,12 @@ def wrap_model(model: torch.nn.Module, use_distributed_optimizer: bool = False,
     if overlap_param_gather and not use_distributed_optimizer:
         raise ValueError("overlap_param_gather needs the distributed optimizer")
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,
-        use_distributed_optimizer=use_distributed_optimizer, bucket_size=bucket_size,
-        overlap_param_gather=overlap_param_gather)
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=overlap_grad_reduce,
+        use_distributed_optimizer=use_distributed_optimizer,
+        bucket_size=bucket_size,
+        overlap_param_gather=overlap_param_gather,
+    )
     ddp = DistributedDataParallel(model.config, ddp_config, model)
     ddp.config.finalize_model_grads_func = finalize_model_grads
     if overlap_grad_reduce:
@@ -68,9 +76,13 @@ def _forward_step(data_iterator, model):
     return output, loss_func
 
 
-def forward_backward(model: torch.nn.Module, micro_batches: Iterable[torch.Tensor],
-                     num_microbatches: int, forward_only: bool = False,
-                     stats_hook: Optional[Callable[[int, dict], None]] = None) -> dict:
+def forward_backward(
+    model: torch.nn.Module,
+    micro_batches: Iterable[torch.Tensor],
+    num_microbatches: int,
+    forward_only: bool = False,
+    stats_hook: Callable[[int, dict], None] | None = None,
+) -> dict:
     """Run the schedule over `num_microbatches` micro-batches of tokens [b, s] (already on the
     device). Returns, on every rank, the mean LM loss and the summed balance loss over the
     micro-batches (NaN-safe floats), reduced across pipeline stages.
@@ -98,9 +110,15 @@ def forward_backward(model: torch.nn.Module, micro_batches: Iterable[torch.Tenso
 
     it = counting_iterator()
     func = get_forward_backward_func()
-    losses = func(forward_step_func=_forward_step, data_iterator=it, model=model,
-                  num_microbatches=num_microbatches, seq_length=s, micro_batch_size=b,
-                  forward_only=forward_only)
+    losses = func(
+        forward_step_func=_forward_step,
+        data_iterator=it,
+        model=model,
+        num_microbatches=num_microbatches,
+        seq_length=s,
+        micro_batch_size=b,
+        forward_only=forward_only,
+    )
     last = moe_stats.balance_loss()
     if last is not None:
         balance_sum += last.double().cpu()
@@ -132,8 +150,11 @@ def _eval_step(data_iterator, model):
 
 
 @torch.no_grad()
-def forward_eval(model: torch.nn.Module, micro_batches: Iterable[torch.Tensor],
-                 stats_hook: Optional[Callable[[int, dict], None]] = None) -> torch.Tensor:
+def forward_eval(
+    model: torch.nn.Module,
+    micro_batches: Iterable[torch.Tensor],
+    stats_hook: Callable[[int, dict], None] | None = None,
+) -> torch.Tensor:
     """Forward-only pass over micro-batches of tokens [b, s] (every micro-batch the same shape).
     Returns the LM loss of every sample (float64, CPU, in order) on every rank, taken from the
     last pipeline stage. `stats_hook` as in forward_backward."""
@@ -151,9 +172,15 @@ def forward_eval(model: torch.nn.Module, micro_batches: Iterable[torch.Tensor],
             yield mb
 
     func = get_forward_backward_func()
-    out = func(forward_step_func=_eval_step, data_iterator=iterator(), model=model,
-               num_microbatches=len(micro_batches), seq_length=s, micro_batch_size=b,
-               forward_only=True)
+    out = func(
+        forward_step_func=_eval_step,
+        data_iterator=iterator(),
+        model=model,
+        num_microbatches=len(micro_batches),
+        seq_length=s,
+        micro_batch_size=b,
+        forward_only=True,
+    )
     if stats_hook is not None and n_mb:
         stats_hook(n_mb - 1, moe_stats.last())
     moe_stats.clear()

@@ -14,6 +14,7 @@ Resuming (automatic, from the newest complete checkpoint in --output_dir) restor
 optimizer, data order and domain weights, RNG streams and counters, so the loss curve continues
 as if uninterrupted (bit for bit on CPU).
 """
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,6 @@ import sys
 import time
 import traceback
 from contextlib import nullcontext
-from typing import Optional
 
 import numpy as np
 import torch
@@ -50,10 +50,24 @@ def _rank() -> int:
 
 def _clean_env() -> dict:
     """The environment for a helper process that must be a world of one."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-                        "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                        "GROUP_WORLD_SIZE") and not k.startswith("TORCHELASTIC")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "RANK",
+            "WORLD_SIZE",
+            "LOCAL_RANK",
+            "LOCAL_WORLD_SIZE",
+            "GROUP_RANK",
+            "ROLE_RANK",
+            "ROLE_WORLD_SIZE",
+            "MASTER_ADDR",
+            "MASTER_PORT",
+            "GROUP_WORLD_SIZE",
+        )
+        and not k.startswith("TORCHELASTIC")
+    }
     return env  # without RANK it starts a world of one on an in-process store (no port)
 
 
@@ -81,19 +95,43 @@ def ensure_converted(plan: Plan, say) -> None:
         say(f"pretrained: using the conversion of {src} in {target}")
         return
     if _rank() == 0:
-        args = ["hf-to-megamoe", "--hf-dir", src, "--output", target, "--model-type",
-                run.train.model_type, "--overwrite", "--no-progress"]
+        args = [
+            "hf-to-megamoe",
+            "--hf-dir",
+            src,
+            "--output",
+            target,
+            "--model-type",
+            run.train.model_type,
+            "--overwrite",
+            "--no-progress",
+        ]
         if run.train.model_type == "llama_moe" and plan.source.moe is None:
-            args += ["--num-experts", str(plan.moe.num_experts), "--num-selects",
-                     str(plan.moe.num_selects), "--split", "random", "--split-seed",
-                     str(run.moe.split_seed), "--gate-network-type", plan.moe.gate_network,
-                     "--gate-type", plan.moe.gate_type]
-        say(f"pretrained: converting {src} -> {target} (megamoe convert {' '.join(args[:1])} "
-            f"{' '.join(args[5:])})")
+            args += [
+                "--num-experts",
+                str(plan.moe.num_experts),
+                "--num-selects",
+                str(plan.moe.num_selects),
+                "--split",
+                "random",
+                "--split-seed",
+                str(run.moe.split_seed),
+                "--gate-network-type",
+                plan.moe.gate_network,
+                "--gate-type",
+                plan.moe.gate_type,
+            ]
+        say(
+            f"pretrained: converting {src} -> {target} (megamoe convert {' '.join(args[:1])} "
+            f"{' '.join(args[5:])})"
+        )
         res = subprocess.run([sys.executable, "-m", "megamoe", "convert", *args], env=_clean_env())
         if res.returncode != 0 or not matching():
-            raise TrainingStopped(f"converting --pretrained_model {src} failed (exit "
-                                  f"{res.returncode}; see the error above)", 1)
+            raise TrainingStopped(
+                f"converting --pretrained_model {src} failed (exit "
+                f"{res.returncode}; see the error above)",
+                1,
+            )
     else:
         t0 = time.time()
         while not matching():
@@ -106,7 +144,7 @@ class Trainer:
     def __init__(self, plan: Plan):
         self.plan = plan
         self.run: RunConfig = plan.run
-        self._signal: Optional[str] = None
+        self._signal: str | None = None
         self.log = RunLogger(self.run.train.output_dir, None, enabled=False)
 
     # ------------------------------------------------------------------ setup
@@ -138,22 +176,42 @@ class Trainer:
         self.lora_spec = None
         ckpt_lora = meta.get("lora")
         if t.training_mode == "lora":
-            self.lora_spec = (lora.LoRASpec(**ckpt_lora) if ckpt_lora else lora.LoRASpec(
-                rank=t.lora_rank, alpha=t.lora_alpha, dropout=t.lora_dropout,
-                targets=list(t.lora_targets),
-                train_gates=t.lora_train_gates and self.moe_cfg is not None, seed=t.seed))
+            self.lora_spec = (
+                lora.LoRASpec(**ckpt_lora)
+                if ckpt_lora
+                else lora.LoRASpec(
+                    rank=t.lora_rank,
+                    alpha=t.lora_alpha,
+                    dropout=t.lora_dropout,
+                    targets=list(t.lora_targets),
+                    train_gates=t.lora_train_gates and self.moe_cfg is not None,
+                    seed=t.seed,
+                )
+            )
         self.layout = plan.layout
-        parallel.initialize(self.layout, t.seed,
-                            num_experts=self.moe_cfg.num_experts if self.moe_cfg else None)
-        parallel.set_overlap(ep_chunks=run.parallel.ep_overlap_chunks,
-                             tp_comm=run.parallel.tp_comm_overlap)
+        parallel.initialize(
+            self.layout, t.seed, num_experts=self.moe_cfg.num_experts if self.moe_cfg else None
+        )
+        parallel.set_overlap(
+            ep_chunks=run.parallel.ep_overlap_chunks, tp_comm=run.parallel.tp_comm_overlap
+        )
         self.dp_rank, self.dp_size = parallel.dp_rank(), parallel.dp_size()
-        self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
+        )
         self.param_dtype = torch.bfloat16 if (t.bf16 and self.cuda) else torch.float32
-        self.autocast = (torch.autocast("cpu", dtype=torch.bfloat16)
-                         if (t.bf16 and not self.cuda) else nullcontext())
-        model = build_model(self.model_cfg, self.moe_cfg, self.layout, dtype=self.param_dtype,
-                            recompute=t.gradient_checkpointing)
+        self.autocast = (
+            torch.autocast("cpu", dtype=torch.bfloat16)
+            if (t.bf16 and not self.cuda)
+            else nullcontext()
+        )
+        model = build_model(
+            self.model_cfg,
+            self.moe_cfg,
+            self.layout,
+            dtype=self.param_dtype,
+            recompute=t.gradient_checkpointing,
+        )
         if self.resume_from:
             if self.lora_spec:
                 self.lora_info = lora.apply_lora(model, self.lora_spec)
@@ -162,33 +220,59 @@ class Trainer:
             checkpoint.load_model(plan.pretrained_checkpoint, model)
             if self.lora_spec:
                 self.lora_info = lora.apply_lora(model, self.lora_spec)
-        if self.lora_spec and t.gradient_checkpointing and getattr(model, "embedding", None) is not None:
+        if (
+            self.lora_spec
+            and t.gradient_checkpointing
+            and getattr(model, "embedding", None) is not None
+        ):
             # Frozen embeddings give the first recomputed layer an input that does not require
             # grad: megatron-core's (reentrant) recomputation would then cut the adapters off the
             # graph. Mark the embedding output as requiring grad (PEFT's enable_input_require_grads).
             model.embedding.register_forward_hook(lambda mod, inp, out: out.requires_grad_(True))
         self.model = model
-        self.ddp = wrap_model(model, use_distributed_optimizer=plan.use_distributed_optimizer,
-                              overlap_grad_reduce=run.parallel.overlap_grad_reduce,
-                              bucket_size=run.parallel.ddp_bucket_size,
-                              overlap_param_gather=run.parallel.overlap_param_gather
-                              and plan.use_distributed_optimizer)
-        self.opt = TrainOptimizer(self.ddp, model, run.optim, t.bf16,
-                                  plan.use_distributed_optimizer)
+        self.ddp = wrap_model(
+            model,
+            use_distributed_optimizer=plan.use_distributed_optimizer,
+            overlap_grad_reduce=run.parallel.overlap_grad_reduce,
+            bucket_size=run.parallel.ddp_bucket_size,
+            overlap_param_gather=run.parallel.overlap_param_gather
+            and plan.use_distributed_optimizer,
+        )
+        self.opt = TrainOptimizer(
+            self.ddp, model, run.optim, t.bf16, plan.use_distributed_optimizer
+        )
         # data
         from ..data.sampler import DomainSampler
         from ..data.train_data import MultiDomainTrainData
         from ..data.valid_data import load_validation_sets
 
         self.domains = list(plan.domains)
-        sampler = DomainSampler(self.domains, plan.domain_weights, rule=d.dynamic_data_selection,
-                                ref_loss=plan.ref_loss, seed=t.seed, eta=d.dds_eta, c=d.dds_c)
-        self.data = MultiDomainTrainData(d.dataset_dir, d.block_size, sampler,
-                                         dp_rank=self.dp_rank, dp_size=self.dp_size, seed=t.seed,
-                                         log=self.log.info)
+        sampler = DomainSampler(
+            self.domains,
+            plan.domain_weights,
+            rule=d.dynamic_data_selection,
+            ref_loss=plan.ref_loss,
+            seed=t.seed,
+            eta=d.dds_eta,
+            c=d.dds_c,
+        )
+        self.data = MultiDomainTrainData(
+            d.dataset_dir,
+            d.block_size,
+            sampler,
+            dp_rank=self.dp_rank,
+            dp_size=self.dp_size,
+            seed=t.seed,
+            log=self.log.info,
+        )
         self.sampler = sampler
-        self.val = (load_validation_sets(d.validation_dir, d.block_size, d.max_eval_blocks,
-                                         domains=self.domains) if d.validation_dir else None)
+        self.val = (
+            load_validation_sets(
+                d.validation_dir, d.block_size, d.max_eval_blocks, domains=self.domains
+            )
+            if d.validation_dir
+            else None
+        )
         # counters
         self.step = 0
         self.consumed_tokens = 0
@@ -203,17 +287,18 @@ class Trainer:
         ld = [self.logging_dir]  # one name on every rank (it holds rank 0's time)
         dist.broadcast_object_list(ld, src=0)
         self.logging_dir = self.log.logging_dir = ld[0]
-        from .flops import flops_per_token, peak_flops, activated_params
+        from .flops import activated_params, flops_per_token, peak_flops
 
         self.flops_per_token = flops_per_token(self.model_cfg, self.moe_cfg, d.block_size)
         self.activated = activated_params(self.model_cfg, self.moe_cfg)
         self.peak, self.peak_note = peak_flops(t.peak_tflops)
         self.num_layers = self.model_cfg.num_hidden_layers
         E = self.moe_cfg.num_experts if self.moe_cfg else 0
-        self._load_counts = torch.zeros(self.num_layers, max(E, 1), dtype=torch.float64,
-                                        device=self.device)
+        self._load_counts = torch.zeros(
+            self.num_layers, max(E, 1), dtype=torch.float64, device=self.device
+        )
 
-    def _verified_resume(self) -> Optional[str]:
+    def _verified_resume(self) -> str | None:
         """The plan's resume checkpoint once every checksum of its manifest matched (spread over
         the ranks); a damaged one is renamed out of the way (rank 0) and the next older one is
         tried, down to the pretrained model."""
@@ -227,13 +312,15 @@ class Trainer:
                 break
             more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
             if self.rank == 0:
-                self.extra_warnings.append(f"{path} is damaged: {bad[0]}{more}; renamed to "
-                                           f"{ckpt.quarantine(path)}; resuming from the newest "
-                                           "checkpoint that verifies")
+                self.extra_warnings.append(
+                    f"{path} is damaged: {bad[0]}{more}; renamed to "
+                    f"{ckpt.quarantine(path)}; resuming from the newest "
+                    "checkpoint that verifies"
+                )
             dist.barrier()
             path = intact_checkpoint(self.run, [], repair=False)
         if path != plan.resume_from:  # the configs of the weights actually used
-            weights, found = (read_pretrained(path, "output_dir") if path else (plan.source, []))
+            weights, found = read_pretrained(path, "output_dir") if path else (plan.source, [])
             moe, more = resolve_moe(self.run, weights, path or plan.pretrained_checkpoint)
             errs = [f.text() for f in found + more if f.is_error]
             if errs:
@@ -252,16 +339,26 @@ class Trainer:
             try:
                 checkpoint.load_optimizer(self.resume_from, self.model, self.opt)
             except (Exception, CheckpointException) as e:
-                if self.rank == 0:  # the details for a bug report; the message below says what to do
-                    print(f"loading the optimizer state failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+                if (
+                    self.rank == 0
+                ):  # the details for a bug report; the message below says what to do
+                    print(
+                        f"loading the optimizer state failed:\n{traceback.format_exc()}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 raise TrainingStopped(
                     f"could not load the optimizer state of {self.resume_from} "
                     f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); the "
                     "checkpoint is unchanged. To go on from its weights, data position and "
-                    "counters with fresh Adam moments, add --load_optimizer false", 2) from e
+                    "counters with fresh Adam moments, add --load_optimizer false",
+                    2,
+                ) from e
         else:
-            self.extra_warnings.append(f"--load_optimizer false: the optimizer state of "
-                                       f"{self.resume_from} is not loaded (fresh Adam moments)")
+            self.extra_warnings.append(
+                f"--load_optimizer false: the optimizer state of "
+                f"{self.resume_from} is not loaded (fresh Adam moments)"
+            )
         self.data.load_state_dict(tr["data"])
         self.step = int(meta["step"])
         self.consumed_tokens = int(meta["consumed_tokens"])
@@ -277,11 +374,14 @@ class Trainer:
         changed = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
         if changed:
             self.extra_warnings.append(
-                "the learning-rate schedule changed since the checkpoint: " +
-                ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
+                "the learning-rate schedule changed since the checkpoint: "
+                + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+            )
         if self._rng_to_restore is None:
-            self.extra_warnings.append(f"no RNG state for rank {self.rank} in {self.resume_from} "
-                                       "(different number of processes?): RNG streams restart")
+            self.extra_warnings.append(
+                f"no RNG state for rank {self.rank} in {self.resume_from} "
+                "(different number of processes?): RNG streams restart"
+            )
 
     def _check_optimizer_layout(self, tr: dict) -> None:
         """Use the checkpoint's distributed-optimizer format; a dp_reshardable one only loads at
@@ -292,21 +392,33 @@ class Trainer:
             saved = "without" if fmt is None else "with"
             raise TrainingStopped(
                 f"{self.resume_from} was saved {saved} the distributed optimizer; resume with "
-                f"--use_distributed_optimizer {'false' if fmt is None else 'true'}", 2)
+                f"--use_distributed_optimizer {'false' if fmt is None else 'true'}",
+                2,
+            )
         if not self.opt.distributed:
             return
         self.opt.checkpoint_format = fmt
         if fmt != "dp_reshardable":
             return
-        keys = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size")
+        keys = (
+            "tensor_model_parallel_size",
+            "pipeline_model_parallel_size",
+            "expert_model_parallel_size",
+        )
         saved, now = tr.get("layout") or {}, to_dict(self.run.parallel)
-        changed = [f"--{k} {saved.get(k)} -> {now.get(k)}" for k in keys if saved.get(k, 1) != now.get(k, 1)]
+        changed = [
+            f"--{k} {saved.get(k)} -> {now.get(k)}"
+            for k in keys
+            if saved.get(k, 1) != now.get(k, 1)
+        ]
         if changed:
             raise TrainingStopped(
                 f"{self.resume_from} holds the distributed optimizer in the dp_reshardable format, "
                 f"which resumes only at the layout it was saved at ({', '.join(changed)}): resume at "
                 "that layout (any data-parallel size works), and save with "
-                "--optimizer_checkpoint_format fully_reshardable to change TP/PP/EP later", 2)
+                "--optimizer_checkpoint_format fully_reshardable to change TP/PP/EP later",
+                2,
+            )
 
     # ------------------------------------------------------------------ header
     def header(self) -> None:
@@ -316,37 +428,56 @@ class Trainer:
         log.info(f"#tokens/batch: {plan.tokens_per_batch}")
         log.info("config: " + json.dumps(to_dict(run), indent=1, sort_keys=False))
         pc = run.parallel
-        log.info(f"processes: {self.world} = {plan.num_nodes} node(s) x {plan.gpus_per_node} "
-                 f"per node; TP {pc.tensor_model_parallel_size} PP "
-                 f"{pc.pipeline_model_parallel_size} EP {pc.expert_model_parallel_size} DP "
-                 f"{self.dp_size}; sequence parallel {plan.layout.sequence_parallel}; "
-                 f"{'CUDA' if self.cuda else 'CPU'}; params {self.param_dtype}; optimizer "
-                 f"{'distributed (ZeRO-1)' if plan.use_distributed_optimizer else 'megatron-core FP32/Float16'}")
+        log.info(
+            f"processes: {self.world} = {plan.num_nodes} node(s) x {plan.gpus_per_node} "
+            f"per node; TP {pc.tensor_model_parallel_size} PP "
+            f"{pc.pipeline_model_parallel_size} EP {pc.expert_model_parallel_size} DP "
+            f"{self.dp_size}; sequence parallel {plan.layout.sequence_parallel}; "
+            f"{'CUDA' if self.cuda else 'CPU'}; params {self.param_dtype}; optimizer "
+            f"{'distributed (ZeRO-1)' if plan.use_distributed_optimizer else 'megatron-core FP32/Float16'}"
+        )
         m, moe = self.model_cfg, self.moe_cfg
-        kind = (f"LLaMA-MoE {moe.num_experts} experts, top-{moe.num_selects}, SF "
-                f"{moe.scale_factor(0):g}, balance loss weight {moe.gate_balance_loss_weight:g}, "
-                f"{moe.gate_type}/{moe.gate_network}" if moe else "LLaMA (dense)")
-        log.info(f"model: {kind}; {m.num_hidden_layers} layers, hidden {m.hidden_size}, "
-                 f"vocab {m.vocab_size}; {self.activated:,} activated parameters per token; "
-                 f"{self.flops_per_token:.3e} FLOPs per token; MFU peak: {self.peak_note}")
+        kind = (
+            f"LLaMA-MoE {moe.num_experts} experts, top-{moe.num_selects}, SF "
+            f"{moe.scale_factor(0):g}, balance loss weight {moe.gate_balance_loss_weight:g}, "
+            f"{moe.gate_type}/{moe.gate_network}"
+            if moe
+            else "LLaMA (dense)"
+        )
+        log.info(
+            f"model: {kind}; {m.num_hidden_layers} layers, hidden {m.hidden_size}, "
+            f"vocab {m.vocab_size}; {self.activated:,} activated parameters per token; "
+            f"{self.flops_per_token:.3e} FLOPs per token; MFU peak: {self.peak_note}"
+        )
         if self.lora_spec:
             i = self.lora_info
-            log.info(f"LoRA: rank {self.lora_spec.rank}, alpha {self.lora_spec.alpha:g}, dropout "
-                     f"{self.lora_spec.dropout:g} on {','.join(self.lora_spec.targets)}"
-                     f"{' + gates' if self.lora_spec.train_gates else ''}: {i['trainable']:,} "
-                     f"of {i['total']:,} parameters trainable (this rank)")
+            log.info(
+                f"LoRA: rank {self.lora_spec.rank}, alpha {self.lora_spec.alpha:g}, dropout "
+                f"{self.lora_spec.dropout:g} on {','.join(self.lora_spec.targets)}"
+                f"{' + gates' if self.lora_spec.train_gates else ''}: {i['trainable']:,} "
+                f"of {i['total']:,} parameters trainable (this rank)"
+            )
         log.info(self.data.summary())
-        log.info(f"domain weights ({plan.prob_map}{', dynamic: ' + run.data.dynamic_data_selection if run.data.dynamic_data_selection != 'none' else ''}): "
-                 + ", ".join(f"{k} {v:.4f}" for k, v in self.sampler.weights_dict().items()))
+        rule = run.data.dynamic_data_selection
+        log.info(
+            f"domain weights ({plan.prob_map}{', dynamic: ' + rule if rule != 'none' else ''}): "
+            + ", ".join(f"{k} {v:.4f}" for k, v in self.sampler.weights_dict().items())
+        )
         if self.val is not None:
-            log.info("validation: " + ", ".join(f"{k} {len(v)} blocks" for k, v in self.val.items()))
+            log.info(
+                "validation: " + ", ".join(f"{k} {len(v)} blocks" for k, v in self.val.items())
+            )
         if self.resume_from:
-            log.info(f"resuming from {self.resume_from}: step {self.step}, "
-                     f"{self.consumed_tokens:,} tokens consumed")
+            log.info(
+                f"resuming from {self.resume_from}: step {self.step}, "
+                f"{self.consumed_tokens:,} tokens consumed"
+            )
         else:
             log.info(f"starting from {plan.pretrained_checkpoint}")
-        log.info(f"checkpoints: {run.train.output_dir}/checkpoint-<step> (every "
-                 f"{run.train.save_steps or 'end'}); tensorboard: {self.logging_dir}")
+        log.info(
+            f"checkpoints: {run.train.output_dir}/checkpoint-<step> (every "
+            f"{run.train.save_steps or 'end'}); tensorboard: {self.logging_dir}"
+        )
         if run.train.comment:
             log.info(f"comment: {run.train.comment}")
         for w in plan.warnings:  # printed by the command line already
@@ -355,10 +486,19 @@ class Trainer:
             log.warning(w)
         if self.rank == 0:
             with open(os.path.join(run.train.output_dir, "run_config.json"), "w") as f:
-                json.dump({"config": to_dict(run), "argv": sys.argv[1:],
-                           "world": {"num_nodes": plan.num_nodes,
-                                     "num_gpu_per_node": plan.gpus_per_node,
-                                     "cuda": self.cuda}}, f, indent=1)
+                json.dump(
+                    {
+                        "config": to_dict(run),
+                        "argv": sys.argv[1:],
+                        "world": {
+                            "num_nodes": plan.num_nodes,
+                            "num_gpu_per_node": plan.gpus_per_node,
+                            "cuda": self.cuda,
+                        },
+                    },
+                    f,
+                    indent=1,
+                )
 
     # ------------------------------------------------------------------ helpers
     def _dp_mean(self, values: list[float]) -> list[float]:
@@ -370,7 +510,7 @@ class Trainer:
             t /= self.dp_size
         return t.cpu().tolist()
 
-    def _count_hook(self, target: torch.Tensor, valid_rows: Optional[int] = None, mb: int = 0):
+    def _count_hook(self, target: torch.Tensor, valid_rows: int | None = None, mb: int = 0):
         E = target.shape[1]
 
         def hook(i, stats):
@@ -381,6 +521,7 @@ class Trainer:
                     keep = (torch.arange(idx.shape[0], device=idx.device) % mb) < valid_rows
                     idx = idx[keep]
                 target[layer] += torch.bincount(idx.reshape(-1), minlength=E).to(target.dtype)
+
         return hook
 
     def _check_vocabulary(self, tokens: torch.Tensor, doms: torch.Tensor) -> None:
@@ -388,13 +529,16 @@ class Trainer:
         would fail deep in the embedding: stop with the domain's files named instead."""
         top = int(tokens.max())
         if top >= self.model_cfg.vocab_size:
-            d = self.domains[int(doms[int((tokens.max(dim=1).values >= self.model_cfg.vocab_size)
-                                          .nonzero()[0])])]
+            d = self.domains[
+                int(doms[int((tokens.max(dim=1).values >= self.model_cfg.vocab_size).nonzero()[0])])
+            ]
             raise TrainingStopped(
                 f"a block of domain {d} holds token id {top}, beyond the model's vocab_size "
                 f"{self.model_cfg.vocab_size}: its datasets "
                 f"{self.plan.domains.get(d)} were tokenized with another tokenizer; preprocess "
-                "them with the pretrained model's own", 2)
+                "them with the pretrained model's own",
+                2,
+            )
 
     def _world_sum(self, t: torch.Tensor) -> np.ndarray:
         if self.world > 1:
@@ -405,10 +549,13 @@ class Trainer:
         if self._signal is None:
             self._signal = signal.Signals(signum).name
             if self.rank == 0:
-                print(f"received {self._signal}: saving a checkpoint at the end of this step",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"received {self._signal}: saving a checkpoint at the end of this step",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
-    def _stop_requested(self) -> Optional[str]:
+    def _stop_requested(self) -> str | None:
         every = self.run.train.exit_interval
         if every and self.step % every == 0 and self.step < self.max_steps:
             return f"--exit_interval {every} (step {self.step})"
@@ -440,10 +587,14 @@ class Trainer:
             n_real = [int(r.sum()) for r in real.split(ebs)]
             hooks = [self._count_hook(cnt, nr, ebs) for nr in n_real]
             with self.autocast:
-                per_sample = forward_eval(self.ddp, mbs,
-                                          stats_hook=(lambda i, st: hooks[i](i, st)) if E else None)
-            tot = torch.tensor([float(per_sample[real].sum()), float(real.sum())],
-                               dtype=torch.float64, device=self.device)
+                per_sample = forward_eval(
+                    self.ddp, mbs, stats_hook=(lambda i, st: hooks[i](i, st)) if E else None
+                )
+            tot = torch.tensor(
+                [float(per_sample[real].sum()), float(real.sum())],
+                dtype=torch.float64,
+                device=self.device,
+            )
             if self.dp_size > 1:
                 from .. import parallel
 
@@ -464,8 +615,12 @@ class Trainer:
         new = self.sampler.weights_dict()
         mean = float(np.mean(list(losses.values())))
         spec = specialisation(res["counts"]) if res["counts"] else None
-        self.last_eval = {"step": step, "losses": losses, "weights": new,
-                          "specialisation": None if spec is None else spec.tolist()}
+        self.last_eval = {
+            "step": step,
+            "losses": losses,
+            "weights": new,
+            "specialisation": None if spec is None else spec.tolist(),
+        }
         self.last_eval_step = step
         log.info(f"eval step {step}: mean loss {mean:.4f} ({res['seconds']:.1f} s)")
         for dom in self.domains:
@@ -484,8 +639,11 @@ class Trainer:
             for i, x in enumerate(spec):
                 log.scalar(f"routing/specialisation/layer_{i}", float(x), step)
             log.scalar("routing/specialisation/mean", float(spec.mean()), step)
-        log.record("eval", step, {"losses": losses, "weights": new,
-                                  "specialisation": self.last_eval["specialisation"]})
+        log.record(
+            "eval",
+            step,
+            {"losses": losses, "weights": new, "specialisation": self.last_eval["specialisation"]},
+        )
         log.flush()
 
     # ------------------------------------------------------------------ checkpoints
@@ -499,27 +657,41 @@ class Trainer:
         t0 = time.time()
         extra = rng_state()
         meta = ckpt.make_meta(
-            self.model_cfg, self.moe_cfg, step=self.step, consumed_tokens=self.consumed_tokens,
-            consumed_samples=self.consumed_samples, max_steps=self.max_steps,
+            self.model_cfg,
+            self.moe_cfg,
+            step=self.step,
+            consumed_tokens=self.consumed_tokens,
+            consumed_samples=self.consumed_samples,
+            max_steps=self.max_steps,
             lora=self.lora_spec.to_dict() if self.lora_spec else None,
-            trainer={"data": self.data.state_dict(),
-                     "schedule": schedule_state(run.optim, self.max_steps),
-                     "lr": self.opt.lr, "last_eval": self.last_eval,
-                     "last_eval_step": self.last_eval_step,
-                     "world_size": self.world, "layout": to_dict(run.parallel),
-                     "optimizer_format": self.opt.checkpoint_format if self.opt.distributed else None},
+            trainer={
+                "data": self.data.state_dict(),
+                "schedule": schedule_state(run.optim, self.max_steps),
+                "lr": self.opt.lr,
+                "last_eval": self.last_eval,
+                "last_eval_step": self.last_eval_step,
+                "world_size": self.world,
+                "layout": to_dict(run.parallel),
+                "optimizer_format": self.opt.checkpoint_format if self.opt.distributed else None,
+            },
             pretrained_model=os.path.abspath(run.train.pretrained_model),
-            run=to_dict(run), comment=run.train.comment)
+            run=to_dict(run),
+            comment=run.train.comment,
+        )
         self.opt.finish_param_sync()  # an overlapped parameter all-gather: the weights of now
         checkpoint.save(path, self.model, meta, optimizer=self.opt, extra_state=extra)
         self.last_save_step = self.step
-        gone = ckpt.rotate(run.train.output_dir, run.train.save_total_limit) if self.rank == 0 else []
-        self.log.info(f"saved {path} ({time.time() - t0:.1f} s){' ' + reason if reason else ''}"
-                      + (f"; removed {', '.join(os.path.basename(g) for g in gone)}" if gone else ""))
+        gone = (
+            ckpt.rotate(run.train.output_dir, run.train.save_total_limit) if self.rank == 0 else []
+        )
+        self.log.info(
+            f"saved {path} ({time.time() - t0:.1f} s){' ' + reason if reason else ''}"
+            + (f"; removed {', '.join(os.path.basename(g) for g in gone)}" if gone else "")
+        )
         self.log.record("save", self.step, {"path": path})
         return path
 
-    def last_good_checkpoint(self) -> Optional[str]:
+    def last_good_checkpoint(self) -> str | None:
         return ckpt.newest_checkpoint(self.run.train.output_dir)
 
     # ------------------------------------------------------------------ the loop
@@ -564,13 +736,17 @@ class Trainer:
                     f"non-finite loss at step {self.step + 1}: loss {loss} (lm_loss {lm}, "
                     f"balance_loss {bal}); stopping before the update. Nothing was saved for "
                     f"this step; the last good checkpoint is "
-                    f"{self.last_good_checkpoint() or '(none: no checkpoint was saved yet)'}", 1)
+                    f"{self.last_good_checkpoint() or '(none: no checkpoint was saved yet)'}",
+                    1,
+                )
             ok, gn = self.opt.step()
             if not math.isfinite(gn):
                 raise TrainingStopped(
                     f"non-finite gradient norm at step {self.step + 1} ({gn}; loss {loss}); "
                     "stopping before the update. The last good checkpoint is "
-                    f"{self.last_good_checkpoint() or '(none: no checkpoint was saved yet)'}", 1)
+                    f"{self.last_good_checkpoint() or '(none: no checkpoint was saved yet)'}",
+                    1,
+                )
             self.step += 1
             self.consumed_tokens += tokens_per_step
             self.consumed_samples += self.plan.global_batch_size
@@ -593,19 +769,26 @@ class Trainer:
             if why:
                 if self.last_save_step != self.step:
                     self.save(f"(on {why})")
-                log.info(f"received {why}: stopped at step {self.step} of {self.max_steps} after "
-                         f"saving {os.path.join(t.output_dir, f'checkpoint-{self.step}')}; run "
-                         "the same command to resume")
+                log.info(
+                    f"received {why}: stopped at step {self.step} of {self.max_steps} after "
+                    f"saving {os.path.join(t.output_dir, f'checkpoint-{self.step}')}; run "
+                    "the same command to resume"
+                )
                 log.record("stopped", self.step, {"signal": why})
                 log.close()
                 return 0
         # the end
         if self.val is not None and self.last_eval_step != self.step:
             self._after_eval(self.evaluate())
-        final = (self.save("(final)") if self.last_save_step != self.step else
-                 os.path.join(t.output_dir, f"checkpoint-{self.step}"))
-        log.info(f"done: {self.step} steps, {self.consumed_tokens:,} tokens in "
-                 f"{fmt_duration(time.time() - t_start)}")
+        final = (
+            self.save("(final)")
+            if self.last_save_step != self.step
+            else os.path.join(t.output_dir, f"checkpoint-{self.step}")
+        )
+        log.info(
+            f"done: {self.step} steps, {self.consumed_tokens:,} tokens in "
+            f"{fmt_duration(time.time() - t_start)}"
+        )
         log.record("end", self.step, {"checkpoint": final, "last_eval": self.last_eval})
         log.close()
         self.final_checkpoint = final
@@ -617,17 +800,25 @@ class Trainer:
         tps_gpu = tokens_per_step / max(step_time, 1e-9) / self.world
         mfu = self.flops_per_token * tps_gpu / self.peak
         eta = (self.max_steps - self.step) * (sum(recent) / max(len(recent), 1))
-        vals = {"loss": sums["loss"] / n, "lm_loss": sums["lm"] / n,
-                "balance_loss": sums["bal"] / n, "lr": lr, "grad_norm": sums["gn"] / n,
-                "tokens_per_sec_per_gpu": tps_gpu, "mfu": mfu, "time_per_step": step_time,
-                "consumed_tokens": self.consumed_tokens}
+        vals = {
+            "loss": sums["loss"] / n,
+            "lm_loss": sums["lm"] / n,
+            "balance_loss": sums["bal"] / n,
+            "lr": lr,
+            "grad_norm": sums["gn"] / n,
+            "tokens_per_sec_per_gpu": tps_gpu,
+            "mfu": mfu,
+            "time_per_step": step_time,
+            "consumed_tokens": self.consumed_tokens,
+        }
         if self.cuda:
             vals["gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         self.log.info(
             f"step {self.step}/{self.max_steps} | loss {vals['loss']:.4f} | lm {vals['lm_loss']:.4f}"
             f" | balance {vals['balance_loss']:.4f} | lr {lr:.3e} | grad norm "
             f"{vals['grad_norm']:.3f} | {tps_gpu:,.0f} tok/s/gpu | MFU {100 * mfu:.2f}% | "
-            f"{step_time:.2f} s/step | ETA {fmt_duration(eta)}")
+            f"{step_time:.2f} s/step | ETA {fmt_duration(eta)}"
+        )
         self.log.scalars(self.step, {f"train/{k}": v for k, v in vals.items()})
         self.log.scalar("train/loss_on_tokens", vals["loss"], self.consumed_tokens)
         if self.moe_cfg is not None:
@@ -647,33 +838,52 @@ class Trainer:
         return code
 
     # ------------------------------------------------------------------ export
-    def export(self) -> Optional[str]:
+    def export(self) -> str | None:
         """--export_hf: the final checkpoint (LoRA merged) -> <output_dir>/hf."""
         run = self.run
         out = os.path.join(run.train.output_dir, "hf")
         if self.world == 1:
             from ..convert import megamoe_to_hf
 
-            megamoe_to_hf(self.final_checkpoint, out, tokenizer=run.train.tokenizer_model,
-                          overwrite=True, progress=False)
+            megamoe_to_hf(
+                self.final_checkpoint,
+                out,
+                tokenizer=run.train.tokenizer_model,
+                overwrite=True,
+                progress=False,
+            )
         else:  # the converter is a world of one: a process of its own
             dist.barrier()
             if self.rank == 0:
-                args = [sys.executable, "-m", "megamoe", "convert", "megamoe-to-hf", "--checkpoint",
-                        self.final_checkpoint, "--output", out, "--overwrite", "--no-progress"]
+                args = [
+                    sys.executable,
+                    "-m",
+                    "megamoe",
+                    "convert",
+                    "megamoe-to-hf",
+                    "--checkpoint",
+                    self.final_checkpoint,
+                    "--output",
+                    out,
+                    "--overwrite",
+                    "--no-progress",
+                ]
                 if run.train.tokenizer_model:
                     args += ["--tokenizer", run.train.tokenizer_model]
                 subprocess.run(args, env=_clean_env(), check=True)
             dist.barrier()
         if self.rank == 0:
-            print(f"exported {self.final_checkpoint} -> {out} (Hugging Face "
-                  f"{'LLaMA-MoE' if self.moe_cfg else 'LLaMA'}{', LoRA merged' if self.lora_spec else ''})",
-                  flush=True)
+            print(
+                f"exported {self.final_checkpoint} -> {out} (Hugging Face "
+                f"{'LLaMA-MoE' if self.moe_cfg else 'LLaMA'}{', LoRA merged' if self.lora_spec else ''})",
+                flush=True,
+            )
         return out
 
 
 def run_training(plan: Plan) -> int:
     """Set up and train per `plan` (plan.make_plan). Returns the exit code."""
+
     def say(msg):
         if _rank() == 0:
             print(msg, flush=True)
@@ -693,6 +903,8 @@ def run_training(plan: Plan) -> int:
         return trainer.stopped(
             f"interrupted (Ctrl-C) at step {getattr(trainer, 'step', 0)}; the newest checkpoint "
             f"is {ckpt.newest_checkpoint(plan.run.train.output_dir) or '(none yet)'}: run the same "
-            "command to resume from it", INTERRUPTED)
+            "command to resume from it",
+            INTERRUPTED,
+        )
     except Exception:  # a bug: the whole traceback, in train.log too, so that it can be reported
         return trainer.stopped(traceback.format_exc().rstrip(), 1)

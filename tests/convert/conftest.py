@@ -1,5 +1,6 @@
 """Fixtures of the conversion tests: tiny random transformers LLaMA models saved on disk as real
 safetensors / .bin files, and a small Megatron indexed dataset for the data-driven splits."""
+
 import json
 import os
 
@@ -19,7 +20,9 @@ def save_bin(sd: dict, out_dir, shards: int = 1) -> None:
     os.makedirs(out_dir, exist_ok=True)
     names = list(sd)
     if shards == 1:
-        torch.save({k: sd[k].contiguous() for k in names}, os.path.join(out_dir, "pytorch_model.bin"))
+        torch.save(
+            {k: sd[k].contiguous() for k in names}, os.path.join(out_dir, "pytorch_model.bin")
+        )
         return
     parts = np.array_split(np.arange(len(names)), shards)
     weight_map, total = {}, 0
@@ -79,7 +82,8 @@ def load_checkpoint(path):
 
 
 def params(model) -> dict:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()
-            if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
-
-
+    return {
+        k: v.detach().clone()
+        for k, v in model.state_dict().items()
+        if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")
+    }

@@ -2,6 +2,7 @@
 
 Each of 2 gloo processes loads the converted world-1 checkpoints at TP=2 (+SP), EP=2 and PP=2
 and reports, as JSON, how its logits / tensors compare with the single-process reference."""
+
 import json
 import os
 
@@ -20,8 +21,13 @@ def _logits(model, tokens):
 
 
 def worker(rank, port, ref_path, moe_ck, dense_ck, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_RANK=str(rank),
+    )
     from megamoe import checkpoint, parallel
     from megamoe.model.llama import build_model
     from megamoe.parallel.mcore import get_transformer_layer_offset
@@ -39,9 +45,13 @@ def worker(rank, port, ref_path, moe_ck, dense_ck, out_dir):
 
     # TP=2: vocab-parallel logits, gathered over the TP group
     for name, ck, layout in (
-            ("moe_tp2_sp", moe_ck, parallel.ParallelLayout(tensor_model_parallel_size=2,
-                                                           sequence_parallel=True)),
-            ("dense_tp2", dense_ck, parallel.ParallelLayout(tensor_model_parallel_size=2))):
+        (
+            "moe_tp2_sp",
+            moe_ck,
+            parallel.ParallelLayout(tensor_model_parallel_size=2, sequence_parallel=True),
+        ),
+        ("dense_tp2", dense_ck, parallel.ParallelLayout(tensor_model_parallel_size=2)),
+    ):
         model = load(ck, layout)
         part = _logits(model, tokens)
         parts = [torch.empty_like(part) for _ in range(2)]
@@ -55,11 +65,13 @@ def worker(rank, port, ref_path, moe_ck, dense_ck, out_dir):
     model = load(moe_ck, layout)
     ex = model.decoder.layers[0].mlp.experts
     full_gate = ref["moe_params"]["decoder.layers.0.mlp.experts.weight_gate"]
-    start = sum(ref["sizes"][:ex.first_expert])
-    local = full_gate[start:start + sum(ex.sizes)]
-    res["moe_ep2"] = {"first_expert": ex.first_expert,
-                      "local_experts_equal": bool(torch.equal(ex.weight_gate, local)),
-                      "rel_err": _rel(_logits(model, tokens), ref["moe_logits"])}
+    start = sum(ref["sizes"][: ex.first_expert])
+    local = full_gate[start : start + sum(ex.sizes)]
+    res["moe_ep2"] = {
+        "first_expert": ex.first_expert,
+        "local_experts_equal": bool(torch.equal(ex.weight_gate, local)),
+        "rel_err": _rel(_logits(model, tokens), ref["moe_logits"]),
+    }
 
     # PP=2: each stage holds exactly its layers' tensors, bit-equal to the world-1 model's
     layout = parallel.ParallelLayout(pipeline_model_parallel_size=2)
@@ -71,13 +83,17 @@ def worker(rank, port, ref_path, moe_ck, dense_ck, out_dir):
             continue
         gk = k
         if k.startswith("decoder.layers."):
-            i, rest = k[len("decoder.layers."):].split(".", 1)
+            i, rest = k[len("decoder.layers.") :].split(".", 1)
             gk = f"decoder.layers.{int(i) + offset}.{rest}"
         compared.append(gk)
         if gk not in ref["moe_params"] or not torch.equal(v, ref["moe_params"][gk]):
             mismatched.append(gk)
-    res["moe_pp2"] = {"stage": parallel.pp_rank(), "offset": offset, "compared": sorted(compared),
-                      "mismatched": mismatched}
+    res["moe_pp2"] = {
+        "stage": parallel.pp_rank(),
+        "offset": offset,
+        "compared": sorted(compared),
+        "mismatched": mismatched,
+    }
     parallel.destroy()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(res, f)

@@ -7,6 +7,7 @@ after every import and the world-of-one setup, right before the conversion.
 
     python -m tests.convert.memory_worker hf-to-megamoe --hf-dir ... --output ...
 """
+
 import json
 import resource
 import sys
@@ -45,8 +46,17 @@ def main(argv):
     sampler.stop.set()
     sampler.join()
     peak = max(sampler.peak, rss_anon())
-    print(json.dumps({"rc": rc, "baseline": base, "peak": peak, "growth": peak - base,
-                      "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    print(
+        json.dumps(
+            {
+                "rc": rc,
+                "baseline": base,
+                "peak": peak,
+                "growth": peak - base,
+                "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Dense LLaMA: transformers -> megamoe -> transformers, through the command line and real files."""
+
 import json
 
 import pytest
@@ -17,8 +18,23 @@ def test_hf_llama_to_megamoe_matches_transformers(world1, tmp_path, hf_model, hf
         save_bin(hf_model.state_dict(), src, shards=3)
         (src / "config.json").write_text((hf_dir / "config.json").read_text())
     out = tmp_path / "dense"
-    assert main(["hf-to-megamoe", "--hf-dir", str(src), "--output", str(out), "--no-progress",
-                 "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]) == 0
+    assert (
+        main(
+            [
+                "hf-to-megamoe",
+                "--hf-dir",
+                str(src),
+                "--output",
+                str(out),
+                "--no-progress",
+                "--tensor-model-parallel-size",
+                "2",
+                "--pipeline-model-parallel-size",
+                "2",
+            ]
+        )
+        == 0
+    )
     model, meta = load_checkpoint(out)
     assert meta["model_type"] == "llama" and meta["moe"] is None
     assert meta["model"] == M.__dict__
@@ -36,15 +52,34 @@ def test_megamoe_to_hf_llama_round_trip(world1, tmp_path, hf_model, hf_dir):
     from transformers import LlamaForCausalLM
 
     ck = tmp_path / "dense"
-    assert main(["hf-to-megamoe", "--hf-dir", str(hf_dir), "--output", str(ck), "--no-progress"]) == 0
+    assert (
+        main(["hf-to-megamoe", "--hf-dir", str(hf_dir), "--output", str(ck), "--no-progress"]) == 0
+    )
     tok = tmp_path / "tok"
     tok.mkdir()
     (tok / "tokenizer.model").write_bytes(b"\x00sentencepiece-bytes")
     (tok / "tokenizer_config.json").write_text("{}")
     (tok / "model.safetensors").write_bytes(b"not a tokenizer file")  # must not be copied
     out = tmp_path / "hf_out"
-    assert main(["megamoe-to-hf", "--checkpoint", str(ck), "--output", str(out), "--format", "llama",
-                 "--tokenizer", str(tok), "--max-shard-size", "50KB", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "megamoe-to-hf",
+                "--checkpoint",
+                str(ck),
+                "--output",
+                str(out),
+                "--format",
+                "llama",
+                "--tokenizer",
+                str(tok),
+                "--max-shard-size",
+                "50KB",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     names = sorted(p.name for p in out.iterdir())
     assert "model.safetensors.index.json" in names and "model.safetensors" not in names
     assert {"tokenizer.model", "tokenizer_config.json", "config.json"} <= set(names)
@@ -83,8 +118,21 @@ def test_tied_embeddings_are_copied(world1, tmp_path, hf_model):
 
 def test_bf16_checkpoint(world1, tmp_path, hf_dir):
     out = tmp_path / "bf16"
-    assert main(["hf-to-megamoe", "--hf-dir", str(hf_dir), "--output", str(out), "--dtype",
-                 "bfloat16", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "hf-to-megamoe",
+                "--hf-dir",
+                str(hf_dir),
+                "--output",
+                str(out),
+                "--dtype",
+                "bfloat16",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     from megamoe.formats.hf_files import HFWeights
 
     model, _ = load_checkpoint(out)  # fp32 model loads the bf16 checkpoint (exact upcast)

@@ -1,5 +1,6 @@
 """HF file formats against the real libraries: transformers writes, we read; we write,
 transformers and safetensors read."""
+
 import json
 
 import pytest
@@ -39,7 +40,9 @@ def test_reads_bin_single_and_sharded(tmp_path, hf_model, shards):
     sd = hf_model.state_dict()
     save_bin(sd, tmp_path, shards)
     _check_reads_all(tmp_path, sd, "bin")
-    hf_model.config.save_pretrained(tmp_path)  # the files are the real format: transformers reads them
+    hf_model.config.save_pretrained(
+        tmp_path
+    )  # the files are the real format: transformers reads them
     loaded = LlamaForCausalLM.from_pretrained(tmp_path)
     assert all(torch.equal(t, sd[k]) for k, t in loaded.state_dict().items())
 
@@ -55,8 +58,17 @@ def test_unread_reports_unused_tensors(tmp_path, hf_model):
     assert w.unread() == ["model.layers.0.mlp.extra.weight"]
 
 
-@pytest.mark.parametrize("text,n", [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2GiB", 2 * 2**30),
-                                    ("1.5KB", 1500), (123, 123), ("77", 77)])
+@pytest.mark.parametrize(
+    "text,n",
+    [
+        ("5GB", 5 * 10**9),
+        ("500MB", 5 * 10**8),
+        ("2GiB", 2 * 2**30),
+        ("1.5KB", 1500),
+        (123, 123),
+        ("77", 77),
+    ],
+)
 def test_parse_size(text, n):
     assert parse_size(text) == n
 
@@ -118,14 +130,34 @@ def test_llama_config_round_trip_through_transformers(tmp_path):
 
 
 def test_llama_moe_config_fields():
-    moe = MoEConfig(num_experts=4, num_selects=2, size_experts=[[20, 28, 24, 24], [24] * 4],
-                    score_scale_factor=[2.0, 3.5], gate_network="linear")
+    moe = MoEConfig(
+        num_experts=4,
+        num_selects=2,
+        size_experts=[[20, 28, 24, 24], [24] * 4],
+        score_scale_factor=[2.0, 3.5],
+        gate_network="linear",
+    )
     cfg = hfc.llama_moe_config_dict(M, moe, "bfloat16")
     assert cfg["model_type"] == "llama_moe" and cfg["architectures"] == ["LlamaMoEForCausalLM"]
-    for k in ("num_experts", "num_selects", "size_experts", "gate_type", "gate_network",
-              "gate_use_softmax", "gate_use_balance", "gate_balance_loss_weight", "gate_add_noise",
-              "gate_noise_epsilon", "calculator_type", "multiply_gate_scores", "score_scale_factor",
-              "add_weight_norm", "drop_tokens", "dropped_padding", "capacity_factor"):
+    for k in (
+        "num_experts",
+        "num_selects",
+        "size_experts",
+        "gate_type",
+        "gate_network",
+        "gate_use_softmax",
+        "gate_use_balance",
+        "gate_balance_loss_weight",
+        "gate_add_noise",
+        "gate_noise_epsilon",
+        "calculator_type",
+        "multiply_gate_scores",
+        "score_scale_factor",
+        "add_weight_norm",
+        "drop_tokens",
+        "dropped_padding",
+        "capacity_factor",
+    ):
         assert k in cfg, k
     assert cfg["calculator_type"] == "UniversalCalculator" and cfg["torch_dtype"] == "bfloat16"
     assert cfg["size_experts"] == [[20, 28, 24, 24], [24] * 4]
@@ -139,14 +171,17 @@ def test_llama_moe_config_fields():
     assert eq["size_experts"] is None and eq["score_scale_factor"] == 4.0
 
 
-@pytest.mark.parametrize("change,match", [
-    ({"model_type": "mistral"}, "is not LLaMA"),
-    ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"attention_bias": True}, "biases"),
-    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
-    ({"num_attention_heads": 5}, "divisible"),
-    ({"head_dim": 8}, "head_dim"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"model_type": "mistral"}, "is not LLaMA"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"attention_bias": True}, "biases"),
+        ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
+        ({"num_attention_heads": 5}, "divisible"),
+        ({"head_dim": 8}, "head_dim"),
+    ],
+)
 def test_config_rejects(change, match):
     cfg = {**hfc.llama_config_dict(M), **change}
     with pytest.raises(HFFormatError, match=match):

@@ -1,5 +1,6 @@
 """The split identity through the command line: dense HF LLaMA -> llama_moe with a linear (zero)
 gate, K = E, SF = E computes exactly the dense model, for every split method."""
+
 import json
 
 import numpy as np
@@ -15,9 +16,25 @@ TOKENS = torch.randint(0, M.vocab_size, (2, 20), generator=torch.Generator().man
 
 
 def _to_moe(hf_dir, out, e, *extra):
-    argv = ["hf-to-megamoe", "--hf-dir", str(hf_dir), "--output", str(out), "--model-type",
-            "llama_moe", "--num-experts", str(e), "--num-selects", str(e), "--gate-network",
-            "linear", "--score-scale-factor", str(float(e)), "--no-progress", *extra]
+    argv = [
+        "hf-to-megamoe",
+        "--hf-dir",
+        str(hf_dir),
+        "--output",
+        str(out),
+        "--model-type",
+        "llama_moe",
+        "--num-experts",
+        str(e),
+        "--num-selects",
+        str(e),
+        "--gate-network",
+        "linear",
+        "--score-scale-factor",
+        str(float(e)),
+        "--no-progress",
+        *extra,
+    ]
     assert main(argv) == 0
 
 
@@ -34,7 +51,9 @@ def _experts_partition(model, hf_model, splits):
         mg = f"decoder.layers.{i}.mlp.experts."
         assert torch.equal(p[mg + "weight_gate"], sd[f"model.layers.{i}.mlp.gate_proj.weight"][idx])
         assert torch.equal(p[mg + "weight_up"], sd[f"model.layers.{i}.mlp.up_proj.weight"][idx])
-        assert torch.equal(p[mg + "weight_down"], sd[f"model.layers.{i}.mlp.down_proj.weight"][:, idx])
+        assert torch.equal(
+            p[mg + "weight_down"], sd[f"model.layers.{i}.mlp.down_proj.weight"][:, idx]
+        )
 
 
 METHODS = [
@@ -42,8 +61,11 @@ METHODS = [
     ("clustering", 4, ["--split-metric", "l2"]),
     ("clustering", 3, ["--split-metric", "cosine", "--split-key", "gate"]),
     ("graph", 4, ["--split-samples", "12", "--split-seq-length", "16"]),
-    ("gradient", 4, ["--gradient-variant", "non-sharing", "--split-samples", "12",
-                     "--split-seq-length", "16"]),
+    (
+        "gradient",
+        4,
+        ["--gradient-variant", "non-sharing", "--split-samples", "12", "--split-seq-length", "16"],
+    ),
 ]
 
 
@@ -87,11 +109,37 @@ def test_gradient_sharing_inner(world1, tmp_path, hf_model, hf_dir, sample_data)
     """Sharing-inner: each expert its cluster's top neurons; experts may overlap (the dense
     identity no longer holds), shapes follow --expert-sizes, the model loads and runs."""
     out = tmp_path / "moe"
-    assert main(["hf-to-megamoe", "--hf-dir", str(hf_dir), "--output", str(out), "--model-type",
-                 "llama_moe", "--num-experts", "4", "--num-selects", "2", "--split", "gradient",
-                 "--gradient-variant", "sharing-inner", "--expert-sizes", "40,40,30,50",
-                 "--split-data", sample_data, "--split-samples", "12", "--split-seq-length", "16",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "hf-to-megamoe",
+                "--hf-dir",
+                str(hf_dir),
+                "--output",
+                str(out),
+                "--model-type",
+                "llama_moe",
+                "--num-experts",
+                "4",
+                "--num-selects",
+                "2",
+                "--split",
+                "gradient",
+                "--gradient-variant",
+                "sharing-inner",
+                "--expert-sizes",
+                "40,40,30,50",
+                "--split-data",
+                sample_data,
+                "--split-samples",
+                "12",
+                "--split-seq-length",
+                "16",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     model, meta = load_checkpoint(out)
     assert meta["moe"]["size_experts"] == [[40, 40, 30, 50]] * 2
     splits, infos = split_io.read_splits(out, 2, M.intermediate_size)
@@ -112,15 +160,34 @@ def test_gate_initialisation(world1, tmp_path, hf_dir):
     """mlp gate: random (seeded) init; weight_noise zero; linear gate zero."""
     a, b = tmp_path / "a", tmp_path / "b"
     for out in (a, b):
-        assert main(["hf-to-megamoe", "--hf-dir", str(hf_dir), "--output", str(out),
-                     "--model-type", "llama_moe", "--num-experts", "4", "--num-selects", "2",
-                     "--split-seed", "3", "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "hf-to-megamoe",
+                    "--hf-dir",
+                    str(hf_dir),
+                    "--output",
+                    str(out),
+                    "--model-type",
+                    "llama_moe",
+                    "--num-experts",
+                    "4",
+                    "--num-selects",
+                    "2",
+                    "--split-seed",
+                    "3",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
     pa, pb = params(load_checkpoint(a)[0]), params(load_checkpoint(b)[0])
     g0 = "decoder.layers.0.mlp.gate."
     assert pa[g0 + "gate_network.0.weight"].abs().sum() > 0
     assert torch.equal(pa[g0 + "gate_network.0.weight"], pb[g0 + "gate_network.0.weight"])
-    assert not torch.equal(pa[g0 + "gate_network.0.weight"],
-                           pa["decoder.layers.1.mlp.gate.gate_network.0.weight"])
+    assert not torch.equal(
+        pa[g0 + "gate_network.0.weight"], pa["decoder.layers.1.mlp.gate.gate_network.0.weight"]
+    )
     assert pa[g0 + "weight_noise.weight"].abs().sum() == 0
     meta = json.loads((a / "megamoe.json").read_text())
     assert meta["moe"]["score_scale_factor"] is None  # default E / K = 2

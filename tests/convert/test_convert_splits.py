@@ -1,4 +1,5 @@
 """Expert construction methods (numpy / torch only) and split files."""
+
 import json
 
 import numpy as np
@@ -7,8 +8,8 @@ import torch
 
 from megamoe.moefy import io as split_io
 from megamoe.moefy.clustering import balanced_assign, balanced_kmeans, clustering_split
-from megamoe.moefy.graph import CoactivationCounter, _objective, graph_split, refine_partition
 from megamoe.moefy.gradient import gradient_split
+from megamoe.moefy.graph import CoactivationCounter, _objective, graph_split, refine_partition
 from megamoe.moefy.split import SplitError, random_split, validate_split
 
 
@@ -52,14 +53,15 @@ def test_clustering_recovers_planted_groups(metric):
     rng = np.random.default_rng(1)
     centers = rng.normal(size=(4, 64))
     perm = rng.permutation(96)
-    groups = [perm[24 * j:24 * (j + 1)] for j in range(4)]
+    groups = [perm[24 * j : 24 * (j + 1)] for j in range(4)]
     w = np.zeros((96, 64))
     for j, g in enumerate(groups):
         w[g] = centers[j] * rng.uniform(0.5, 3.0, size=(24, 1)) + 0.1 * rng.normal(size=(24, 64))
     split = clustering_split(torch.tensor(w, dtype=torch.float32), 4, metric, seed=0)
     assert _same_partition(split, groups)
-    assert [len(s) for s in clustering_split(torch.tensor(w), 4, metric, 7, sizes=[20, 28, 24, 24])] \
-        == [20, 28, 24, 24]
+    assert [
+        len(s) for s in clustering_split(torch.tensor(w), 4, metric, 7, sizes=[20, 28, 24, 24])
+    ] == [20, 28, 24, 24]
 
 
 def test_balanced_kmeans_equal_sizes_on_unbalanced_data():
@@ -74,7 +76,7 @@ def _planted_graph(n=96, k=4, p_in=0.6, p_out=0.05, seed=0):
     perm = rng.permutation(n)
     lab = np.empty(n, int)
     for j in range(k):
-        lab[perm[j * n // k:(j + 1) * n // k]] = j
+        lab[perm[j * n // k : (j + 1) * n // k]] = j
     same = lab[:, None] == lab[None, :]
     a = np.where(same, p_in, p_out) * rng.uniform(0.5, 1.5, (n, n))
     a = np.triu(a, 1)

@@ -1,6 +1,7 @@
 """The converter streams (formats/mcore_stream.py): the files it writes are those checkpoint.save
 writes for the same tensors, its reader gives what checkpoint.load_model loads, bit for bit, and
 a conversion's memory stays at a few layers where the whole-model path needed the model twice."""
+
 import json
 import os
 import socket
@@ -24,10 +25,12 @@ from tests.convert.conftest import M, load_checkpoint, params
 REPO = Path(__file__).resolve().parents[2]
 MODELS = {
     "dense": None,
-    "mlp-unequal": MoEConfig(num_experts=4, num_selects=2,
-                             size_experts=[[10, 30, 20, 36], [24, 24, 24, 24]]),
-    "switch-linear": MoEConfig(num_experts=2, num_selects=1, gate_type="SwitchBalancedGate",
-                               gate_network="linear"),
+    "mlp-unequal": MoEConfig(
+        num_experts=4, num_selects=2, size_experts=[[10, 30, 20, 36], [24, 24, 24, 24]]
+    ),
+    "switch-linear": MoEConfig(
+        num_experts=2, num_selects=1, gate_type="SwitchBalancedGate", gate_network="linear"
+    ),
 }
 
 
@@ -44,9 +47,19 @@ def _layout(model):
         if isinstance(sh, ShardedObject):
             out.append(("object", sh.unique_key, sh.data))
         else:
-            out.append((sh.key, sh.dtype, sh.local_shape, sh.global_shape, sh.global_offset,
-                        sh.axis_fragmentations, sh.replica_id, sh.prepend_axis_num,
-                        sh.flattened_range))
+            out.append(
+                (
+                    sh.key,
+                    sh.dtype,
+                    sh.local_shape,
+                    sh.global_shape,
+                    sh.global_offset,
+                    sh.axis_fragmentations,
+                    sh.replica_id,
+                    sh.prepend_axis_num,
+                    sh.flattened_range,
+                )
+            )
     return out
 
 
@@ -57,8 +70,9 @@ def test_meta_model_has_the_layout_of_build_model(world1, name):
         meta = mcore_stream.meta_model(M, moe, dtype)
         real = build_model(M, moe, dtype=dtype)
         assert all(p.is_meta for p in meta.parameters())
-        assert [(n, p.shape, p.dtype) for n, p in meta.named_parameters()] == \
-            [(n, p.shape, p.dtype) for n, p in real.named_parameters()]
+        assert [(n, p.shape, p.dtype) for n, p in meta.named_parameters()] == [
+            (n, p.shape, p.dtype) for n, p in real.named_parameters()
+        ]
         assert _layout(meta) == _layout(real)
 
 
@@ -82,19 +96,29 @@ def _same_files(a: Path, b: Path):
     assert torch.load(a / "common.pt") == torch.load(b / "common.pt")
 
 
-@pytest.mark.parametrize("name,dtype", [(n, torch.float32) for n in MODELS]
-                         + [("mlp-unequal", torch.bfloat16)], ids=lambda v: str(v).split(".")[-1])
+@pytest.mark.parametrize(
+    "name,dtype",
+    [(n, torch.float32) for n in MODELS] + [("mlp-unequal", torch.bfloat16)],
+    ids=lambda v: str(v).split(".")[-1],
+)
 def test_streaming_save_writes_what_checkpoint_save_writes(world1, tmp_path, name, dtype):
     moe = MODELS[name]
     model = _random_model(moe, dtype)
     meta = checkpoint.make_meta(M, moe)
     checkpoint.save(tmp_path / "saved", model, meta)
     streamed = tmp_path / "streamed"
-    mcore_stream.save_streaming(mcore_stream.meta_model(M, moe, dtype), streamed / "model",
-                                ((n, p.detach().clone()) for n, p in model.named_parameters()))
+    mcore_stream.save_streaming(
+        mcore_stream.meta_model(M, moe, dtype),
+        streamed / "model",
+        ((n, p.detach().clone()) for n, p in model.named_parameters()),
+    )
     (streamed / checkpoint.META).write_text(json.dumps(meta))
-    assert sorted(os.listdir(streamed / "model")) == [".metadata", "__0_0.distcp", "common.pt",
-                                                      "metadata.json"]
+    assert sorted(os.listdir(streamed / "model")) == [
+        ".metadata",
+        "__0_0.distcp",
+        "common.pt",
+        "metadata.json",
+    ]
     _same_files(tmp_path / "saved", streamed)
 
     want = params(model)
@@ -117,10 +141,12 @@ def test_stream_errors(world1, tmp_path):
     model = _random_model(None)
     items = [(n, p.detach()) for n, p in model.named_parameters()]
     meta = mcore_stream.meta_model(M)
-    cases = [(items[:-1], "output_layer.weight was not produced"),
-             (items + items[-1:], "produced twice"),
-             (items + [("decoder.layers.9.mlp.x", items[0][1])], "no parameter"),
-             ([(items[0][0], items[0][1][:3])] + items[1:], "does not fit the model")]
+    cases = [
+        (items[:-1], "output_layer.weight was not produced"),
+        (items + items[-1:], "produced twice"),
+        (items + [("decoder.layers.9.mlp.x", items[0][1])], "no parameter"),
+        ([(items[0][0], items[0][1][:3])] + items[1:], "does not fit the model"),
+    ]
     for i, (stream, match) in enumerate(cases):
         with pytest.raises(mcore_stream.StreamError, match=match):
             mcore_stream.save_streaming(meta, tmp_path / str(i), iter(stream))
@@ -130,17 +156,41 @@ def test_convert_equals_the_whole_model_path(world1, tmp_path, hf_model, hf_dir)
     """hf-to-megamoe (dense -> MoE, bf16) streams into the files that filling build_model with
     the same tensors and checkpoint.save would write."""
     out = tmp_path / "moe"
-    assert main(["hf-to-megamoe", "--hf-dir", str(hf_dir), "--output", str(out), "--model-type",
-                 "llama_moe", "--num-experts", "4", "--num-selects", "2", "--expert-sizes",
-                 "16,32,24,24", "--split-seed", "3", "--dtype", "bfloat16", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "hf-to-megamoe",
+                "--hf-dir",
+                str(hf_dir),
+                "--output",
+                str(out),
+                "--model-type",
+                "llama_moe",
+                "--num-experts",
+                "4",
+                "--num-selects",
+                "2",
+                "--expert-sizes",
+                "16,32,24,24",
+                "--split-seed",
+                "3",
+                "--dtype",
+                "bfloat16",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     meta = checkpoint.read_meta(out)
     _, moe = checkpoint.configs_from_meta(meta)
-    splits, _ = split_io.read_splits(out / split_io.SPLIT_DIR, M.num_hidden_layers,
-                                     M.intermediate_size, 4)
+    splits, _ = split_io.read_splits(
+        out / split_io.SPLIT_DIR, M.num_hidden_layers, M.intermediate_size, 4
+    )
     sd = hf_model.state_dict()
     ref = build_model(M, moe, dtype=torch.bfloat16)
-    _load_stream(ref, _with_gates(_sliced(hf_to_megamoe(sd.__getitem__, M), splits),
-                                  M.hidden_size, moe, 3))
+    _load_stream(
+        ref, _with_gates(_sliced(hf_to_megamoe(sd.__getitem__, M), splits), M.hidden_size, moe, 3)
+    )
     checkpoint.save(tmp_path / "ref", ref, meta)
     _same_files(tmp_path / "ref", out)
     got, want = params(load_checkpoint(out)[0]), params(load_checkpoint(tmp_path / "ref")[0])
@@ -159,14 +209,22 @@ def _free_port():
 
 def _growth(args) -> int:
     """Peak growth of anonymous memory of a conversion in a fresh process (memory_worker.py)."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     # glibc keeps freed blocks of up to 32 MB in its heap (a dynamic mmap threshold); a fixed
     # threshold returns them at once, so the growth measures live tensors, not the allocator
     env.update(MASTER_PORT=str(_free_port()), MALLOC_MMAP_THRESHOLD_="131072")
-    res = subprocess.run([sys.executable, "-m", "tests.convert.memory_worker", *args,
-                          "--no-progress"], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "tests.convert.memory_worker", *args, "--no-progress"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads(res.stdout.strip().splitlines()[-1])
     assert report["rc"] == 0
@@ -180,9 +238,16 @@ def test_memory_stays_at_a_few_layers(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=2048, hidden_size=768, intermediate_size=2048,
-                      num_hidden_layers=16, num_attention_heads=12, num_key_value_heads=4,
-                      max_position_embeddings=128, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=2048,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=16,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
     hf = LlamaForCausalLM(cfg)
     total = sum(p.numel() * 4 for p in hf.parameters())
     layer = sum(p.numel() * 4 for p in hf.model.layers[0].parameters())
@@ -190,10 +255,31 @@ def test_memory_stays_at_a_few_layers(tmp_path):
     hf.save_pretrained(tmp_path / "hf", max_shard_size="100MB")
     del hf
 
-    grown = _growth(["hf-to-megamoe", "--hf-dir", str(tmp_path / "hf"), "--output",
-                     str(tmp_path / "moe"), "--model-type", "llama_moe", "--num-experts", "8",
-                     "--num-selects", "2"])
+    grown = _growth(
+        [
+            "hf-to-megamoe",
+            "--hf-dir",
+            str(tmp_path / "hf"),
+            "--output",
+            str(tmp_path / "moe"),
+            "--model-type",
+            "llama_moe",
+            "--num-experts",
+            "8",
+            "--num-selects",
+            "2",
+        ]
+    )
     assert grown < 5 * layer, f"hf-to-megamoe grew by {grown / 1e6:.0f} MB of {total / 1e6:.0f}"
-    grown = _growth(["megamoe-to-hf", "--checkpoint", str(tmp_path / "moe"), "--output",
-                     str(tmp_path / "out"), "--max-shard-size", "50MB"])
+    grown = _growth(
+        [
+            "megamoe-to-hf",
+            "--checkpoint",
+            str(tmp_path / "moe"),
+            "--output",
+            str(tmp_path / "out"),
+            "--max-shard-size",
+            "50MB",
+        ]
+    )
     assert grown < 5 * layer, f"megamoe-to-hf grew by {grown / 1e6:.0f} MB of {total / 1e6:.0f}"

@@ -1,5 +1,6 @@
 """Shared fixtures for the data tests: a real sentencepiece model trained on a generated corpus,
 jsonl writers and small indexed datasets with known contents."""
+
 import json
 import os
 import random
@@ -36,13 +37,23 @@ def make_texts(n, seed=0, max_words=60):
 def sp_model(tmp_path_factory):
     """A LLaMA-like sentencepiece model (unk 0, bos 1, eos 2, no pad) trained in a second."""
     import sentencepiece as spm
+
     d = tmp_path_factory.mktemp("sp")
     corpus = d / "corpus.txt"
     corpus.write_text("\n".join(make_texts(2000, seed=99)), encoding="utf-8")
     spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(d / "tok"), vocab_size=400, model_type="bpe",
-        bos_id=1, eos_id=2, unk_id=0, pad_id=-1, num_threads=1, minloglevel=2,
-        character_coverage=1.0)
+        input=str(corpus),
+        model_prefix=str(d / "tok"),
+        vocab_size=400,
+        model_type="bpe",
+        bos_id=1,
+        eos_id=2,
+        unk_id=0,
+        pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
+        character_coverage=1.0,
+    )
     return str(d / "tok.model")
 
 
@@ -50,6 +61,7 @@ def sp_model(tmp_path_factory):
 def big_vocab_model(sp_model, tmp_path_factory):
     """The same model with extra pieces up to 70,000 (too many for uint16)."""
     from sentencepiece import sentencepiece_model_pb2 as pb
+
     m = pb.ModelProto()
     with open(sp_model, "rb") as f:
         m.ParseFromString(f.read())
@@ -64,6 +76,7 @@ def big_vocab_model(sp_model, tmp_path_factory):
 def write_jsonl(path, records, compress=False):
     """Write dicts (or raw strings, written as given) one per line."""
     import gzip
+
     os.makedirs(os.path.dirname(str(path)) or ".", exist_ok=True)
     lines = [r if isinstance(r, str) else json.dumps(r, ensure_ascii=False) for r in records]
     data = ("\n".join(lines) + "\n").encode("utf-8")
@@ -83,7 +96,7 @@ def write_stream_dataset(prefix, first_token, doc_lengths, dtype=np.int32):
     with IndexedDatasetWriter(str(prefix), dtype) as w:
         pos = 0
         for n in doc_lengths:
-            w.add_document(stream[pos: pos + n])
+            w.add_document(stream[pos : pos + n])
             pos += n
     return stream
 
@@ -92,6 +105,7 @@ def write_sparse_dataset(prefix, seq_lengths, dtype=np.uint16):
     """A real .idx (one document per sequence) with a sparse .bin of zeros (no disk used): a
     dataset of any size for tests that must not read the tokens of the whole corpus."""
     from megamoe.data.indexed import CODE_OF, MAGIC
+
     lens = np.asarray(seq_lengths, np.int32)
     item = np.dtype(dtype).itemsize
     ptr = np.concatenate([[0], np.cumsum(lens[:-1], dtype=np.int64) * item]).astype(np.int64)
@@ -107,6 +121,7 @@ def write_sparse_dataset(prefix, seq_lengths, dtype=np.uint16):
 def helpers():
     class H:
         pass
+
     H.make_texts = staticmethod(make_texts)
     H.write_jsonl = staticmethod(write_jsonl)
     H.write_stream_dataset = staticmethod(write_stream_dataset)

@@ -3,6 +3,7 @@
 The statistics are compared with numpy's permutation (which must pass the same thresholds) and
 with an identity and a stride order (which must fail them, so the tests can fail).
 """
+
 import json
 import os
 import subprocess
@@ -62,13 +63,16 @@ def test_bad_input():
 
 # ---------------------------------------------------------------- statistical quality
 
+
 def _z_scores(perm: np.ndarray) -> dict:
     """Standard scores of statistics that are ~N(0, 1) for a uniformly random permutation."""
     n = len(perm)
     p = np.arange(n, dtype=np.float64)
     x = perm.astype(np.float64)
-    z = {"position/block correlation": np.corrcoef(p, x)[0, 1] * np.sqrt(n),
-         "next-position correlation": np.corrcoef(x[:-1], x[1:])[0, 1] * np.sqrt(n)}
+    z = {
+        "position/block correlation": np.corrcoef(p, x)[0, 1] * np.sqrt(n),
+        "next-position correlation": np.corrcoef(x[:-1], x[1:])[0, 1] * np.sqrt(n),
+    }
     # gaps between consecutive blocks (mod n) are ~uniform: chi-square over 64 bins
     gaps = (perm[1:] - perm[:-1]) % n
     obs = np.bincount(gaps * 64 // n, minlength=64)
@@ -81,12 +85,14 @@ def _z_scores(perm: np.ndarray) -> dict:
     z["early coverage chi-square"] = (chi2 - 15) / np.sqrt(2 * 15)
     # bit i of the position (or of the previous block) says nothing about bit j of the block
     bits = int(n - 1).bit_length()
+
     def bit_z(a, b):
         A = ((a[:, None] >> np.arange(bits)) & 1).astype(np.float32)
         B = ((b[:, None] >> np.arange(bits)) & 1).astype(np.float32)
         A, B = A - A.mean(0), B - B.mean(0)
         c = (A.T @ B) / np.sqrt(np.outer((A * A).sum(0), (B * B).sum(0)))
         return float(np.abs(c).max() * np.sqrt(len(a)))
+
     z["max bit correlation, position/block"] = bit_z(np.arange(n), perm)
     z["max bit correlation, block/next block"] = bit_z(perm[:-1], perm[1:])
     return z
@@ -134,21 +140,30 @@ def test_epochs_domains_and_seeds_give_unrelated_orders():
 
 # Fixed forever: changing them changes every run's sample order (and breaks exact resume of
 # checkpoints). A new order needs a new name (train_data.ORDER) and its own values here.
-GOLDEN = [(1000, [0, 0, 0], [719, 44, 226, 141, 771]),
-          (5_100_000_007, [1227, 0, 3], [3028450557, 1542608808, 139179229, 2507347836,
-                                         280168442])]
+GOLDEN = [
+    (1000, [0, 0, 0], [719, 44, 226, 141, 771]),
+    (5_100_000_007, [1227, 0, 3], [3028450557, 1542608808, 139179229, 2507347836, 280168442]),
+]
 SAMPLE = [0, 1, 2, 3, 4, 999, 123, 500]
 
 
 def test_same_order_in_another_process_and_version():
-    code = ("import json, sys\n"
-            "sys.path.insert(0, sys.argv[1])\n"
-            "from megamoe.data.order import BlockOrder\n"
-            "pos = [int(p) for p in sys.argv[2:]]\n"
-            f"print(json.dumps([BlockOrder(n, k)(pos).tolist() for n, k, _ in {GOLDEN!r}]))\n")
+    code = (
+        "import json, sys\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "from megamoe.data.order import BlockOrder\n"
+        "pos = [int(p) for p in sys.argv[2:]]\n"
+        f"print(json.dumps([BlockOrder(n, k)(pos).tolist() for n, k, _ in {GOLDEN!r}]))\n"
+    )
     env = dict(os.environ, PYTHONHASHSEED="12345")  # no dependence on hash randomisation
-    out = subprocess.run([sys.executable, "-c", code, ROOT, *map(str, SAMPLE)],
-                         capture_output=True, text=True, env=env, cwd=ROOT, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code, ROOT, *map(str, SAMPLE)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        check=True,
+    ).stdout
     here = [BlockOrder(n, k)(np.array(SAMPLE)).tolist() for n, k, _ in GOLDEN]
     assert json.loads(out) == here
     assert [h[:5] for h in here] == [g for _, _, g in GOLDEN]

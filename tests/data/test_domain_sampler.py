@@ -1,13 +1,13 @@
 """Domain presets, the update rules against a plain NumPy reference, sampling frequencies,
 batch invariance and checkpoint round trips of DomainSampler."""
+
 import json
 import math
 
 import numpy as np
 import pytest
 
-from megamoe.data.domains import (DOMAINS, PROB_MAPS, REF_LOSSES, load_prob_map,
-                                  load_ref_loss)
+from megamoe.data.domains import DOMAINS, PROB_MAPS, REF_LOSSES, load_prob_map, load_ref_loss
 from megamoe.data.sampler import DomainSampler
 
 # chi-square(6) quantile at 0.999 (scipy.stats.chi2.ppf(0.999, 6))
@@ -15,8 +15,15 @@ CHI2_6_999 = 22.4577
 
 
 def test_presets():
-    assert DOMAINS == ["en_cc", "en_c4", "github", "en_wikipedia", "en_book", "en_arxiv",
-                       "en_stack"]
+    assert DOMAINS == [
+        "en_cc",
+        "en_c4",
+        "github",
+        "en_wikipedia",
+        "en_book",
+        "en_arxiv",
+        "en_stack",
+    ]
     for name in ("llama", "sheared_llama"):
         assert list(PROB_MAPS[name]) == DOMAINS
         assert math.isclose(sum(PROB_MAPS[name].values()), 1.0)
@@ -36,8 +43,10 @@ def test_json_file_and_normalisation(tmp_path):
 
 def test_weights_must_name_exactly_the_domains(tmp_path):
     with pytest.raises(ValueError, match=r"missing \['en_code'\], extra \['github'\]"):
-        load_prob_map("llama", ["en_cc", "en_c4", "en_code", "en_wikipedia", "en_book",
-                                "en_arxiv", "en_stack"])
+        load_prob_map(
+            "llama",
+            ["en_cc", "en_c4", "en_code", "en_wikipedia", "en_book", "en_arxiv", "en_stack"],
+        )
     with pytest.raises(ValueError, match=r"missing \['c'\]"):
         DomainSampler(["a", "b", "c"], {"a": 1, "b": 1}, seed=0)
     with pytest.raises(ValueError, match="neither a preset"):
@@ -49,29 +58,30 @@ def test_weights_must_name_exactly_the_domains(tmp_path):
 
 
 # ---- update rules: a direct transcription of the formulas, separate from the implementation ----
-def ref_sheared_llama(w, l, r, eta=1.0, c=1e-4):
-    a = np.exp(np.log(w) + eta * (l - r))
+def ref_sheared_llama(w, losses, r, eta=1.0, c=1e-4):
+    a = np.exp(np.log(w) + eta * (losses - r))
     a = a / a.sum()
     new = (1 - c) * a + c / len(w)
     return new / new.sum()
 
 
-def ref_paper(w, l, r):
-    a = w * np.exp(np.maximum(0.0, l - r))
+def ref_paper(w, losses, r):
+    a = w * np.exp(np.maximum(0.0, losses - r))
     return a / a.sum()
 
 
-@pytest.mark.parametrize("rule,ref", [("sheared_llama", ref_sheared_llama),
-                                      ("sheared_llama_paper", ref_paper)])
+@pytest.mark.parametrize(
+    "rule,ref", [("sheared_llama", ref_sheared_llama), ("sheared_llama_paper", ref_paper)]
+)
 def test_update_rules_match_reference(rule, ref):
     rng = np.random.default_rng(7)
     r = np.array([REF_LOSSES["llama2_7b"][d] for d in DOMAINS])
     s = DomainSampler(DOMAINS, "llama", rule=rule, ref_loss="llama2_7b", seed=1)
     w = np.array([PROB_MAPS["llama"][d] for d in DOMAINS])
     for step in range(20):
-        l = r + rng.normal(0, 0.5, len(DOMAINS))
-        w = ref(w, l, r)
-        got = s.update(dict(zip(DOMAINS, l)), step=step)
+        losses = r + rng.normal(0, 0.5, len(DOMAINS))
+        w = ref(w, losses, r)
+        got = s.update(dict(zip(DOMAINS, losses)), step=step)
         np.testing.assert_allclose(got, w, rtol=1e-12, atol=0)
         assert got.dtype == np.float64 and math.isclose(got.sum(), 1.0, rel_tol=1e-15)
     assert len(s.history) == 20 and s.history[-1]["step"] == 19
@@ -108,8 +118,14 @@ def test_sampling_frequencies_match_weights():
         counts = np.bincount(s.sample(n), minlength=len(DOMAINS))
         chi2 = float(((counts - n * w) ** 2 / (n * w)).sum())
         assert chi2 < CHI2_6_999, (chi2, counts, n * w)
-        s.update(dict(zip(DOMAINS, np.array(list(REF_LOSSES["llama2_7b"].values())) +
-                          np.linspace(0, 1.5, 7))))
+        s.update(
+            dict(
+                zip(
+                    DOMAINS,
+                    np.array(list(REF_LOSSES["llama2_7b"].values())) + np.linspace(0, 1.5, 7),
+                )
+            )
+        )
         assert not np.allclose(s.weights, w)  # the second round tests the updated weights
     assert s.num_samples == 2 * n
 

@@ -1,14 +1,18 @@
 """Our .bin/.idx reader and writer against megatron-core's own IndexedDataset(Builder)."""
+
 import os
 
 import numpy as np
 import pytest
-import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset as MCoreDataset
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-from megamoe.data.indexed import (IndexedDataset, IndexedDatasetError, IndexedDatasetWriter,
-                                  optimal_dtype)
+from megamoe.data.indexed import (
+    IndexedDataset,
+    IndexedDatasetError,
+    IndexedDatasetWriter,
+    optimal_dtype,
+)
 
 
 def _docs(seed, n=50, vocab=60000):
@@ -31,8 +35,7 @@ def test_ours_read_by_megatron_and_byte_identical(tmp_path, dtype):
     b = IndexedDatasetBuilder(theirs + ".bin", dtype=dtype)
     for d in docs[:-1]:
         b.add_document(d, [len(d)])
-    b.add_document(docs[-1],
-                   [len(docs[-1]) // 2, len(docs[-1]) - len(docs[-1]) // 2])
+    b.add_document(docs[-1], [len(docs[-1]) // 2, len(docs[-1]) - len(docs[-1]) // 2])
     b.finalize(theirs + ".idx")
     assert _files(ours) == _files(theirs)
 
@@ -71,8 +74,14 @@ def test_small_spill_chunks_give_same_bytes(tmp_path):
                 w.add_document(d)
             w.add_documents(np.concatenate(docs[20:]), [len(d) for d in docs[20:]])
     assert _files(str(tmp_path / "a")) == _files(str(tmp_path / "b"))
-    assert sorted(os.listdir(tmp_path)) == ["a.bin", "a.idx", "a.stats.json", "b.bin", "b.idx",
-                                            "b.stats.json"]
+    assert sorted(os.listdir(tmp_path)) == [
+        "a.bin",
+        "a.idx",
+        "a.stats.json",
+        "b.bin",
+        "b.idx",
+        "b.stats.json",
+    ]
 
 
 @pytest.fixture
@@ -123,7 +132,11 @@ def test_failed_write_leaves_existing_dataset_untouched(good, tmp_path):
             w.add_document(np.arange(10))
             raise RuntimeError("crash in the middle of a run")
     assert _files(good) == before
-    assert sorted(os.listdir(tmp_path)) == ["good.bin", "good.idx", "good.stats.json"]  # no temporaries
+    assert sorted(os.listdir(tmp_path)) == [
+        "good.bin",
+        "good.idx",
+        "good.stats.json",
+    ]  # no temporaries
 
 
 def test_token_out_of_dtype_range(tmp_path):

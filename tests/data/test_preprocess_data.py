@@ -1,6 +1,6 @@
 """tools/preprocess_data.py end to end with a real sentencepiece model, read back by
 megatron-core; workers, keys, compression, bad input and atomic outputs."""
-import gzip
+
 import os
 import subprocess
 import sys
@@ -18,8 +18,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def run(inputs, prefix, model, *extra):
     inputs = inputs if isinstance(inputs, list) else [inputs]
-    return preprocess_run(["--input", *map(str, inputs), "--output-prefix", str(prefix),
-                           "--tokenizer-model", model, "--no-progress", *extra])
+    return preprocess_run(
+        [
+            "--input",
+            *map(str, inputs),
+            "--output-prefix",
+            str(prefix),
+            "--tokenizer-model",
+            model,
+            "--no-progress",
+            *extra,
+        ]
+    )
 
 
 def files(prefix):
@@ -30,8 +40,9 @@ def files(prefix):
 def corpus(tmp_path, helpers):
     texts = helpers.make_texts(300, seed=5)
     a = helpers.write_jsonl(tmp_path / "in" / "a.jsonl", [{"text": t} for t in texts[:200]])
-    b = helpers.write_jsonl(tmp_path / "in" / "b.jsonl.gz", [{"text": t} for t in texts[200:]],
-                            compress=True)
+    b = helpers.write_jsonl(
+        tmp_path / "in" / "b.jsonl.gz", [{"text": t} for t in texts[200:]], compress=True
+    )
     return texts, [a, b]
 
 
@@ -60,8 +71,9 @@ def test_workers_give_identical_output(corpus, tmp_path, sp_model):
 
 
 def test_content_key_and_several_keys(tmp_path, helpers, sp_model):
-    recs = [{"content": f"doc {i} " + t, "title": t[:10]}
-            for i, t in enumerate(helpers.make_texts(20))]
+    recs = [
+        {"content": f"doc {i} " + t, "title": t[:10]} for i, t in enumerate(helpers.make_texts(20))
+    ]
     inp = helpers.write_jsonl(tmp_path / "x.jsonl", recs)
     run(inp, tmp_path / "o", sp_model, "--json-keys", "content", "title", "--legacy-tokenizer")
     sp = spm.SentencePieceProcessor(model_file=sp_model)
@@ -77,8 +89,11 @@ def test_folder_and_glob_inputs(corpus, tmp_path, sp_model):
     run(tmp_path / "in", tmp_path / "dir", sp_model)
     run(str(tmp_path / "in" / "*.jsonl*"), tmp_path / "glob", sp_model)
     run(inputs, tmp_path / "list", sp_model)
-    assert (files(tmp_path / "dir_text_document") == files(tmp_path / "glob_text_document")
-            == files(tmp_path / "list_text_document"))
+    assert (
+        files(tmp_path / "dir_text_document")
+        == files(tmp_path / "glob_text_document")
+        == files(tmp_path / "list_text_document")
+    )
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
@@ -167,17 +182,34 @@ def test_domain_folders_layout_feeds_training_and_validation(tmp_path, helpers, 
     raw, val = tmp_path / "raw", tmp_path / "rawval"
     for i, d in enumerate(["en_arxiv", "github"]):
         for part in range(2):
-            helpers.write_jsonl(raw / d / f"p{part}.jsonl",
-                                [{"content": t} for t in helpers.make_texts(30, seed=10 * i + part)])
-        helpers.write_jsonl(val / f"{d}.jsonl", [{"content": t}
-                                                 for t in helpers.make_texts(20, seed=i + 50)])
+            helpers.write_jsonl(
+                raw / d / f"p{part}.jsonl",
+                [{"content": t} for t in helpers.make_texts(30, seed=10 * i + part)],
+            )
+        helpers.write_jsonl(
+            val / f"{d}.jsonl", [{"content": t} for t in helpers.make_texts(20, seed=i + 50)]
+        )
     for src, dst in ((raw, "train"), (val, "valid")):
-        main(["--input", str(src), "--domain-folders", "--output-prefix", str(tmp_path / dst),
-              "--json-keys", "content", "--tokenizer-model", sp_model, "--no-progress",
-              "--legacy-tokenizer"])
+        main(
+            [
+                "--input",
+                str(src),
+                "--domain-folders",
+                "--output-prefix",
+                str(tmp_path / dst),
+                "--json-keys",
+                "content",
+                "--tokenizer-model",
+                sp_model,
+                "--no-progress",
+                "--legacy-tokenizer",
+            ]
+        )
     assert sorted(os.listdir(tmp_path / "train" / "github")) == [
-        "github_content_document.bin", "github_content_document.idx",
-        "github_content_document.stats.json"]
+        "github_content_document.bin",
+        "github_content_document.idx",
+        "github_content_document.stats.json",
+    ]
     s = DomainSampler(["en_arxiv", "github"], "uniform", seed=0)
     data = MultiDomainTrainData(str(tmp_path / "train"), 32, s, seed=0)
     tok, dom = data.next_batch(4)
@@ -189,22 +221,54 @@ def test_domain_folders_layout_feeds_training_and_validation(tmp_path, helpers, 
 def test_command_line_tool(corpus, tmp_path, sp_model):
     _, inputs = corpus
     tool = os.path.join(REPO, "tools", "preprocess_data.py")
-    ok = subprocess.run([sys.executable, tool, "--input", inputs[0], "--output-prefix",
-                         str(tmp_path / "cli"), "--tokenizer-model", sp_model, "--workers", "2"],
-                        capture_output=True, text=True, cwd=str(tmp_path))
+    ok = subprocess.run(
+        [
+            sys.executable,
+            tool,
+            "--input",
+            inputs[0],
+            "--output-prefix",
+            str(tmp_path / "cli"),
+            "--tokenizer-model",
+            sp_model,
+            "--workers",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=str(tmp_path),
+    )
     assert ok.returncode == 0, ok.stderr
     assert "200 documents" in ok.stdout and "tokens/s" in ok.stdout
-    bad = subprocess.run([sys.executable, tool, "--input", inputs[0], "--output-prefix",
-                          str(tmp_path / "cli"), "--tokenizer-model", inputs[0]],
-                         capture_output=True, text=True, cwd=str(tmp_path))
+    bad = subprocess.run(
+        [
+            sys.executable,
+            tool,
+            "--input",
+            inputs[0],
+            "--output-prefix",
+            str(tmp_path / "cli"),
+            "--tokenizer-model",
+            inputs[0],
+        ],
+        capture_output=True,
+        text=True,
+        cwd=str(tmp_path),
+    )
     assert bad.returncode == 2 and "is not a sentencepiece model" in bad.stderr
     assert "Traceback" not in bad.stderr
 
 
 def test_tokenizer_type_without_bos(tmp_path, helpers, sp_model):
     inp = helpers.write_jsonl(tmp_path / "x.jsonl", [{"text": "abc def"}])
-    run(inp, tmp_path / "o", sp_model, "--tokenizer-type", "GPTSentencePieceTokenizer",
-        "--append-eod")
+    run(
+        inp,
+        tmp_path / "o",
+        sp_model,
+        "--tokenizer-type",
+        "GPTSentencePieceTokenizer",
+        "--append-eod",
+    )
     sp = spm.SentencePieceProcessor(model_file=sp_model)
     ds = MCoreDataset(str(tmp_path / "o_text_document"))  # keep it: its __del__ closes the mmap
     assert ds[0].tolist() == sp.encode("abc def") + [2]

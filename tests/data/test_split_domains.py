@@ -1,4 +1,5 @@
 """tools/split_domains.py: SlimPajama records into domain folders."""
+
 import gzip
 import json
 import os
@@ -11,8 +12,10 @@ from megamoe.data.split_domains import run as main
 
 def slimpajama(n, seed=0):
     sets = sorted(DEFAULT_MAPPING)
-    return [{"text": f"document {seed}-{i} ✓", "meta": {"redpajama_set_name": sets[i % 7]}}
-            for i in range(n)]
+    return [
+        {"text": f"document {seed}-{i} ✓", "meta": {"redpajama_set_name": sets[i % 7]}}
+        for i in range(n)
+    ]
 
 
 def visible(path):
@@ -34,8 +37,10 @@ def test_default_mapping_and_chunk_names(tmp_path, helpers):
     out = tmp_path / "domains"
     assert main(["--input", str(raw), "--output-dir", str(out)]) == 0
     assert visible(out) == sorted(DEFAULT_MAPPING.values())
-    assert sorted(os.listdir(out / "en_arxiv")) == ["chunk1_example_train_0.jsonl",
-                                                    "chunk2_example_train_0.jsonl"]
+    assert sorted(os.listdir(out / "en_arxiv")) == [
+        "chunk1_example_train_0.jsonl",
+        "chunk2_example_train_0.jsonl",
+    ]
     total = 0
     for value, domain in DEFAULT_MAPPING.items():
         for f in os.listdir(out / domain):
@@ -45,7 +50,8 @@ def test_default_mapping_and_chunk_names(tmp_path, helpers):
     assert total == 50
     # lines are copied byte for byte (ensure_ascii=False text survives unchanged)
     assert lines(str(out / "en_arxiv" / "chunk1_example_train_0.jsonl"))[0] == json.dumps(
-        recs1[0], ensure_ascii=False)
+        recs1[0], ensure_ascii=False
+    )
 
 
 def test_custom_key_mapping_and_unknown_values(tmp_path, helpers):
@@ -84,8 +90,18 @@ def test_pipeline_split_preprocess_train(tmp_path, helpers, sp_model):
     recs = [dict(r, text=t) for r, t in zip(slimpajama(140), texts)]
     helpers.write_jsonl(tmp_path / "dump" / "part.jsonl", recs)
     main(["--input", str(tmp_path / "dump"), "--output-dir", str(tmp_path / "raw")])
-    preprocess_main(["--input", str(tmp_path / "raw"), "--domain-folders", "--output-prefix",
-                     str(tmp_path / "train"), "--tokenizer-model", sp_model, "--no-progress"])
+    preprocess_main(
+        [
+            "--input",
+            str(tmp_path / "raw"),
+            "--domain-folders",
+            "--output-prefix",
+            str(tmp_path / "train"),
+            "--tokenizer-model",
+            sp_model,
+            "--no-progress",
+        ]
+    )
     s = DomainSampler(DOMAINS, "sheared_llama", rule="sheared_llama", seed=1227)
     data = MultiDomainTrainData(str(tmp_path / "train"), 64, s, seed=1227)
     tok, dom = data.next_batch(8)

@@ -1,4 +1,5 @@
 """Packing into blocks, multi-domain batches, epochs, data-parallel sharding and exact resume."""
+
 import json
 import os
 import shutil
@@ -38,10 +39,16 @@ def dataset_dir(tmp_path, helpers):
 
 
 def make(dataset_dir, rank=0, size=1, seed=3, rule="none", log=None, **kw):
-    s = DomainSampler(DOMS, [0.5, 0.3, 0.2], rule=rule,
-                      ref_loss={"alpha": 1.0, "beta": 1.0, "gamma": 1.0}, seed=seed)
-    return MultiDomainTrainData(dataset_dir, B, s, dp_rank=rank, dp_size=size, seed=seed,
-                                log=log or (lambda m: None), **kw)
+    s = DomainSampler(
+        DOMS,
+        [0.5, 0.3, 0.2],
+        rule=rule,
+        ref_loss={"alpha": 1.0, "beta": 1.0, "gamma": 1.0},
+        seed=seed,
+    )
+    return MultiDomainTrainData(
+        dataset_dir, B, s, dp_rank=rank, dp_size=size, seed=seed, log=log or (lambda m: None), **kw
+    )
 
 
 def block_id(row, dom):
@@ -56,8 +63,11 @@ def test_blocks_are_exact_and_each_epoch_covers_every_block_once(dataset_dir):
     logs = []
     data = make(dataset_dir, log=logs.append)
     nb = data.num_blocks
-    assert nb == {"alpha": sum(np.random.default_rng(0).integers(1, 40, 60).tolist()) // B,
-                  "beta": data.streams[1].num_tokens // B, "gamma": 100 // B}
+    assert nb == {
+        "alpha": sum(np.random.default_rng(0).integers(1, 40, 60).tolist()) // B,
+        "beta": data.streams[1].num_tokens // B,
+        "gamma": 100 // B,
+    }
     seen = {d: [] for d in range(3)}
     for _ in range(40):
         tok, dom = data.next_batch(4)
@@ -67,11 +77,12 @@ def test_blocks_are_exact_and_each_epoch_covers_every_block_once(dataset_dir):
     for d, blocks in seen.items():
         n = nb[DOMS[d]]
         for e in range(len(blocks) // n):  # every full epoch is a permutation of all blocks
-            assert sorted(blocks[e * n:(e + 1) * n]) == list(range(n))
+            assert sorted(blocks[e * n : (e + 1) * n]) == list(range(n))
     assert len(seen[2]) > 2 * nb["gamma"]  # gamma ran out several times...
     assert seen[2][:6] != seen[2][6:12]  # ...and each epoch has its own order
-    assert any("domain gamma exhausted after epoch 0" in m and "starting epoch 1" in m
-               for m in logs)
+    assert any(
+        "domain gamma exhausted after epoch 0" in m and "starting epoch 1" in m for m in logs
+    )
     assert data.epoch[2] >= 2
 
 
@@ -92,7 +103,7 @@ def test_data_parallel_ranks_take_disjoint_shares(dataset_dir):
         tok, dom = single.next_batch(9)
         for r, data in enumerate(ranks):
             t, d = data.next_batch(3)
-            assert torch.equal(t, tok[3 * r: 3 * r + 3]) and torch.equal(d, dom[3 * r: 3 * r + 3])
+            assert torch.equal(t, tok[3 * r : 3 * r + 3]) and torch.equal(d, dom[3 * r : 3 * r + 3])
             for row, k in zip(t, d.tolist()):
                 key = block_id(row, k)
                 assert key not in used  # no two ranks (or steps) see the same sample
@@ -127,8 +138,9 @@ def test_resume_checks_the_data_did_not_change(dataset_dir, helpers):
     data = make(dataset_dir)
     data.next_batch(2)
     state = data.state_dict()
-    helpers.write_stream_dataset(os.path.join(dataset_dir, "gamma", "g_text_document"),
-                                 FIRST["gamma"], [200])
+    helpers.write_stream_dataset(
+        os.path.join(dataset_dir, "gamma", "g_text_document"), FIRST["gamma"], [200]
+    )
     with pytest.raises(ValueError, match="datasets changed"):
         make(dataset_dir).load_state_dict(state)
 
@@ -142,7 +154,7 @@ def test_eod_inserted_between_documents(tmp_path, helpers):
         stream = helpers.write_stream_dataset(d / "x" / f"p{k}_text_document", first, part)
         pos = 0
         for n in part:
-            expect += stream[pos: pos + n].tolist() + [2]
+            expect += stream[pos : pos + n].tolist() + [2]
             pos += n
         first += len(stream)
     data = MultiDomainTrainData(str(d), 7, DomainSampler(["x"], [1.0]), seed=0, eod_id=2)
@@ -191,8 +203,8 @@ def test_resume_on_a_different_data_parallel_size(dataset_dir):
         two = make(dataset_dir, rank=r, size=2)
         two.load_state_dict(state)
         tok, dom = two.next_batch(3)
-        assert torch.equal(tok, expect_tok[3 * r: 3 * r + 3])
-        assert torch.equal(dom, expect_dom[3 * r: 3 * r + 3])
+        assert torch.equal(tok, expect_tok[3 * r : 3 * r + 3])
+        assert torch.equal(dom, expect_dom[3 * r : 3 * r + 3])
 
 
 def global_draws(datas, steps, batch_size):
@@ -242,8 +254,9 @@ def test_block_order_is_the_documented_per_position_order(dataset_dir):
             per_domain[k].append(b)
     for k, blocks in per_domain.items():
         n = data.num_blocks[DOMS[k]]
-        expect = np.concatenate([BlockOrder(n, (3, k, e))(np.arange(n))
-                                 for e in range(len(blocks) // n + 1)])
+        expect = np.concatenate(
+            [BlockOrder(n, (3, k, e))(np.arange(n)) for e in range(len(blocks) // n + 1)]
+        )
         assert blocks == expect[: len(blocks)].tolist()
 
 
@@ -293,8 +306,9 @@ def test_corpus_sized_domains_start_in_constant_memory(tmp_path, helpers):
 
     def build(rank):
         s = DomainSampler(["c4", "cc"], [0.4, 0.6], seed=23)
-        return MultiDomainTrainData(str(d), 2, s, dp_rank=rank, dp_size=8, seed=23,
-                                    log=lambda m: None)
+        return MultiDomainTrainData(
+            str(d), 2, s, dp_rank=rank, dp_size=8, seed=23, log=lambda m: None
+        )
 
     tracemalloc.start()
     try:

@@ -1,4 +1,5 @@
 """Per-domain validation sets in both supported layouts."""
+
 import numpy as np
 import pytest
 import torch

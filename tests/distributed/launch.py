@@ -1,4 +1,5 @@
 """Run a function in N real processes joined by torch.distributed (gloo), as torchrun would."""
+
 from __future__ import annotations
 
 import os
@@ -12,8 +13,13 @@ from tests.conftest import free_port
 
 
 def _worker(rank, world, port, fn, args, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
     try:
         result = fn(*args)
     except BaseException:  # report the child's traceback in the parent
@@ -25,8 +31,13 @@ def _worker(rank, world, port, fn, args, out_dir):
 def run(fn, world_size: int, *args, timeout: float = 300):
     """Returns the list of each rank's return value; raises if a rank failed."""
     out_dir = tempfile.mkdtemp(prefix="megamoe-dist-")
-    ctx = mp.start_processes(_worker, args=(world_size, free_port(), fn, args, out_dir),
-                             nprocs=world_size, join=False, start_method="spawn")
+    ctx = mp.start_processes(
+        _worker,
+        args=(world_size, free_port(), fn, args, out_dir),
+        nprocs=world_size,
+        join=False,
+        start_method="spawn",
+    )
     if not ctx.join(timeout=timeout):
         while not ctx.join(timeout=timeout):
             pass

@@ -4,6 +4,7 @@ EP ranks each hold E/EP experts; the exchange must give every rank the same outp
 gradients of x and the gate scores as the single-rank dispatch -> experts -> combine, while sending
 one row per (token, destination rank) rather than one per (token, expert).
 """
+
 from __future__ import annotations
 
 import math
@@ -27,9 +28,11 @@ def expert_weights(dtype):
 
 def make_experts(weights):
     """experts(rows, tokens_per_expert): a linear map per expert (weights: this rank's experts)."""
+
     def run(rows, tokens_per_expert):
         chunks = rows.split(tokens_per_expert.tolist())
         return torch.cat([c @ w for c, w in zip(chunks, weights)] + [rows[:0]])
+
     return run
 
 
@@ -44,13 +47,22 @@ def rank_inputs(rank, T, dtype, weighted):
 
 def single_rank(x, scores, idx, grad_out, weights, scale):
     routing = D.make_routing(idx, E)
-    y = D.combine(make_experts(weights)(D.dispatch(x, routing), routing.tokens_per_expert), routing, scores, scale)
+    y = D.combine(
+        make_experts(weights)(D.dispatch(x, routing), routing.tokens_per_expert),
+        routing,
+        scores,
+        scale,
+    )
     inputs = (x,) if scores is None else (x, scores)
     return (y, *torch.autograd.grad(y, inputs, grad_out))
 
 
 CASES = [  # (T, dtype, weighted): fp32 and bf16, LLaMA-MoE's multiply_gate_scores on and off, no tokens
-    (40, torch.float32, True), (40, torch.float32, False), (40, torch.bfloat16, True), (0, torch.float32, True)]
+    (40, torch.float32, True),
+    (40, torch.float32, False),
+    (40, torch.bfloat16, True),
+    (0, torch.float32, True),
+]
 SCALE = 0.7
 
 
@@ -65,11 +77,13 @@ def _run_exchange(cases):
     for T, dtype, weighted in cases:
         weights = expert_weights(dtype)
         x, scores, idx, grad_out = rank_inputs(rank, T, dtype, weighted)
-        local = make_experts(weights[rank * n_local:(rank + 1) * n_local])
+        local = make_experts(weights[rank * n_local : (rank + 1) * n_local])
         y = exchange(x, idx, scores, SCALE, local, torch.distributed.group.WORLD, rank, n_local)
         inputs = (x,) if scores is None else (x, scores)
         grads = torch.autograd.grad(y, inputs, grad_out)
-        out.append(([t.detach() for t in (y, *grads)], int(plan_send(idx, ep, n_local).counts[:, 0].sum())))
+        out.append(
+            ([t.detach() for t in (y, *grads)], int(plan_send(idx, ep, n_local).counts[:, 0].sum()))
+        )
     torch.distributed.destroy_process_group()
     return out
 
@@ -82,9 +96,14 @@ def test_exchange_matches_single_rank(ep):
             x, scores, idx, grad_out = rank_inputs(rank, T, dtype, weighted)
             want = single_rank(x, scores, idx, grad_out, expert_weights(dtype), SCALE)
             errs = [rel_err(a, b.detach()) for a, b in zip(got, want)]
-            print(f"ep={ep} rank {rank} T={T} {dtype} weighted={weighted}: rel err y, grad_x(, grad_scores) "
-                  + ", ".join(f"{e:.1e}" for e in errs) + f"; rows sent {sent} vs {T * K} token-expert copies")
-            tol = 1e-6 if dtype == torch.float32 else 1.5e-2  # bf16: each rank's partial sum is rounded once more
+            print(
+                f"ep={ep} rank {rank} T={T} {dtype} weighted={weighted}: rel err y, grad_x(, grad_scores) "
+                + ", ".join(f"{e:.1e}" for e in errs)
+                + f"; rows sent {sent} vs {T * K} token-expert copies"
+            )
+            tol = (
+                1e-6 if dtype == torch.float32 else 1.5e-2
+            )  # bf16: each rank's partial sum is rounded once more
             assert all(e <= tol for e in errs), errs
             assert sent < T * K or T == 0  # tokens with two experts on one rank travel once
 
@@ -120,10 +139,21 @@ def _run_chunked(ep_cases):
     n_local = E // ep
     out = []
     for chunks, (T, dtype, weighted) in ep_cases:
-        weights = expert_weights(dtype)[rank * n_local:(rank + 1) * n_local].clone().requires_grad_()
+        weights = (
+            expert_weights(dtype)[rank * n_local : (rank + 1) * n_local].clone().requires_grad_()
+        )
         x, scores, idx, grad_out = rank_inputs(rank, T, dtype, weighted)
-        y = exchange(x, idx, scores, SCALE, make_experts(weights), torch.distributed.group.WORLD, rank, n_local,
-                     chunks=chunks)
+        y = exchange(
+            x,
+            idx,
+            scores,
+            SCALE,
+            make_experts(weights),
+            torch.distributed.group.WORLD,
+            rank,
+            n_local,
+            chunks=chunks,
+        )
         y.backward(grad_out)
         grads = [x.grad] + ([scores.grad] if weighted else [])
         out.append([t.detach().clone() for t in (y, *grads, weights.grad)])
@@ -131,8 +161,16 @@ def _run_chunked(ep_cases):
     return out
 
 
-CHUNKED = [(c, case) for c in (1, 2, 3) for case in
-           [(40, torch.float32, True), (40, torch.float32, False), (5, torch.float32, True), (0, torch.float32, True)]]
+CHUNKED = [
+    (c, case)
+    for c in (1, 2, 3)
+    for case in [
+        (40, torch.float32, True),
+        (40, torch.float32, False),
+        (5, torch.float32, True),
+        (0, torch.float32, True),
+    ]
+]
 
 
 @pytest.mark.parametrize("ep", [2, 4])
@@ -147,8 +185,10 @@ def test_chunked_exchange_matches_single_rank(ep):
             x, scores, idx, grad_out = rank_inputs(rank, T, dtype, weighted)
             want = single_rank(x, scores, idx, grad_out, expert_weights(dtype), SCALE)
             errs = [rel_err(a, b.detach()) for a, b in zip(got[:-1], want)]
-            print(f"ep={ep} chunks={chunks} rank {rank} T={T} weighted={weighted}: rel err y, grad_x(, grad_scores) "
-                  + ", ".join(f"{e:.1e}" for e in errs))
+            print(
+                f"ep={ep} chunks={chunks} rank {rank} T={T} weighted={weighted}: rel err y, grad_x(, grad_scores) "
+                + ", ".join(f"{e:.1e}" for e in errs)
+            )
             assert all(e <= 1e-6 for e in errs), errs
             weight_grads.setdefault((chunks, T, weighted), []).append(got[-1])
     # expert weights: the gradient over every rank's tokens, each rank holding its slice
@@ -158,9 +198,16 @@ def test_chunked_exchange_matches_single_rank(ep):
         for rank in range(ep):
             x, scores, idx, grad_out = rank_inputs(rank, T, torch.float32, weighted)
             routing = D.make_routing(idx, E)
-            y = D.combine(make_experts(w)(D.dispatch(x, routing), routing.tokens_per_expert), routing, scores, SCALE)
+            y = D.combine(
+                make_experts(w)(D.dispatch(x, routing), routing.tokens_per_expert),
+                routing,
+                scores,
+                SCALE,
+            )
             total += torch.autograd.grad(y, w, grad_out, allow_unused=True)[0] if T else 0
         got = torch.cat(per_rank)
         err = rel_err(got, total) if T else got.abs().max().item()
-        print(f"ep={ep} chunks={chunks} T={T} weighted={weighted}: expert weight grad rel err {err:.1e}")
+        print(
+            f"ep={ep} chunks={chunks} T={T} weighted={weighted}: expert weight grad rel err {err:.1e}"
+        )
         assert err <= 1e-6, err

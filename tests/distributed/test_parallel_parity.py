@@ -14,8 +14,9 @@ def configs():
     from tests.helpers import tiny_model_config
 
     m = tiny_model_config(num_hidden_layers=2, vocab_size=VOCAB)
-    moe = MoEConfig(num_experts=4, num_selects=2, gate_add_noise=False,
-                    gate_balance_loss_weight=0.1)
+    moe = MoEConfig(
+        num_experts=4, num_selects=2, gate_add_noise=False, gate_balance_loss_weight=0.1
+    )
     return m, moe
 
 
@@ -42,8 +43,8 @@ def run_layout(tp, pp, ep, ckpt, dense=False, ep_chunks=1, tp_comm=False):
     ddp.zero_grad_buffer()
     tokens = batch()
     dp, r = parallel.dp_size(), parallel.dp_rank()
-    mine = tokens[r * 2 // dp:(r + 1) * 2 // dp]  # this data-parallel rank's share
-    mbs = [mine[i:i + 1] for i in range(mine.shape[0])]
+    mine = tokens[r * 2 // dp : (r + 1) * 2 // dp]  # this data-parallel rank's share
+    mbs = [mine[i : i + 1] for i in range(mine.shape[0])]
     out = forward_backward(ddp, mbs, num_microbatches=len(mbs))
     losses = torch.tensor([out["lm_loss"], out["balance_loss"]], dtype=torch.float64)
     torch.distributed.all_reduce(losses, group=parallel.dp_group())
@@ -71,9 +72,18 @@ def _save_reference(ckpt):
     checkpoint.save(ckpt, build_model(m, moe), checkpoint.make_meta(m, moe))
 
 
-@pytest.mark.parametrize("tp,pp,ep,ep_chunks,tp_comm", [(2, 1, 1, 1, False), (1, 1, 2, 1, False), (1, 2, 1, 1, False),
-                                                      (1, 1, 1, 1, False), (1, 1, 2, 2, False), (2, 1, 1, 1, True)],
-                         ids=["TP2+SP", "EP2", "PP2", "DP2", "EP2+overlap", "TP2+SP+overlap"])
+@pytest.mark.parametrize(
+    "tp,pp,ep,ep_chunks,tp_comm",
+    [
+        (2, 1, 1, 1, False),
+        (1, 1, 2, 1, False),
+        (1, 2, 1, 1, False),
+        (1, 1, 1, 1, False),
+        (1, 1, 2, 2, False),
+        (2, 1, 1, 1, True),
+    ],
+    ids=["TP2+SP", "EP2", "PP2", "DP2", "EP2+overlap", "TP2+SP+overlap"],
+)
 def test_layout_matches_single_process(reference, tp, pp, ep, ep_chunks, tp_comm):
     ckpt, (ref_losses, ref_grads) = reference
     results = launch.run(run_layout, 2, tp, pp, ep, ckpt, False, ep_chunks, tp_comm)
@@ -82,7 +92,9 @@ def test_layout_matches_single_process(reference, tp, pp, ep, ep_chunks, tp_comm
     assert abs(losses[1] - ref_losses[1]) <= 1e-5 * abs(ref_losses[1]) + 1e-7, (losses, ref_losses)
     assert ref_losses[1] > 0  # the balance loss is really there
     assert set(grads) == set(ref_grads)
-    worst = max(((g - ref_grads[k]).norm() / ref_grads[k].norm().clamp_min(1e-12)).item()
-                for k, g in grads.items())
+    worst = max(
+        ((g - ref_grads[k]).norm() / ref_grads[k].norm().clamp_min(1e-12)).item()
+        for k, g in grads.items()
+    )
     print(f"tp={tp} pp={pp} ep={ep}: loss {losses} vs {ref_losses}; worst grad rel err {worst:.2e}")
     assert worst < 1e-4

@@ -15,6 +15,7 @@ facts that make this the explanation: equal to rounding until the first routing 
 difference a near-tie, and a single process replaying EP=2's routing equal to EP=2 to rounding
 over the whole run.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,15 +29,23 @@ def test_ep2_differs_only_through_routing_flips(tmp_path):
     root = str(tmp_path)
     data, pre = R.setup(root, hidden=256, cpu=True)
     single, ep2 = ("single", 1, 1, 1, 1), ("ep2", 1, 1, 2, 2)
-    runs = [R.spec(root, data, pre, "single", single, STEPS, 1e-3),
-            R.spec(root, data, pre, "ep2", ep2, STEPS, 1e-3),
-            R.spec(root, data, pre, "replay", single, STEPS, 1e-3, replay=os.path.join(root, "ep2"))]
+    runs = [
+        R.spec(root, data, pre, "single", single, STEPS, 1e-3),
+        R.spec(root, data, pre, "ep2", ep2, STEPS, 1e-3),
+        R.spec(root, data, pre, "replay", single, STEPS, 1e-3, replay=os.path.join(root, "ep2")),
+    ]
     status, log = R.launch_all(runs, root, cpu=True, timeout=600)
     assert all(status.get(r["name"], {}).get("code") == 0 for r in runs), log
-    got = R.check_fp32("ep2", os.path.join(root, "ep2"), os.path.join(root, "single"), trained=False)
+    got = R.check_fp32(
+        "ep2", os.path.join(root, "ep2"), os.path.join(root, "single"), trained=False
+    )
     # the same routing everywhere: EP=2's whole curve, to rounding
-    replay = R.check_fp32("single replaying ep2", os.path.join(root, "replay"), os.path.join(root, "ep2"),
-                          trained=False)
+    replay = R.check_fp32(
+        "single replaying ep2",
+        os.path.join(root, "replay"),
+        os.path.join(root, "ep2"),
+        trained=False,
+    )
     assert replay["first"] is None and replay["exact"] < R.EXACT
     if got["first"] is not None:  # a flip moves the curve by far more than rounding
         assert got["overall"] > 10 * got["exact"], got

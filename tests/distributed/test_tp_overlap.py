@@ -2,6 +2,7 @@
 processes: forward and backward equal the plain all-gather -> GEMM and GEMM -> reduce-scatter
 (fresh random fp32 inputs, 2 and 3 ranks: with 3, the middle rank's other blocks are not
 contiguous)."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,9 +17,13 @@ S_LOCAL, B, H, OUT = 5, 3, 16, 12
 def _case(tp, seed):
     g = torch.Generator().manual_seed(seed)
     xs = [torch.randn(S_LOCAL, B, H, generator=g) for _ in range(tp)]  # every rank's sequence shard
-    w_col = [torch.randn(OUT, H, generator=g) for _ in range(tp)]  # column-parallel: out features sharded
+    w_col = [
+        torch.randn(OUT, H, generator=g) for _ in range(tp)
+    ]  # column-parallel: out features sharded
     b_col = [torch.randn(OUT, generator=g) for _ in range(tp)]
-    x_row = [torch.randn(S_LOCAL * tp, B, H, generator=g) for _ in range(tp)]  # row-parallel: in features sharded
+    x_row = [
+        torch.randn(S_LOCAL * tp, B, H, generator=g) for _ in range(tp)
+    ]  # row-parallel: in features sharded
     w_row = [torch.randn(OUT, H, generator=g) for _ in range(tp)]
     g_col = [torch.randn(S_LOCAL * tp, B, OUT, generator=g) for _ in range(tp)]
     g_row = [torch.randn(S_LOCAL, B, OUT, generator=g) for _ in range(tp)]
@@ -53,10 +58,10 @@ def _reference(tp, r):
     gw, gb = torch.autograd.grad(y, (w, b), g_col[r])
     # the input gradient sums every rank's columns; this rank keeps its sequence block
     total = sum(g_col[q] @ w_col[q] for q in range(tp))
-    col = [y.detach(), total[r * S_LOCAL:(r + 1) * S_LOCAL], gw, gb]
+    col = [y.detach(), total[r * S_LOCAL : (r + 1) * S_LOCAL], gw, gb]
     # row-parallel: y = reduce_scatter(sum_q x_q @ w_q.T); rank r keeps its sequence block
     partial = sum(x_row[q] @ w_row[q].t() for q in range(tp))
-    y_row = partial[r * S_LOCAL:(r + 1) * S_LOCAL]
+    y_row = partial[r * S_LOCAL : (r + 1) * S_LOCAL]
     g_full = torch.cat(g_row)  # every rank's output gradient, gathered
     row = [y_row, g_full @ w_row[r], g_full.reshape(-1, OUT).t() @ x_row[r].reshape(-1, H)]
     return col, row
@@ -68,5 +73,8 @@ def test_overlapped_linears_match_the_plain_collectives(tp):
     for r, (col, row) in enumerate(results):
         ref_col, ref_row = _reference(tp, r)
         errs = [rel_err(a, b) for a, b in zip(col + row, ref_col + ref_row)]
-        print(f"tp={tp} rank {r}: column y, gx, gw, gb / row y, gx, gw: " + ", ".join(f"{e:.1e}" for e in errs))
+        print(
+            f"tp={tp} rank {r}: column y, gx, gw, gb / row y, gx, gw: "
+            + ", ".join(f"{e:.1e}" for e in errs)
+        )
         assert all(e < 1e-6 for e in errs), errs

@@ -1,5 +1,6 @@
 """Token dispatch/combine with the CUDA kernels of megamoe._C: the CPU checks again on the GPU,
 agreement with the CPU kernels, large and awkward shapes, and no host synchronisation."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,10 +8,19 @@ import torch
 
 from megamoe.model.moe import dispatch as D
 from tests.helpers import rel_err
-from tests.unit.test_dispatch import SHAPES, TOL, check_combine, check_dispatch, check_routing, random_topk
+from tests.unit.test_dispatch import (
+    SHAPES,
+    TOL,
+    check_combine,
+    check_dispatch,
+    check_routing,
+    random_topk,
+)
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
 
 CUDA = "cuda"
 
@@ -26,15 +36,28 @@ def test_cuda_kernels_are_built():
     assert _C.with_cuda, "megamoe._C was built without its CUDA kernels"
 
 
-@pytest.mark.parametrize("T,k,E,experts", [(1, 1, 1, None), (1, 2, 4, None), (37, 3, 4, None), (300, 3, 7, [0, 2, 6]),
-                                           (8192, 4, 16, None), (16384, 8, 64, None), (4099, 2, 256, None),
-                                           (100000, 6, 64, [5, 9, 63]), (70, 2, 300, None)])
+@pytest.mark.parametrize(
+    "T,k,E,experts",
+    [
+        (1, 1, 1, None),
+        (1, 2, 4, None),
+        (37, 3, 4, None),
+        (300, 3, 7, [0, 2, 6]),
+        (8192, 4, 16, None),
+        (16384, 8, 64, None),
+        (4099, 2, 256, None),
+        (100000, 6, 64, [5, 9, 63]),
+        (70, 2, 300, None),
+    ],
+)
 def test_routing_kernel(T, k, E, experts):
     idx = random_topk(T, k, E, CUDA, experts=experts)
     r = D.make_routing(idx, E)  # the kernel (E <= 256, T*k <= 64K), else torch ops
     check_routing(r, idx, E)
     ref = D.make_routing_reference(idx, E)
-    assert torch.equal(r.row_id_map, ref.row_id_map) and torch.equal(r.tokens_per_expert, ref.tokens_per_expert)
+    assert torch.equal(r.row_id_map, ref.row_id_map) and torch.equal(
+        r.tokens_per_expert, ref.tokens_per_expert
+    )
     if E <= 256:  # the kernel itself, also past the size where make_routing stops using it
         rows, counts = torch.ops.megamoe.make_routing(idx, E)
         assert torch.equal(rows, ref.row_id_map) and torch.equal(counts, ref.tokens_per_expert)
@@ -44,13 +67,13 @@ def test_routing_kernel(T, k, E, experts):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T%d-d%d-k%d-E%d" % s)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}-d{}-k{}-E{}".format(*s))
 def test_dispatch_matches_reference(shape, dtype):
     check_dispatch(*shape, dtype, device=CUDA)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T%d-d%d-k%d-E%d" % s)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}-d{}-k{}-E{}".format(*s))
 def test_combine_matches_reference(shape, dtype):
     check_combine(*shape, dtype, device=CUDA, scale=1.0)
     check_combine(*shape, dtype, device=CUDA, scale=0.37)
@@ -60,8 +83,16 @@ def test_combine_matches_reference(shape, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
 def test_other_dtypes(dtype):
     check_dispatch(40, 24, 2, 4, dtype, device=CUDA)
-    check_combine(40, 24, 2, 4, dtype, device=CUDA,
-                  score_dtype=torch.float64 if dtype == torch.float64 else torch.float32, scale=2.0)
+    check_combine(
+        40,
+        24,
+        2,
+        4,
+        dtype,
+        device=CUDA,
+        score_dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+        scale=2.0,
+    )
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
@@ -72,7 +103,9 @@ def test_every_k_up_to_num_experts(k):
 
 @pytest.mark.parametrize("drop", [0.3, 1.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", SHAPES + [(4096, 4096, 4, 16)], ids=lambda s: "T%d-d%d-k%d-E%d" % s)
+@pytest.mark.parametrize(
+    "shape", SHAPES + [(4096, 4096, 4, 16)], ids=lambda s: "T{}-d{}-k{}-E{}".format(*s)
+)
 def test_dropped_copies(shape, dtype, drop):
     check_dispatch(*shape, dtype, device=CUDA, drop=drop)
     check_combine(*shape, dtype, device=CUDA, scale=0.37, drop=drop)
@@ -145,7 +178,9 @@ def test_cuda_agrees_with_cpu_kernels(dtype, d):
     m_cpu, m_gpu = r_cpu.row_id_map, r_gpu.row_id_map
     assert torch.equal(ops.permute(x.to(CUDA), m_gpu, k).cpu(), ops.permute(x, m_cpu, k))
     for scores in (s, None):
-        a = ops.unpermute(y.to(CUDA), m_gpu, None if scores is None else scores.to(CUDA), k, 0.6).cpu()
+        a = ops.unpermute(
+            y.to(CUDA), m_gpu, None if scores is None else scores.to(CUDA), k, 0.6
+        ).cpu()
         b = ops.unpermute(y, m_cpu, scores, k, 0.6)
         assert rel_err(a, b) < TOL[dtype] / 10, (scores is None, rel_err(a, b))
     gy_a, gs_a = ops.unpermute_backward(g.to(CUDA), y.to(CUDA), m_gpu, s.to(CUDA), k, 0.6)

@@ -1,12 +1,15 @@
 """The MoE layer on a GPU: grouped-GEMM experts vs the per-expert loop, forward and backward, and
 the whole layer on CUDA vs the same layer on the CPU."""
+
 import pytest
 import torch
 
 from tests.helpers import rel_err
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
 
 
 def test_grouped_mm_experts_match_loop():
@@ -46,8 +49,10 @@ def test_layer_cuda_matches_cpu(world1):
         y, _ = layer(xi)
         (y * y).sum().backward()
         # weight_noise gets no gradient with gate_add_noise=False: compare the ones that do
-        res.append([y.detach().cpu(), xi.grad.cpu()] + [p.grad.cpu() for p in layer.parameters()
-                                                         if p.grad is not None])
+        res.append(
+            [y.detach().cpu(), xi.grad.cpu()]
+            + [p.grad.cpu() for p in layer.parameters() if p.grad is not None]
+        )
     assert len(res[0]) == len(res[1]) == 2 + len(list(cpu.parameters())) - 1
     for a, b in zip(*res):
         assert rel_err(a, b) < 1e-4, rel_err(a, b)

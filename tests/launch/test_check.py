@@ -1,4 +1,5 @@
 """`megamoe check`: the guide's scripts as the trainer sees them, and the checklist report."""
+
 import json
 import os
 import re
@@ -7,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from megamoe.cli import main
 from megamoe.ops import checklist as P
 from megamoe.ops import script, slurm
-from megamoe.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = {
@@ -32,20 +33,78 @@ def clean_env(**kw):
 
 # the published LLaMA-MoE recipes: (nodes x gpus, lr, bs, grad accum, block, tokens, extra flags)
 RECIPES = {
-    "16_2": ((14, 8), 2e-4, 8, 4, 4096, 200e9, dict(num_selects=2,
-             score_scale_factor=8.0, prob_map="sheared_llama", final_lr_portion=0.1,
-             warmup_steps=100, eval_steps=340, save_steps=340, dynamic_data_selection="none")),
-    "16_4": ((14, 8), 2e-4, 8, 4, 4096, 200e9, dict(num_selects=4,
-             score_scale_factor=4.0, prob_map="sheared_llama",
-             dynamic_data_selection="none")),
-    "dynamic": ((14, 8), 2e-4, 8, 4, 4096, 200e9, dict(
-                dynamic_data_selection="sheared_llama", prob_map="llama", eval_steps=170,
-                warmup_steps=100)),
-    "lora": ((2, 8), 2e-4, 16, 1, 2048, 100e9, dict(training_mode="lora", lora_rank=8,
-             lora_alpha=32.0, lora_dropout=0.05, warmup_steps=2000, save_steps=1000,
-             lora_targets=["q", "k", "v", "o", "gate", "up", "down"])),
-    "fpt": ((1, 8), 1e-4, 16, 2, 2048, 100e9, dict(training_mode="fpt", warmup_steps=2000,
-            save_steps=1000)),
+    "16_2": (
+        (14, 8),
+        2e-4,
+        8,
+        4,
+        4096,
+        200e9,
+        dict(
+            num_selects=2,
+            score_scale_factor=8.0,
+            prob_map="sheared_llama",
+            final_lr_portion=0.1,
+            warmup_steps=100,
+            eval_steps=340,
+            save_steps=340,
+            dynamic_data_selection="none",
+        ),
+    ),
+    "16_4": (
+        (14, 8),
+        2e-4,
+        8,
+        4,
+        4096,
+        200e9,
+        dict(
+            num_selects=4,
+            score_scale_factor=4.0,
+            prob_map="sheared_llama",
+            dynamic_data_selection="none",
+        ),
+    ),
+    "dynamic": (
+        (14, 8),
+        2e-4,
+        8,
+        4,
+        4096,
+        200e9,
+        dict(
+            dynamic_data_selection="sheared_llama",
+            prob_map="llama",
+            eval_steps=170,
+            warmup_steps=100,
+        ),
+    ),
+    "lora": (
+        (2, 8),
+        2e-4,
+        16,
+        1,
+        2048,
+        100e9,
+        dict(
+            training_mode="lora",
+            lora_rank=8,
+            lora_alpha=32.0,
+            lora_dropout=0.05,
+            warmup_steps=2000,
+            save_steps=1000,
+            lora_targets=["q", "k", "v", "o", "gate", "up", "down"],
+        ),
+    ),
+    "fpt": (
+        (1, 8),
+        1e-4,
+        16,
+        2,
+        2048,
+        100e9,
+        dict(training_mode="fpt", warmup_steps=2000, save_steps=1000),
+    ),
 }
 
 
@@ -74,9 +133,10 @@ def test_script_hyperparameters_as_the_trainer_parses_them(name):
 
 
 def test_script_variables_are_overridable_from_the_environment():
-    t = script.read_target(str(ROOT / SCRIPTS["fpt"]),
-                      clean_env(pretrained_model="/my/model", num_nodes=3, lr="5e-5",
-                                comment="my run"))
+    t = script.read_target(
+        str(ROOT / SCRIPTS["fpt"]),
+        clean_env(pretrained_model="/my/model", num_nodes=3, lr="5e-5", comment="my run"),
+    )
     o = script.resolve_options(t.argv)
     assert o["pretrained_model"] == "/my/model" and o["num_nodes"] == 3
     assert o["learning_rate"] == 5e-5 and o["comment"] == "my run"
@@ -92,11 +152,18 @@ def test_every_script_variable_has_a_default_with_an_override():
 
 
 def test_parse_sbatch_header():
-    text = ("#!/bin/bash\n# a comment\n#SBATCH --job-name=x\n#SBATCH -N 2 --gres gpu:4\n"
-            "#SBATCH --requeue  # trailing comment\n#SBATCH -p MoE\n\nnum_nodes=2\n"
-            "#SBATCH --nodes=9\n")
-    assert slurm.parse_sbatch_header(text) == {"job-name": "x", "nodes": "2", "gres": "gpu:4",
-                                           "requeue": "", "partition": "MoE"}
+    text = (
+        "#!/bin/bash\n# a comment\n#SBATCH --job-name=x\n#SBATCH -N 2 --gres gpu:4\n"
+        "#SBATCH --requeue  # trailing comment\n#SBATCH -p MoE\n\nnum_nodes=2\n"
+        "#SBATCH --nodes=9\n"
+    )
+    assert slurm.parse_sbatch_header(text) == {
+        "job-name": "x",
+        "nodes": "2",
+        "gres": "gpu:4",
+        "requeue": "",
+        "partition": "MoE",
+    }
 
 
 def test_script_that_never_calls_the_launcher(tmp_path):
@@ -108,6 +175,7 @@ def test_script_that_never_calls_the_launcher(tmp_path):
 
 # ---- the checklist on a tiny, real setup ------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A pretrained-model directory (megamoe.json only: the checks read no weights), three
@@ -117,10 +185,19 @@ def setup(tmp_path_factory):
     from megamoe.data.indexed import IndexedDatasetWriter
 
     root = tmp_path_factory.mktemp("check")
-    m = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
-    moe = MoEConfig(num_experts=16, num_selects=2, score_scale_factor=8.0)
-    for name, moe in (("moe", moe), ("dense", None)):
+    m = ModelConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+    )
+    for name, moe in (
+        ("moe", MoEConfig(num_experts=16, num_selects=2, score_scale_factor=8.0)),
+        ("dense", None),
+    ):
         (root / name).mkdir()
         (root / name / "megamoe.json").write_text(json.dumps(make_meta(m, moe)))
     rng = np.random.default_rng(0)
@@ -131,16 +208,26 @@ def setup(tmp_path_factory):
                 w.add_document(rng.integers(3, 128, size=1000))
             w.finalize()
     import sentencepiece as spm
+
     words = ["".join(chr(97 + (i * 7 + j * 3) % 26) for j in range(2 + i % 6)) for i in range(300)]
     spm.SentencePieceTrainer.train(  # the model's 128 tokens (the check compares the sizes)
-        sentence_iterator=iter([" ".join(words[i:i + 20]) for i in range(0, 300, 3)] * 5),
-        model_prefix=str(root / "tok"), vocab_size=128, model_type="bpe", minloglevel=2)
+        sentence_iterator=iter([" ".join(words[i : i + 20]) for i in range(0, 300, 3)] * 5),
+        model_prefix=str(root / "tok"),
+        vocab_size=128,
+        model_type="bpe",
+        minloglevel=2,
+    )
     return root
 
 
 def script_env(setup, **kw):
-    v = dict(pretrained_model=setup / "moe", tokenizer_model=setup / "tok.model",
-             dataset_dir=setup / "train", validation_dir=setup / "valid", prob_map="uniform")
+    v = dict(
+        pretrained_model=setup / "moe",
+        tokenizer_model=setup / "tok.model",
+        dataset_dir=setup / "train",
+        validation_dir=setup / "valid",
+        prob_map="uniform",
+    )
     v.update(kw)
     return clean_env(**v)
 
@@ -162,34 +249,59 @@ def test_good_script_passes(setup):
     assert "GiB per GPU before activations" in text  # megamoe/memory.py for this layout
 
 
-@pytest.mark.parametrize("override,item,status,words", [
-    (dict(scale_factor=4.0), "scale factor", P.WARN, "is not #experts / #selected = 16/2 = 8"),
-    (dict(num_selects=17), "number of selected experts", P.ERROR,
-     "--num_selects 17 must be between 1 and the number of experts 16"),
-    (dict(gate_balance_loss_weight=0), "balance loss weight", P.WARN, "no balance loss"),
-    (dict(gate_balance_loss_weight=-1), "balance loss weight", P.ERROR, "must be >= 0"),
-    (dict(lr=0.01), "learning rate", P.WARN, "is high for continual pre-training"),
-    (dict(lr=0), "learning rate", P.ERROR, "must be a positive number"),
-    (dict(warmup_steps=0), "warmup steps", P.WARN, "full learning rate"),
-    (dict(warmup_steps=10 ** 6), "warmup steps", P.WARN, "never leaves the warmup"),
-    (dict(eval_steps=0), "evaluation steps", P.WARN, "evaluated only at the end"),
-    (dict(logging_steps=0), "logging steps", P.ERROR, "--logging_steps 0 must be at least 1"),
-    (dict(logging_steps=500), "logging steps", P.WARN, "larger than eval_steps=340"),
-    (dict(per_device_train_batch_size=0), "global batch size", P.ERROR,
-     "--per_device_train_batch_size 0 must be at least 1"),
-    (dict(pretrained_model="/nonexistent"), "pretrained model", P.ERROR, "no such directory"),
-    (dict(model_type="llama"), "pretrained model", P.ERROR, "is a LLaMA-MoE model"),
-    (dict(dataset_dir="/nonexistent"), "data path", P.ERROR, "dataset directory not found"),
-    (dict(prob_map="sheared_llama"), "data path", P.ERROR, "prob_map"),
-    (dict(validation_dir="/nonexistent"), "data path", P.ERROR, "validation directory"),
-    (dict(num_nodes=2), "GPUs", P.ERROR, "num_nodes=2 but the job has 14 node(s) (#SBATCH --nodes=14)"),
-    (dict(num_gpu_per_node=4), "GPUs", P.ERROR, "num_gpu_per_node=4 but the job has 8 GPU(s) per node (#SBATCH --gres=gpu:8)"),
-    (dict(tensor_model_parallel_size=3), "GPUs", P.ERROR, "not divisible"),
-    (dict(expert_model_parallel_size=16), "GPUs", P.WARN, "all-to-all crosses nodes"),
-    (dict(tensor_model_parallel_size=2, expert_model_parallel_size=8), "GPUs", P.WARN,
-     "--expert_model_parallel_size 8 x --tensor_model_parallel_size 2 > 8 GPUs per node"),
-    (dict(comment=" "), "comment", P.WARN, "no comment"),
-])
+@pytest.mark.parametrize(
+    "override,item,status,words",
+    [
+        (dict(scale_factor=4.0), "scale factor", P.WARN, "is not #experts / #selected = 16/2 = 8"),
+        (
+            dict(num_selects=17),
+            "number of selected experts",
+            P.ERROR,
+            "--num_selects 17 must be between 1 and the number of experts 16",
+        ),
+        (dict(gate_balance_loss_weight=0), "balance loss weight", P.WARN, "no balance loss"),
+        (dict(gate_balance_loss_weight=-1), "balance loss weight", P.ERROR, "must be >= 0"),
+        (dict(lr=0.01), "learning rate", P.WARN, "is high for continual pre-training"),
+        (dict(lr=0), "learning rate", P.ERROR, "must be a positive number"),
+        (dict(warmup_steps=0), "warmup steps", P.WARN, "full learning rate"),
+        (dict(warmup_steps=10**6), "warmup steps", P.WARN, "never leaves the warmup"),
+        (dict(eval_steps=0), "evaluation steps", P.WARN, "evaluated only at the end"),
+        (dict(logging_steps=0), "logging steps", P.ERROR, "--logging_steps 0 must be at least 1"),
+        (dict(logging_steps=500), "logging steps", P.WARN, "larger than eval_steps=340"),
+        (
+            dict(per_device_train_batch_size=0),
+            "global batch size",
+            P.ERROR,
+            "--per_device_train_batch_size 0 must be at least 1",
+        ),
+        (dict(pretrained_model="/nonexistent"), "pretrained model", P.ERROR, "no such directory"),
+        (dict(model_type="llama"), "pretrained model", P.ERROR, "is a LLaMA-MoE model"),
+        (dict(dataset_dir="/nonexistent"), "data path", P.ERROR, "dataset directory not found"),
+        (dict(prob_map="sheared_llama"), "data path", P.ERROR, "prob_map"),
+        (dict(validation_dir="/nonexistent"), "data path", P.ERROR, "validation directory"),
+        (
+            dict(num_nodes=2),
+            "GPUs",
+            P.ERROR,
+            "num_nodes=2 but the job has 14 node(s) (#SBATCH --nodes=14)",
+        ),
+        (
+            dict(num_gpu_per_node=4),
+            "GPUs",
+            P.ERROR,
+            "num_gpu_per_node=4 but the job has 8 GPU(s) per node (#SBATCH --gres=gpu:8)",
+        ),
+        (dict(tensor_model_parallel_size=3), "GPUs", P.ERROR, "not divisible"),
+        (dict(expert_model_parallel_size=16), "GPUs", P.WARN, "all-to-all crosses nodes"),
+        (
+            dict(tensor_model_parallel_size=2, expert_model_parallel_size=8),
+            "GPUs",
+            P.WARN,
+            "--expert_model_parallel_size 8 x --tensor_model_parallel_size 2 > 8 GPUs per node",
+        ),
+        (dict(comment=" "), "comment", P.WARN, "no comment"),
+    ],
+)
 def test_checklist_items(setup, override, item, status, words):
     rep = P.check_target(str(ROOT / SCRIPTS["16_2"]), script_env(setup, **override))
     assert rep.status(item) == status, rep.render()
@@ -197,12 +309,15 @@ def test_checklist_items(setup, override, item, status, words):
 
 
 def test_dense_model_for_moe_and_the_other_way(setup):
-    rep = P.check_target(str(ROOT / SCRIPTS["fpt"]),
-                         script_env(setup, pretrained_model=setup / "dense"))
+    rep = P.check_target(
+        str(ROOT / SCRIPTS["fpt"]), script_env(setup, pretrained_model=setup / "dense")
+    )
     assert rep.status("pretrained model") == P.ERROR
     assert "is a dense megamoe checkpoint" in rep.render()
-    rep = P.check_target(str(ROOT / SCRIPTS["fpt"]),
-                         script_env(setup, pretrained_model=setup / "dense", model_type="llama"))
+    rep = P.check_target(
+        str(ROOT / SCRIPTS["fpt"]),
+        script_env(setup, pretrained_model=setup / "dense", model_type="llama"),
+    )
     assert rep.status("pretrained model") == P.OK, rep.render()
     assert rep.status("scale factor") == P.OK and "not used" in rep.render()
 
@@ -223,9 +338,9 @@ def test_slurm_header_warnings(setup, tmp_path):
 def test_config_file(setup, tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"""
-train: {{model_type: llama_moe, pretrained_model: {setup / 'moe'}, output_dir: {tmp_path / 'out'},
-        max_steps: 100, comment: yaml run, tokenizer_model: {setup / 'tok.model'}}}
-data: {{dataset_dir: {setup / 'train'}, validation_dir: {setup / 'valid'}, block_size: 32}}
+train: {{model_type: llama_moe, pretrained_model: {setup / "moe"}, output_dir: {tmp_path / "out"},
+        max_steps: 100, comment: yaml run, tokenizer_model: {setup / "tok.model"}}}
+data: {{dataset_dir: {setup / "train"}, validation_dir: {setup / "valid"}, block_size: 32}}
 moe: {{num_selects: 4}}
 optim: {{learning_rate: 1.0e-4, warmup_steps: 10}}
 num_nodes: 1

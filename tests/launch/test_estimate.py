@@ -1,4 +1,5 @@
 """megamoe estimate: the guide's log-header formulas and the wall time."""
+
 import pytest
 
 from megamoe.cli import main
@@ -8,15 +9,27 @@ from megamoe.ops.estimate import Estimate, format_duration, parse_number, report
 def test_guide_example():
     # The guide's header: max_steps 63578, global batch size 768, #tokens/batch 1572864
     # (100B tokens, block 2048, 16 x 1 per device x 48 GPUs).
-    e = Estimate(tokens=1e11, block_size=2048, per_device_train_batch_size=16,
-                 gradient_accumulation_steps=1, num_nodes=6, num_gpu_per_node=8)
+    e = Estimate(
+        tokens=1e11,
+        block_size=2048,
+        per_device_train_batch_size=16,
+        gradient_accumulation_steps=1,
+        num_nodes=6,
+        num_gpu_per_node=8,
+    )
     assert (e.max_steps, e.global_batch_size, e.tokens_per_batch) == (63578, 768, 1572864)
 
 
 def test_recipe_112_gpus():
-    e = Estimate(tokens=200e9, block_size=4096, per_device_train_batch_size=8,
-                 gradient_accumulation_steps=4, num_nodes=14, num_gpu_per_node=8,
-                 seconds_per_step=40.0)
+    e = Estimate(
+        tokens=200e9,
+        block_size=4096,
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=4,
+        num_nodes=14,
+        num_gpu_per_node=8,
+        seconds_per_step=40.0,
+    )
     assert e.global_batch_size == 8 * 4 * 14 * 8 == 3584
     assert e.tokens_per_batch == 3584 * 4096
     assert e.max_steps == int(200e9 // (3584 * 4096))
@@ -25,16 +38,32 @@ def test_recipe_112_gpus():
 
 
 def test_tensor_pipeline_parallel_divide_the_batch():
-    e = Estimate(tokens=1e9, block_size=1024, per_device_train_batch_size=4,
-                 gradient_accumulation_steps=2, num_nodes=2, num_gpu_per_node=8,
-                 tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
+    e = Estimate(
+        tokens=1e9,
+        block_size=1024,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        num_nodes=2,
+        num_gpu_per_node=8,
+        tensor_model_parallel_size=2,
+        pipeline_model_parallel_size=2,
+    )
     assert e.data_parallel_size == 4
     assert e.global_batch_size == 4 * 2 * 4
 
 
-@pytest.mark.parametrize("text,value", [("100e9", 1e11), ("1e11", 1e11), ("200B", 2e11),
-                                        ("1.5T", 1.5e12), ("10^11", 1e11),
-                                        ("200*10^9", 2e11), ("1_000", 1000.0)])
+@pytest.mark.parametrize(
+    "text,value",
+    [
+        ("100e9", 1e11),
+        ("1e11", 1e11),
+        ("200B", 2e11),
+        ("1.5T", 1.5e12),
+        ("10^11", 1e11),
+        ("200*10^9", 2e11),
+        ("1_000", 1000.0),
+    ],
+)
 def test_parse_number(text, value):
     assert parse_number(text) == pytest.approx(value)
 
@@ -48,18 +77,46 @@ def test_format_duration():
 
 def test_validate():
     with pytest.raises(ValueError, match="less than one global batch"):
-        Estimate(tokens=10, block_size=4096, per_device_train_batch_size=8,
-                 gradient_accumulation_steps=4, num_nodes=1, num_gpu_per_node=8).validate()
+        Estimate(
+            tokens=10,
+            block_size=4096,
+            per_device_train_batch_size=8,
+            gradient_accumulation_steps=4,
+            num_nodes=1,
+            num_gpu_per_node=8,
+        ).validate()
     with pytest.raises(ValueError, match="not divisible"):
-        Estimate(tokens=1e9, block_size=4096, per_device_train_batch_size=8,
-                 gradient_accumulation_steps=4, num_nodes=1, num_gpu_per_node=6,
-                 tensor_model_parallel_size=4).validate()
+        Estimate(
+            tokens=1e9,
+            block_size=4096,
+            per_device_train_batch_size=8,
+            gradient_accumulation_steps=4,
+            num_nodes=1,
+            num_gpu_per_node=6,
+            tensor_model_parallel_size=4,
+        ).validate()
 
 
 def test_cli_prints_the_header_and_wall_time(capsys):
-    rc = main(["estimate", "--tokens", "100e9", "--block_size", "4096",
-               "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "4",
-               "--num_nodes", "14", "--num_gpu_per_node", "8", "--seconds_per_step", "30"])
+    rc = main(
+        [
+            "estimate",
+            "--tokens",
+            "100e9",
+            "--block_size",
+            "4096",
+            "--per_device_train_batch_size",
+            "8",
+            "--gradient_accumulation_steps",
+            "4",
+            "--num_nodes",
+            "14",
+            "--num_gpu_per_node",
+            "8",
+            "--seconds_per_step",
+            "30",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     steps = int(100e9 // (3584 * 4096))
@@ -71,9 +128,25 @@ def test_cli_prints_the_header_and_wall_time(capsys):
 
 
 def test_cli_throughput_and_missing_args(capsys):
-    rc = main(["estimate", "--tokens", "1e9", "--block_size", "1024",
-               "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "1",
-               "--num_nodes", "1", "--num_gpu_per_node", "1", "--tokens_per_second_per_gpu", "512"])
+    rc = main(
+        [
+            "estimate",
+            "--tokens",
+            "1e9",
+            "--block_size",
+            "1024",
+            "--per_device_train_batch_size",
+            "1",
+            "--gradient_accumulation_steps",
+            "1",
+            "--num_nodes",
+            "1",
+            "--num_gpu_per_node",
+            "1",
+            "--tokens_per_second_per_gpu",
+            "512",
+        ]
+    )
     assert rc == 0
     assert "time/step: 2s" in capsys.readouterr().out
     assert main(["estimate", "--tokens", "1e9", "--block_size", "1024"]) == 2
@@ -82,19 +155,54 @@ def test_cli_throughput_and_missing_args(capsys):
 
 def test_cli_from_run(tmp_path, capsys):
     import json
+
     with open(tmp_path / "train_log.jsonl", "w") as f:
         f.write(json.dumps({"kind": "save", "step": 1}) + "\n")
         for step, t in enumerate([9.0] + [2.0] * 20, 1):
             f.write(json.dumps({"kind": "train", "step": step, "time_per_step": t}) + "\n")
-    rc = main(["estimate", "--tokens", "1e9", "--block_size", "1024",
-               "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "1",
-               "--num_nodes", "1", "--num_gpu_per_node", "1", "--from_run", str(tmp_path)])
+    rc = main(
+        [
+            "estimate",
+            "--tokens",
+            "1e9",
+            "--block_size",
+            "1024",
+            "--per_device_train_batch_size",
+            "1",
+            "--gradient_accumulation_steps",
+            "1",
+            "--num_nodes",
+            "1",
+            "--num_gpu_per_node",
+            "1",
+            "--from_run",
+            str(tmp_path),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "measured in" in out and "time/step: 2s" in out
-    assert main(["estimate", "--tokens", "1e9", "--block_size", "1024",
-                 "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "1",
-                 "--num_nodes", "1", "--num_gpu_per_node", "1", "--from_run",
-                 str(tmp_path / "nope")]) == 2
+    assert (
+        main(
+            [
+                "estimate",
+                "--tokens",
+                "1e9",
+                "--block_size",
+                "1024",
+                "--per_device_train_batch_size",
+                "1",
+                "--gradient_accumulation_steps",
+                "1",
+                "--num_nodes",
+                "1",
+                "--num_gpu_per_node",
+                "1",
+                "--from_run",
+                str(tmp_path / "nope"),
+            ]
+        )
+        == 2
+    )
 
 
 def test_train_forwards_to_the_trainer(capsys):

@@ -6,11 +6,11 @@ world size share those costs here: each run is `megamoe.train.main.main(argv)` i
 processes (the trainer re-creates megatron-core's groups when the layout changes). PLAN is a JSON
 list of runs: {"name", "argv", "out", "ga" (micro-batches per rank and step), "step_offset"
 (steps done before this run: a resumed leg), "replay" (a run's output directory whose recorded
-routing this run replays, or null), "overlap" (parallel.set_overlap's arguments for this run: the
-communication overlaps, which the trainer's flags do not reach yet)}. Each run's routing is recorded by
+routing this run replays, or null)}. Each run's routing is recorded by
 tests/multigpu/routing_probe.py into <out>/route.<tag>.<rank>.pt (tag: the run's "tag", default
 "run"), and rank 0 appends {"name", "code", "seconds"} to PLAN + ".status" (one JSON line per run).
 """
+
 from __future__ import annotations
 
 import glob
@@ -25,7 +25,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 def main(plan_path: str) -> int:
     import torch.distributed as dist
 
-    from megamoe import parallel
     from megamoe.train.main import main as train_main
     from tests.multigpu import routing_probe
 
@@ -35,15 +34,15 @@ def main(plan_path: str) -> int:
     for run in runs:
         replay = None
         if run.get("replay"):
-            replay = routing_probe.load(sorted(glob.glob(os.path.join(run["replay"], "route.*.pt"))))
+            replay = routing_probe.load(
+                sorted(glob.glob(os.path.join(run["replay"], "route.*.pt")))
+            )
         probe = routing_probe.Probe(run["ga"], run.get("step_offset", 0), replay).install()
-        parallel.set_overlap(**run.get("overlap", {}))
         t0 = time.time()
         try:
-            code = train_main(run["argv"])
+            code = train_main(run["argv"])  # the overlaps come with its flags
         finally:
             probe.uninstall()
-            parallel.set_overlap()
         os.makedirs(run["out"], exist_ok=True)
         probe.save(os.path.join(run["out"], f"route.{run.get('tag', 'run')}.{rank}.pt"))
         if dist.is_initialized():
@@ -52,7 +51,10 @@ def main(plan_path: str) -> int:
         failed += code != 0
         if rank == 0:
             with open(plan_path + ".status", "a") as f:
-                f.write(json.dumps({"name": run["name"], "code": code, "seconds": round(seconds, 1)}) + "\n")
+                f.write(
+                    json.dumps({"name": run["name"], "code": code, "seconds": round(seconds, 1)})
+                    + "\n"
+                )
             print(f"driver: {run['name']} exit {code} in {seconds:.1f} s", flush=True)
     return 1 if failed else 0
 

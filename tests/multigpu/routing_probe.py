@@ -18,10 +18,10 @@ dp_rank * ga + n % ga, as the trainer's data loader splits the global batch), an
 parallelism each TP rank holds a contiguous block of the flattened [s, b] rows, in TP-rank order.
 Only the noise-free top-k gate is supported (the parity tests turn gate noise off).
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -30,15 +30,15 @@ Key = tuple  # (step, global micro-batch, layer)
 
 
 class Probe:
-    def __init__(self, ga: int, step_offset: int = 0, replay: Optional[dict] = None):
+    def __init__(self, ga: int, step_offset: int = 0, replay: dict | None = None):
         self.ga, self.step_offset, self.replay = ga, step_offset, replay
         self.calls: dict[int, int] = defaultdict(int)
         self.records: dict[Key, tuple] = {}
-        self._layer: Optional[int] = None
+        self._layer: int | None = None
         self._saved = None
 
     # ---------------------------------------------------------------- patching
-    def install(self) -> "Probe":
+    def install(self) -> Probe:
         from megamoe.model.moe import gates, layer
 
         mlp_cls, gate_cls = layer.LlamaMoEMLP, gates.TopKBalancedNoisyGate
@@ -89,15 +89,27 @@ class Probe:
             full = self.replay[key][0]
             tp, r = parallel.tp_size(), parallel.tp_rank()
             rows = full.shape[0] // tp
-            idx = full[r * rows:(r + 1) * rows].to(device=x.device, dtype=torch.int64)
+            idx = full[r * rows : (r + 1) * rows].to(device=x.device, dtype=torch.int64)
             chosen = logits.gather(1, idx)
             scores = F.softmax(chosen.float(), dim=1) if gate.use_softmax else chosen.float()
             importance = torch.zeros(gate.num_experts, device=x.device).index_add(
-                0, idx.reshape(-1), scores.reshape(-1))
+                0, idx.reshape(-1), scores.reshape(-1)
+            )
             weight = gate.balance_loss_weight if gate.use_balance else 0.0
-            out = gates._finish(idx, scores, importance, gates._counts(idx, gate.num_experts), reduce_fn,
-                                weight, lambda imp, ld: gates.cv_squared(imp) + gates.cv_squared(ld))
-        self.records[key] = (out.topk_idx.detach().to("cpu", torch.int16), margin.cpu(), parallel.tp_rank())
+            out = gates._finish(
+                idx,
+                scores,
+                importance,
+                gates._counts(idx, gate.num_experts),
+                reduce_fn,
+                weight,
+                lambda imp, ld: gates.cv_squared(imp) + gates.cv_squared(ld),
+            )
+        self.records[key] = (
+            out.topk_idx.detach().to("cpu", torch.int16),
+            margin.cpu(),
+            parallel.tp_rank(),
+        )
         return out
 
     # ---------------------------------------------------------------- files
@@ -115,7 +127,10 @@ def load(paths: list) -> dict:
     out = {}
     for key, by_rank in parts.items():
         ranks = sorted(by_rank)
-        out[key] = (torch.cat([by_rank[r][0] for r in ranks]), torch.cat([by_rank[r][1] for r in ranks]))
+        out[key] = (
+            torch.cat([by_rank[r][0] for r in ranks]),
+            torch.cat([by_rank[r][1] for r in ranks]),
+        )
     return out
 
 
@@ -137,5 +152,9 @@ def compare(ref: dict, got: dict) -> dict:
             margins[key[0]] = max(margins[key[0]], ma[differ].max().item())
     steps = sorted(s for s, n in flips.items() if n)
     first = steps[0] if steps else None
-    return {"flips": dict(flips), "first": first, "first_margin": margins[first] if first is not None else 0.0,
-            "missing": missing}
+    return {
+        "flips": dict(flips),
+        "first": first,
+        "first_margin": margins[first] if first is not None else 0.0,
+        "missing": missing,
+    }

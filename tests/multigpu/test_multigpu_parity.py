@@ -23,6 +23,7 @@ then one of 1; on the 2-GPU H200 the whole suite takes ~4 minutes (each trainer 
 Skipped without GPUs (CI has none); `MEGAMOE_MULTIGPU_ON_CPU=2` runs the 1- and 2-process part on
 the CPU with gloo instead (a slow smoke test of the suite itself).
 """
+
 from __future__ import annotations
 
 import os
@@ -43,11 +44,19 @@ BF16 = 3e-2  # bf16, the whole curve (fp32: runs.check_fp32)
 
 # (name, TP, PP, EP, GPUs)
 LAYOUTS = [
-    ("ep2", 1, 1, 2, 2), ("tp2", 2, 1, 1, 2), ("pp2", 1, 2, 1, 2), ("dp2", 1, 1, 1, 2),
-    ("ep2ov", 1, 1, 2, 2), ("tp2ov", 2, 1, 1, 2),
-    ("ep4", 1, 1, 4, 4), ("ep2dp2", 1, 1, 2, 4), ("tp2ep2", 2, 1, 2, 4), ("tp2pp2", 2, 2, 1, 4),
+    ("ep2", 1, 1, 2, 2),
+    ("tp2", 2, 1, 1, 2),
+    ("pp2", 1, 2, 1, 2),
+    ("dp2", 1, 1, 1, 2),
+    ("ep2ov", 1, 1, 2, 2),
+    ("tp2ov", 2, 1, 1, 2),
+    ("ep4", 1, 1, 4, 4),
+    ("ep2dp2", 1, 1, 2, 4),
+    ("tp2ep2", 2, 1, 2, 4),
+    ("tp2pp2", 2, 2, 1, 4),
 ]
-# the communication overlaps (parallel.set_overlap), off in the other layouts
+# the communication overlaps (the trainer's --ep_overlap_chunks / --tp_comm_overlap), off in the
+# other layouts
 OVERLAP = {"ep2ov": {"ep_chunks": 2}, "tp2ov": {"tp_comm": True}}
 SINGLE = ("single", 1, 1, 1, 1)
 BY_NAME = {lay[0]: lay for lay in LAYOUTS + [SINGLE]}
@@ -66,14 +75,24 @@ def _wanted(*names):
 
 def plan(root, data, pre, gpus) -> list:
     """Every run of the suite that fits `gpus`, in an order that respects what each needs."""
+
     def run(name, layout, **kw):
         return R.spec(root, data, pre, name, layout, STEPS, LR, **kw)
 
     runs = []
     for lay in [SINGLE] + LAYOUTS:
-        for precision in ("fp32",) if ON_CPU else ("fp32", "bf16"):  # CPU bf16 is autocast: not this
+        for precision in (
+            ("fp32",) if ON_CPU else ("fp32", "bf16")
+        ):  # CPU bf16 is autocast: not this
             if lay[-1] <= gpus and _wanted(lay[0]):
-                runs.append(run(f"{lay[0]}-{precision}", lay, precision=precision, overlap=OVERLAP.get(lay[0])))
+                runs.append(
+                    run(
+                        f"{lay[0]}-{precision}",
+                        lay,
+                        precision=precision,
+                        overlap=OVERLAP.get(lay[0]),
+                    )
+                )
     if gpus >= 2 and _wanted("ep2"):
         runs.append(run("single-replays-ep2", SINGLE, replay=os.path.join(root, "ep2-fp32")))
     half = STEPS // 2
@@ -83,10 +102,27 @@ def plan(root, data, pre, gpus) -> list:
             continue
         out = os.path.join(root, f"resume-{first}-{second}")
         # the schedule must be that of a 20-step run: ask for 20, stop after saving at 10
-        runs.append(run(f"resume-{first}-{second}/1", BY_NAME[first], out=out, tag="leg1",
-                        save_steps=half, exit_interval=half, use_distributed_optimizer=dist_opt))
-        runs.append(run(f"resume-{first}-{second}/2", BY_NAME[second], out=out, tag="leg2",
-                        step_offset=half, use_distributed_optimizer=dist_opt))
+        runs.append(
+            run(
+                f"resume-{first}-{second}/1",
+                BY_NAME[first],
+                out=out,
+                tag="leg1",
+                save_steps=half,
+                exit_interval=half,
+                use_distributed_optimizer=dist_opt,
+            )
+        )
+        runs.append(
+            run(
+                f"resume-{first}-{second}/2",
+                BY_NAME[second],
+                out=out,
+                tag="leg2",
+                step_offset=half,
+                use_distributed_optimizer=dist_opt,
+            )
+        )
     return runs
 
 
@@ -106,13 +142,17 @@ def _result(suite, name):
     run = runs[name]
     rec = status.get(name)
     assert rec is not None and rec["code"] == 0, (
-        f"{name}: {'exit ' + str(rec['code']) if rec else 'did not run'}\n{log[run['world']][2]}")
+        f"{name}: {'exit ' + str(rec['code']) if rec else 'did not run'}\n{log[run['world']][2]}"
+    )
     return run
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("name,tp,pp,ep,gpus", [pytest.param(*lay, marks=_needs(lay[-1], lay[0])) for lay in LAYOUTS],
-                         ids=[lay[0] for lay in LAYOUTS])
+@pytest.mark.parametrize(
+    "name,tp,pp,ep,gpus",
+    [pytest.param(*lay, marks=_needs(lay[-1], lay[0])) for lay in LAYOUTS],
+    ids=[lay[0] for lay in LAYOUTS],
+)
 def test_layout_matches_single_gpu(suite, name, tp, pp, ep, gpus, precision):
     if ON_CPU and precision == "bf16":
         pytest.skip("bf16 on CPU is autocast, not what this checks")
@@ -135,14 +175,22 @@ def test_replayed_routing_is_exact(suite):
     a, b = R.losses(got), R.losses(ref)
     cmp = routing_probe.compare(R.routes(ref), R.routes(got))
     err = R.worst_rel(a, b)
-    print(f"single GPU replaying EP=2's routing: worst relative loss difference {err:.2e} over {STEPS} steps, "
-          f"{sum(cmp['flips'].values())} flips")
+    print(
+        f"single GPU replaying EP=2's routing: worst relative loss difference {err:.2e} over {STEPS} steps, "
+        f"{sum(cmp['flips'].values())} flips"
+    )
     assert cmp["first"] is None and not cmp["missing"]
     assert err < R.EXACT, (err, a, b)
 
 
-@pytest.mark.parametrize("first,second", [pytest.param(a, b, marks=_needs(max(BY_NAME[a][-1], BY_NAME[b][-1]), a, b))
-                                          for a, b in RESUMES], ids=[f"{a}->{b}" for a, b in RESUMES])
+@pytest.mark.parametrize(
+    "first,second",
+    [
+        pytest.param(a, b, marks=_needs(max(BY_NAME[a][-1], BY_NAME[b][-1]), a, b))
+        for a, b in RESUMES
+    ],
+    ids=[f"{a}->{b}" for a, b in RESUMES],
+)
 def test_resume_at_another_layout(suite, first, second):
     """The distributed optimizer saved at step 10 in one layout, resumed to step 20 in another:
     the curve continues the single-GPU one (fp32)."""

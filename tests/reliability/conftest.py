@@ -1,4 +1,5 @@
 """What every fault test checks: the user's bytes before and after, and no process left."""
+
 import hashlib
 import os
 import time

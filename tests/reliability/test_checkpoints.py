@@ -1,5 +1,6 @@
 """A damaged newest checkpoint: named, kept (renamed, byte for byte), and the run resumes from the
 newest one that verifies; a run directory reused for another model is refused."""
+
 import glob
 import os
 import shutil
@@ -19,7 +20,9 @@ def run6(tiny, tmp_path_factory):
     r = F.run_train(F.train_argv(tiny.moe, tiny.data, tiny.valid, out, max_steps=STEPS))
     assert r.returncode == 0, r.stderr[-3000:]
     assert [os.path.basename(p) for _, p in layout.list_checkpoints(out)] == [
-        "checkpoint-3", "checkpoint-6"]
+        "checkpoint-3",
+        "checkpoint-6",
+    ]
     return out
 
 
@@ -44,8 +47,9 @@ def _damage(ckpt: str, what: str) -> str:
     return os.path.relpath(f, ckpt)
 
 
-@pytest.mark.parametrize("what", ["model shard", "meta file", "rank state", "common.pt",
-                                  "bit flip"])
+@pytest.mark.parametrize(
+    "what", ["model shard", "meta file", "rank state", "common.pt", "bit flip"]
+)
 def test_damaged_newest_checkpoint_falls_back(tiny, run6, tmp_path, what, no_children_left):
     out = str(tmp_path / "run")
     shutil.copytree(run6, out)
@@ -73,19 +77,24 @@ def test_megamoe_check_reports_damage_without_touching(tiny, run6, tmp_path):
     shutil.copytree(run6, out)
     _damage(os.path.join(out, "checkpoint-6"), "model shard")
     before = tree(out)
-    plan, found = make_plan(parse_run_config(F.train_argv(tiny.moe, tiny.data, tiny.valid, out)),
-                            cuda=False)  # repair=False: what `megamoe check` does
+    plan, found = make_plan(
+        parse_run_config(F.train_argv(tiny.moe, tiny.data, tiny.valid, out)), cuda=False
+    )  # repair=False: what `megamoe check` does
     assert plan.resume_from.endswith("checkpoint-3")
     assert any("checkpoint-6 is damaged" in f.text() for f in found)
     assert tree(out) == before
 
 
-@pytest.mark.parametrize("other,words", [
-    (dict(pretrained_model="dense", model_type="llama"), "holds a run started from"),
-    (dict(training_mode="lora"), "was trained with --training_mode fpt"),
-])
-def test_another_run_in_the_same_output_dir_is_refused_before_any_work(tiny, run6, tmp_path,
-                                                                      other, words):
+@pytest.mark.parametrize(
+    "other,words",
+    [
+        (dict(pretrained_model="dense", model_type="llama"), "holds a run started from"),
+        (dict(training_mode="lora"), "was trained with --training_mode fpt"),
+    ],
+)
+def test_another_run_in_the_same_output_dir_is_refused_before_any_work(
+    tiny, run6, tmp_path, other, words
+):
     """An --output_dir holding a run of another pretrained model or training mode is not resumed
     as if it were this run's."""
     out = str(tmp_path / "run")

@@ -1,6 +1,6 @@
 """Nothing a user owns is lost: the cases that deleted or dropped data, and their families."""
+
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -28,8 +28,19 @@ def hf_and_ckpt(tmp_path_factory):
     hf_llama(M).save_pretrained(hf, safe_serialization=True)
     run = root / "run"
     run.mkdir()
-    assert convert(["hf-to-megamoe", "--hf-dir", str(hf), "--output", str(run / "checkpoint-120"),
-                    "--no-progress"]) == 0
+    assert (
+        convert(
+            [
+                "hf-to-megamoe",
+                "--hf-dir",
+                str(hf),
+                "--output",
+                str(run / "checkpoint-120"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     (run / "train.log").write_text("the run's log\n")
     (run / "runs").mkdir()
     (run / "runs" / "events.out.tfevents.1").write_bytes(b"tensorboard")
@@ -37,22 +48,35 @@ def hf_and_ckpt(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", ["output_is_input", "output_is_the_run", "output_above_input"])
-def test_overwrite_never_replaces_an_input(world1, capsys, tmp_path, hf_and_ckpt, case,
-                                           no_children_left):
+def test_overwrite_never_replaces_an_input(
+    world1, capsys, tmp_path, hf_and_ckpt, case, no_children_left
+):
     root, hf, run = hf_and_ckpt
     if case == "output_is_input":
         argv = ["hf-to-megamoe", "--hf-dir", str(hf), "--output", str(hf), "--overwrite"]
         words, watched = "is --hf-dir", [hf]
     elif case == "output_is_the_run":
-        argv = ["megamoe-to-hf", "--checkpoint", str(run / "checkpoint-120"), "--output", str(run),
-                "--overwrite"]
+        argv = [
+            "megamoe-to-hf",
+            "--checkpoint",
+            str(run / "checkpoint-120"),
+            "--output",
+            str(run),
+            "--overwrite",
+        ]
         words, watched = "contains --checkpoint", [run]
     else:  # a folder above the input, holding other things of the user's
         above = tmp_path / "models"
         shutil.copytree(hf, above / "llama")
         (above / "notes.txt").write_text("mine")
-        argv = ["hf-to-megamoe", "--hf-dir", str(above / "llama"), "--output", str(above),
-                "--overwrite"]
+        argv = [
+            "hf-to-megamoe",
+            "--hf-dir",
+            str(above / "llama"),
+            "--output",
+            str(above),
+            "--overwrite",
+        ]
         words, watched = "contains --hf-dir", [above]
     before = tree(*watched)
     rc, err = _run(capsys, *argv)
@@ -61,27 +85,47 @@ def test_overwrite_never_replaces_an_input(world1, capsys, tmp_path, hf_and_ckpt
     assert tree(*watched) == before
 
 
-def test_overwrite_replaces_only_megamoe_outputs(world1, capsys, tmp_path, hf_and_ckpt,
-                                                 no_children_left):
+def test_overwrite_replaces_only_megamoe_outputs(
+    world1, capsys, tmp_path, hf_and_ckpt, no_children_left
+):
     root, hf, run = hf_and_ckpt
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "data.bin").write_bytes(b"\x00" * 100)
     before = tree(mine)
-    rc, err = _run(capsys, "hf-to-megamoe", "--hf-dir", str(hf), "--output", str(mine),
-                   "--overwrite")
+    rc, err = _run(
+        capsys, "hf-to-megamoe", "--hf-dir", str(hf), "--output", str(mine), "--overwrite"
+    )
     assert rc == 2 and "megamoe did not write" in err and tree(mine) == before
     out = tmp_path / "ck"
     assert _run(capsys, "hf-to-megamoe", "--hf-dir", str(hf), "--output", str(out))[0] == 0
     first = json.loads((out / "megamoe.json").read_text())
-    assert _run(capsys, "hf-to-megamoe", "--hf-dir", str(hf), "--output", str(out), "--overwrite",
-                "--model-type", "llama_moe", "--num-experts", "4", "--num-selects", "2")[0] == 0
+    assert (
+        _run(
+            capsys,
+            "hf-to-megamoe",
+            "--hf-dir",
+            str(hf),
+            "--output",
+            str(out),
+            "--overwrite",
+            "--model-type",
+            "llama_moe",
+            "--num-experts",
+            "4",
+            "--num-selects",
+            "2",
+        )[0]
+        == 0
+    )
     assert first["model_type"] == "llama"  # its own output: replaced
     assert json.loads((out / "megamoe.json").read_text())["model_type"] == "llama_moe"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "mine"]  # nothing left beside
 
 
-def test_a_killed_conversion_leaves_what_the_next_run_removes(world1, capsys, tmp_path, hf_and_ckpt):
+def test_a_killed_conversion_leaves_what_the_next_run_removes(
+    world1, capsys, tmp_path, hf_and_ckpt
+):
     root, hf, run = hf_and_ckpt
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # a process id that no longer runs
@@ -90,15 +134,26 @@ def test_a_killed_conversion_leaves_what_the_next_run_removes(world1, capsys, tm
     (left / "half.safetensors").write_bytes(b"x" * 1000)
     mine = tmp_path / ".out.keep-me"  # a user's file of a similar name stays
     mine.write_text("keep")
-    assert _run(capsys, "hf-to-megamoe", "--hf-dir", str(hf), "--output", str(tmp_path / "out"))[0] == 0
+    assert (
+        _run(capsys, "hf-to-megamoe", "--hf-dir", str(hf), "--output", str(tmp_path / "out"))[0]
+        == 0
+    )
     assert not left.exists() and mine.read_text() == "keep"
 
 
 def _slimpajama(n, seed):
-    sets = ["RedPajamaArXiv", "RedPajamaBook", "RedPajamaC4", "RedPajamaCommonCrawl",
-            "RedPajamaGithub", "RedPajamaStackExchange", "RedPajamaWikipedia"]
-    return [{"text": f"doc {seed}-{i}", "meta": {"redpajama_set_name": sets[i % 7]}}
-            for i in range(n)]
+    sets = [
+        "RedPajamaArXiv",
+        "RedPajamaBook",
+        "RedPajamaC4",
+        "RedPajamaCommonCrawl",
+        "RedPajamaGithub",
+        "RedPajamaStackExchange",
+        "RedPajamaWikipedia",
+    ]
+    return [
+        {"text": f"doc {seed}-{i}", "meta": {"redpajama_set_name": sets[i % 7]}} for i in range(n)
+    ]
 
 
 @pytest.mark.parametrize("how", ["folders", "glob", "files"])
@@ -108,16 +163,25 @@ def test_split_domains_keeps_every_record_of_repeated_file_names(tmp_path, helpe
     sp = tmp_path / "SP" / "train"
     n = 0
     for chunk in (1, 2, 3):
-        helpers.write_jsonl(sp / f"chunk{chunk}" / "example_train_0.jsonl", _slimpajama(20 + chunk, chunk))
+        helpers.write_jsonl(
+            sp / f"chunk{chunk}" / "example_train_0.jsonl", _slimpajama(20 + chunk, chunk)
+        )
         n += 20 + chunk
-    inputs = {"folders": [str(sp / f"chunk{c}") for c in (1, 2, 3)],
-              "glob": [str(sp / "*" / "*.jsonl")],
-              "files": [str(sp / f"chunk{c}" / "example_train_0.jsonl") for c in (1, 2, 3)]}[how]
+    inputs = {
+        "folders": [str(sp / f"chunk{c}") for c in (1, 2, 3)],
+        "glob": [str(sp / "*" / "*.jsonl")],
+        "files": [str(sp / f"chunk{c}" / "example_train_0.jsonl") for c in (1, 2, 3)],
+    }[how]
     before = tree(sp)
     out = tmp_path / "raw"
     assert main(["--input", *inputs, "--output-dir", str(out)]) == 0
-    on_disk = [json.loads(line) for d in out.iterdir() if d.is_dir() for f in d.iterdir()
-               for line in f.read_text().splitlines()]
+    on_disk = [
+        json.loads(line)
+        for d in out.iterdir()
+        if d.is_dir()
+        for f in d.iterdir()
+        for line in f.read_text().splitlines()
+    ]
     assert len(on_disk) == n and len({r["text"] for r in on_disk}) == n
     assert tree(sp) == before
 
@@ -155,13 +219,32 @@ def test_check_and_estimate_never_run_the_script(tmp_path, verb, no_children_lef
     victim.mkdir()
     (victim / "precious").write_text("data")
     script = tmp_path / "job.sh"
-    script.write_text(SIDE_EFFECT_SCRIPT.format(marker=tmp_path / "ran", victim=victim,
-                                                marker2=tmp_path / "ran2"))
+    script.write_text(
+        SIDE_EFFECT_SCRIPT.format(marker=tmp_path / "ran", victim=victim, marker2=tmp_path / "ran2")
+    )
     before = tree(victim)
-    extra = ["--tokens", "1e9", "--block_size", "64", "--per_device_train_batch_size", "1",
-             "--gradient_accumulation_steps", "1"] if verb == "estimate" else []
-    r = subprocess.run([sys.executable, "-m", "megamoe", verb, str(script), *extra],
-                       cwd=F.ROOT, env=F.clean_env(), capture_output=True, text=True, timeout=120)
+    extra = (
+        [
+            "--tokens",
+            "1e9",
+            "--block_size",
+            "64",
+            "--per_device_train_batch_size",
+            "1",
+            "--gradient_accumulation_steps",
+            "1",
+        ]
+        if verb == "estimate"
+        else []
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "megamoe", verb, str(script), *extra],
+        cwd=F.ROOT,
+        env=F.clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert not (tmp_path / "ran").exists() and not (tmp_path / "ran2").exists()
     assert tree(victim) == before
     if verb == "check":  # it read the flags all the same: 2 * 3 = 6 -> 6e-4
@@ -173,7 +256,13 @@ def test_the_demo_refuses_a_folder_it_did_not_make(tmp_path):
     (mine / "run").mkdir(parents=True)
     (mine / "run" / "train_log.jsonl").write_text('{"kind": "end", "step": 1}\n')
     before = tree(mine)
-    r = subprocess.run([sys.executable, "-m", "megamoe.demo", "--quick", "--output_dir", str(mine)],
-                       cwd=F.ROOT, env=F.clean_env(), capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "megamoe.demo", "--quick", "--output_dir", str(mine)],
+        cwd=F.ROOT,
+        env=F.clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "holds files the demo did not write" in r.stderr
     assert tree(mine) == before

@@ -4,6 +4,7 @@ Everything is real: the data are Megatron indexed datasets written by our writer
 is a megamoe checkpoint of a random tiny model (hidden 64, 2 layers), and runs go through
 `python -m megamoe.train` in subprocesses (or `megamoe.train.main.main` in-process).
 """
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,15 @@ def write_domains(root: str, n_docs: int = 40, seed: int = 0, domains=DOMAINS) -
 def tiny_configs(moe: bool = True):
     from megamoe.config import ModelConfig, MoEConfig
 
-    m = ModelConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    m = ModelConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     e = MoEConfig(num_experts=4, num_selects=2) if moe else None
     return m, e
 
@@ -59,7 +67,8 @@ def save_pretrained(path: str, moe: bool = True, seed: int = 0) -> str:
         "import sys\n"
         f"sys.path.insert(0, {ROOT!r})\n"
         "from tests.train.fixtures import _save_pretrained_main\n"
-        f"_save_pretrained_main({path!r}, {moe!r}, {seed!r})\n")
+        f"_save_pretrained_main({path!r}, {moe!r}, {seed!r})\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, env=clean_env(), cwd=ROOT)
     return path
 
@@ -82,8 +91,13 @@ def world1(seed: int = 0) -> None:
     if not dist.is_initialized():
         from tests.conftest import free_port
 
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
-                          WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(free_port()),
+            RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_RANK="0",
+        )
     parallel.initialize(parallel.ParallelLayout(), seed=seed)
 
 
@@ -99,9 +113,19 @@ def save_pretrained_inprocess(path: str, moe: bool = True, seed: int = 0) -> str
 
 
 def clean_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                        "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "RANK",
+            "WORLD_SIZE",
+            "LOCAL_RANK",
+            "LOCAL_WORLD_SIZE",
+            "MASTER_ADDR",
+            "MASTER_PORT",
+        )
+    }
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("OMP_NUM_THREADS", "1")
     env.update({k: str(v) for k, v in extra.items()})
@@ -109,11 +133,25 @@ def clean_env(**extra) -> dict:
 
 
 def train_argv(pretrained: str, data: str, valid: str, out: str, **flags) -> list:
-    base = dict(model_type="llama_moe", pretrained_model=pretrained, dataset_dir=data,
-                validation_dir=valid, output_dir=out, block_size=SEQ,
-                per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=6,
-                learning_rate=3e-3, warmup_steps=2, final_lr_portion=0.1, logging_steps=1,
-                eval_steps=3, save_steps=3, seed=5, max_eval_blocks=4)
+    base = dict(
+        model_type="llama_moe",
+        pretrained_model=pretrained,
+        dataset_dir=data,
+        validation_dir=valid,
+        output_dir=out,
+        block_size=SEQ,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=6,
+        learning_rate=3e-3,
+        warmup_steps=2,
+        final_lr_portion=0.1,
+        logging_steps=1,
+        eval_steps=3,
+        save_steps=3,
+        seed=5,
+        max_eval_blocks=4,
+    )
     base.update(flags)
     argv = []
     for k, v in base.items():
@@ -124,8 +162,14 @@ def train_argv(pretrained: str, data: str, valid: str, out: str, **flags) -> lis
 
 
 def run_train(argv: list, timeout: float = 300, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "megamoe.train", *argv], cwd=ROOT,
-                          env=clean_env(**env), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "megamoe.train", *argv],
+        cwd=ROOT,
+        env=clean_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def log_records(out: str, kind: str) -> dict:
@@ -149,13 +193,32 @@ def torchrun_train(tiny, out, tp=1, pp=1, ep=1, procs=1, micro=1, global_batch=4
     checkpoint and data, gate noise off, no evaluation; the global batch is the same at every
     layout (gradient accumulation = global_batch / (micro x DP)), so are the losses."""
     dp = procs // (tp * pp)
-    opts = dict(per_device_train_batch_size=micro, gradient_accumulation_steps=global_batch // (micro * dp),
-                learning_rate=3e-3, warmup_steps=2, eval_steps=0, save_steps=0,
-                gate_add_noise="false", tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                expert_model_parallel_size=ep, sequence_parallel="true" if tp > 1 else "false")
+    opts = dict(
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=global_batch // (micro * dp),
+        learning_rate=3e-3,
+        warmup_steps=2,
+        eval_steps=0,
+        save_steps=0,
+        gate_add_noise="false",
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=ep,
+        sequence_parallel="true" if tp > 1 else "false",
+    )
     opts.update(flags)
     argv = train_argv(tiny.moe, tiny.data, None, out, **opts)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
-           "-m", "megamoe.train", *argv]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={procs}",
+        "-m",
+        "megamoe.train",
+        *argv,
+    ]
     p = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, f"tp={tp} pp={pp} ep={ep} failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    assert p.returncode == 0, (
+        f"tp={tp} pp={pp} ep={ep} failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    )

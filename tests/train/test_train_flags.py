@@ -1,5 +1,6 @@
 """Bad flags fail before any work with a clear message (exit 2); a scale factor that is not
 #experts / #selected only warns. Flags, config files and the learning-rate schedule."""
+
 import json
 import subprocess
 import sys
@@ -37,8 +38,10 @@ def test_valid_flags_make_a_plan(tiny, tmp_path):
 def test_scale_factor_not_e_over_k_is_a_warning(tiny, tmp_path):
     p = _plan(tiny, tmp_path, moe_calculator_score_scale_factor=3.0)
     assert p.moe.score_scale_factor == 3.0
-    assert any("--moe_calculator_score_scale_factor 3.0 is not #experts / #selected = 4/2 = 2"
-               in w for w in p.warnings), p.warnings
+    assert any(
+        "--moe_calculator_score_scale_factor 3.0 is not #experts / #selected = 4/2 = 2" in w
+        for w in p.warnings
+    ), p.warnings
     assert not _plan(tiny, tmp_path, moe_calculator_score_scale_factor=2.0).warnings
 
 
@@ -46,7 +49,9 @@ def test_overlap_flags_that_do_nothing_warn(tiny, tmp_path):
     p = _plan(tiny, tmp_path, overlap_grad_reduce="true")  # one process: one data-parallel rank
     assert any("--overlap_grad_reduce has nothing to overlap" in w for w in p.warnings), p.warnings
     p = _plan(tiny, tmp_path, ddp_bucket_size=1000)
-    assert any("--ddp_bucket_size 1000 applies with --overlap_grad_reduce only" in w for w in p.warnings)
+    assert any(
+        "--ddp_bucket_size 1000 applies with --overlap_grad_reduce only" in w for w in p.warnings
+    )
 
 
 def test_groups_across_nodes_warn():
@@ -90,8 +95,14 @@ def test_world_size_not_nodes_times_gpus(tiny, tmp_path):
 
 
 def test_every_problem_is_reported_at_once(tiny, tmp_path):
-    msg = _error(tiny, tmp_path, num_selects=8, dataset_dir=str(tmp_path / "nope"),
-                 dynamic_data_selection="sheared_llama", eval_steps=0)
+    msg = _error(
+        tiny,
+        tmp_path,
+        num_selects=8,
+        dataset_dir=str(tmp_path / "nope"),
+        dynamic_data_selection="sheared_llama",
+        eval_steps=0,
+    )
     assert len(msg.splitlines()) >= 3
 
 
@@ -101,8 +112,14 @@ def test_command_line_fails_before_any_work(tiny, tmp_path):
     pm.write_text(json.dumps({"code": 1, "prose": 1, "noise": 1, "github": 1}))
     argv = F.train_argv(tiny.moe, tiny.data, tiny.valid, str(out), num_selects=8, prob_map=str(pm))
     t0 = time.time()
-    r = subprocess.run([sys.executable, "-m", "megamoe.train", *argv], cwd=F.ROOT,
-                       env=F.clean_env(), capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "megamoe.train", *argv],
+        cwd=F.ROOT,
+        env=F.clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert all(x.startswith("megamoe.train: error: ") for x in lines), lines
@@ -110,16 +127,24 @@ def test_command_line_fails_before_any_work(tiny, tmp_path):
     assert not out.exists()  # nothing was created
     assert "megatron" not in r.stderr.lower()
     # unknown flags: argparse's usage error, also exit 2
-    r = subprocess.run([sys.executable, "-m", "megamoe.train", "--no_such_flag", "1"],
-                       cwd=F.ROOT, env=F.clean_env(), capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "megamoe.train", "--no_such_flag", "1"],
+        cwd=F.ROOT,
+        env=F.clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "unrecognized arguments: --no_such_flag" in r.stderr
     print(f"failed in {time.time() - t0:.1f} s")
 
 
 def test_config_file_and_flags(tmp_path):
     cfg = tmp_path / "run.yaml"
-    cfg.write_text("train:\n  max_steps: 7\n  bf16: true\nlearning_rate: 1e-3\n"
-                   "lora_targets: [q, v]\nmoe_calculator_score_scale_factor: [4, 8]\n")
+    cfg.write_text(
+        "train:\n  max_steps: 7\n  bf16: true\nlearning_rate: 1e-3\n"
+        "lora_targets: [q, v]\nmoe_calculator_score_scale_factor: [4, 8]\n"
+    )
     run = parse_run_config(["--config", str(cfg), "--learning_rate", "5e-4", "--bf16", "false"])
     assert run.train.max_steps == 7 and run.optim.learning_rate == 5e-4 and run.train.bf16 is False
     assert run.train.lora_targets == ["q", "v"]

@@ -9,6 +9,7 @@ accumulation 4 / DP), gate noise is off, fp32: the losses must match the uninter
 single-process run up to the reduction order. tests/multigpu does the same with the distributed
 optimizer on GPUs.
 """
+
 from __future__ import annotations
 
 from tests.train import fixtures as F
@@ -29,8 +30,10 @@ def test_resume_at_another_layout_each_leg(tiny, tmp_path):
         assert len(F.train_losses(out)) == LEG * (i + 1), (leg, F.train_losses(out))
     got = F.train_losses(out)
     worst = max(abs(a - b) / abs(b) for a, b in zip(got, ref))
-    print(f"EP=2 -> PP=2 -> TP=2 -> single, two steps each: losses {got}\n"
-          f"single process: {ref}\nworst relative difference {worst:.2e}")
+    print(
+        f"EP=2 -> PP=2 -> TP=2 -> single, two steps each: losses {got}\n"
+        f"single process: {ref}\nworst relative difference {worst:.2e}"
+    )
     assert worst < 1e-5, (got, ref)
 
 
@@ -41,7 +44,9 @@ def test_overlap_grad_reduce_is_exact(tiny, tmp_path):
     runs = {}
     for overlap in ("false", "true"):
         out = str(tmp_path / f"overlap-{overlap}")
-        F.torchrun_train(tiny, out, procs=2, max_steps=4, overlap_grad_reduce=overlap, ddp_bucket_size=5000)
+        F.torchrun_train(
+            tiny, out, procs=2, max_steps=4, overlap_grad_reduce=overlap, ddp_bucket_size=5000
+        )
         runs[overlap] = F.train_losses(out)
     print(f"DP=2, overlap_grad_reduce false / true: {runs['false']} / {runs['true']}")
     assert len(runs["true"]) == 4 and runs["true"] == runs["false"]

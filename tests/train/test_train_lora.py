@@ -1,5 +1,6 @@
 """LoRA: a real run trains only the adapters (and the MoE gates); merging is exact, in the
 model and in the Hugging Face export."""
+
 import json
 import os
 
@@ -27,10 +28,21 @@ def _load(ckpt, lora_on=True):
 @pytest.fixture(scope="module")
 def lora_run(tiny):
     out = os.path.join(tiny.root, "run-lora")
-    argv = F.train_argv(tiny.moe, tiny.data, None, out, training_mode="lora", lora_rank=4,
-                        lora_alpha=8, lora_dropout=0.0, max_steps=4, save_steps=4,
-                        eval_steps=0, learning_rate=1e-2,
-                        gradient_checkpointing=True)  # frozen embeddings + recomputation
+    argv = F.train_argv(
+        tiny.moe,
+        tiny.data,
+        None,
+        out,
+        training_mode="lora",
+        lora_rank=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        max_steps=4,
+        save_steps=4,
+        eval_steps=0,
+        learning_rate=1e-2,
+        gradient_checkpointing=True,
+    )  # frozen embeddings + recomputation
     r = F.run_train(argv)
     assert r.returncode == 0, r.stderr[-4000:]
     assert "LoRA: rank 4, alpha 8, dropout 0 on q,k,v,o,gate,up,down + gates" in r.stdout
@@ -44,7 +56,11 @@ def test_lora_run_trains_only_adapters_and_gates(tiny, lora_run):
     F.world1()
     pre = gather_full_state(_load(tiny.moe)[0])
     model, meta = _load(lora_run)
-    assert meta["lora"]["rank"] == 4 and meta["lora"]["targets"] == list("qkvo") + ["gate", "up", "down"]
+    assert meta["lora"]["rank"] == 4 and meta["lora"]["targets"] == list("qkvo") + [
+        "gate",
+        "up",
+        "down",
+    ]
     after = gather_full_state(model)
     adapters = [k for k in after if ".lora_" in k or "lora_" in k.split(".")[-2]]
     assert adapters and set(after) - set(adapters) == set(pre)
@@ -62,9 +78,9 @@ def test_merge_is_exact_in_model_and_hf_export(tiny, lora_run, tmp_path):
     from safetensors.torch import load_file
 
     from megamoe import parallel
+    from megamoe.convert import megamoe_to_hf
     from megamoe.model import lora
     from megamoe.model.llama import lm_inputs
-    from megamoe.convert import megamoe_to_hf
 
     F.world1()
     model, meta = _load(lora_run)
@@ -75,9 +91,13 @@ def test_merge_is_exact_in_model_and_hf_export(tiny, lora_run, tmp_path):
         y_lora = model(tokens, pos, None)
     layer = model.decoder.layers[0]
     ex = layer.mlp.experts
-    want_gate0 = ex.weight_gate[:ex.sizes[0]] + s * ex.lora_gate_B[:ex.sizes[0]] @ ex.lora_gate_A[:4]
-    want_down1 = (ex.weight_down[:, ex.sizes[0]:sum(ex.sizes[:2])]
-                  + s * ex.lora_down_B[:, 4:8] @ ex.lora_down_A[:, ex.sizes[0]:sum(ex.sizes[:2])])
+    want_gate0 = (
+        ex.weight_gate[: ex.sizes[0]] + s * ex.lora_gate_B[: ex.sizes[0]] @ ex.lora_gate_A[:4]
+    )
+    want_down1 = (
+        ex.weight_down[:, ex.sizes[0] : sum(ex.sizes[:2])]
+        + s * ex.lora_down_B[:, 4:8] @ ex.lora_down_A[:, ex.sizes[0] : sum(ex.sizes[:2])]
+    )
     proj = layer.self_attention.linear_proj
     want_o = proj.weight + s * proj.lora_B @ proj.lora_A
     assert lora.merge_lora(model) == 3 * 2  # qkv, o, experts in 2 layers
@@ -96,11 +116,15 @@ def test_merge_is_exact_in_model_and_hf_export(tiny, lora_run, tmp_path):
         if f.endswith(".safetensors"):
             hf.update(load_file(os.path.join(out, f)))
     p = "model.layers.0."
-    torch.testing.assert_close(hf[p + "mlp.calculator.experts.weight_gate.0"], want_gate0.detach(),
-                               rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(hf[p + "mlp.calculator.experts.weight_down.1"], want_down1.detach(),
-                               rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(hf[p + "self_attn.o_proj.weight"], want_o.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(
+        hf[p + "mlp.calculator.experts.weight_gate.0"], want_gate0.detach(), rtol=1e-6, atol=1e-7
+    )
+    torch.testing.assert_close(
+        hf[p + "mlp.calculator.experts.weight_down.1"], want_down1.detach(), rtol=1e-6, atol=1e-7
+    )
+    torch.testing.assert_close(
+        hf[p + "self_attn.o_proj.weight"], want_o.detach(), rtol=1e-6, atol=1e-7
+    )
     assert not [k for k in hf if "lora" in k]
     assert not os.path.exists(str(tmp_path / "hf") + ".merged-megamoe")
 

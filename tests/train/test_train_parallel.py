@@ -1,6 +1,7 @@
 """Two gloo processes, TP=2 with sequence parallelism: the trainer's optimizer computes the same
 gradient norm on both ranks (experts included: they are not tensor-parallel, megatron-core would
 count them on TP rank 0 only) and the replicated weights stay identical across ranks."""
+
 import torch
 
 from tests.distributed import launch
@@ -29,8 +30,13 @@ def _tp2_steps(steps):
                 if "lora" in n and "B" in n:
                     torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(7))
         ddp = wrap_model(model)
-        opt = TrainOptimizer(ddp, model, OptimConfig(learning_rate=1e-2, max_grad_norm=0.5),
-                             bf16=False, use_distributed_optimizer=False)
+        opt = TrainOptimizer(
+            ddp,
+            model,
+            OptimConfig(learning_rate=1e-2, max_grad_norm=0.5),
+            bf16=False,
+            use_distributed_optimizer=False,
+        )
         g = torch.Generator().manual_seed(11)
         norms = []
         for _ in range(steps):

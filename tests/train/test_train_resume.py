@@ -2,6 +2,7 @@
 is the uninterrupted one bit for bit (CPU). Also what the run shows: the log header and the
 tensorboard events (read back with tensorboard's own reader), and a non-finite loss stopping
 the run with the last good checkpoint kept."""
+
 import glob
 import json
 import os
@@ -19,8 +20,14 @@ STEPS = 16
 
 
 def _argv(tiny, out, **kw):
-    flags = dict(max_steps=STEPS, save_steps=4, eval_steps=4, save_total_limit=2,
-                 dynamic_data_selection="sheared_llama", ref_loss=tiny.ref)
+    flags = dict(
+        max_steps=STEPS,
+        save_steps=4,
+        eval_steps=4,
+        save_total_limit=2,
+        dynamic_data_selection="sheared_llama",
+        ref_loss=tiny.ref,
+    )
     flags.update(kw)
     return F.train_argv(tiny.moe, tiny.data, tiny.valid, out, **flags)
 
@@ -33,8 +40,11 @@ def _wait_for_step(proc, out, step, timeout=240):
             return False
         if os.path.exists(log):
             with open(log) as f:
-                if any(json.loads(x)["kind"] == "train" and json.loads(x)["step"] >= step
-                       for x in f if x.strip()):
+                if any(
+                    json.loads(x)["kind"] == "train" and json.loads(x)["step"] >= step
+                    for x in f
+                    if x.strip()
+                ):
                     return True
         time.sleep(0.02)
     return False
@@ -58,8 +68,16 @@ def test_header_log_lines_and_checkpoints(run_a):
     steps = [x for x in lines if x.startswith("step ")]
     assert len(steps) == STEPS
     assert steps[-1].startswith(f"step {STEPS}/{STEPS} | loss ")
-    for key in ("| lm ", "| balance ", "| lr ", "| grad norm ", "tok/s/gpu", "| MFU ", "s/step",
-                "| ETA "):
+    for key in (
+        "| lm ",
+        "| balance ",
+        "| lr ",
+        "| grad norm ",
+        "tok/s/gpu",
+        "| MFU ",
+        "s/step",
+        "| ETA ",
+    ):
         assert key in steps[-1], key
     assert any(x.startswith("eval step 4:") for x in lines)
     # rotation: save_total_limit 2 keeps the newest two
@@ -82,11 +100,24 @@ def test_tensorboard_events(run_a):
     ea = EventAccumulator(dirs[0], size_guidance={"scalars": 0, "images": 0, "histograms": 0})
     ea.Reload()
     tags = ea.Tags()
-    for t in ["train/loss", "train/lm_loss", "train/balance_loss", "train/lr", "train/grad_norm",
-              "train/tokens_per_sec_per_gpu", "train/mfu", "train/loss_on_tokens",
-              "eval/code_loss", "eval/prose_loss", "eval/noise_loss", "prob_map/code",
-              "prob_map/prose", "prob_map/noise", "routing/specialisation/layer_0",
-              "routing/specialisation/layer_1"]:
+    for t in [
+        "train/loss",
+        "train/lm_loss",
+        "train/balance_loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_per_sec_per_gpu",
+        "train/mfu",
+        "train/loss_on_tokens",
+        "eval/code_loss",
+        "eval/prose_loss",
+        "eval/noise_loss",
+        "prob_map/code",
+        "prob_map/prose",
+        "prob_map/noise",
+        "routing/specialisation/layer_0",
+        "routing/specialisation/layer_1",
+    ]:
         assert t in tags["scalars"], t
     for t in ["moe/expert_load/layer_0", "moe/expert_load/layer_1"]:
         assert t in tags["histograms"], t
@@ -122,16 +153,28 @@ def test_resume_after_kill9_and_sigterm_is_exact(tiny, run_a):
     # 1. SIGKILL in the middle of the run (after the step-4 checkpoint), to its whole process
     # group as Slurm kills a job's cgroup (megatron-core's checkpoint writer starts a
     # multiprocessing manager process that would outlive a lone SIGKILL of the trainer)
-    p = subprocess.Popen(cmd, cwd=F.ROOT, env=F.clean_env(), stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, start_new_session=True)
+    p = subprocess.Popen(
+        cmd,
+        cwd=F.ROOT,
+        env=F.clean_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     assert _wait_for_step(p, out, 6), "run B did not reach step 6"
     os.killpg(p.pid, signal.SIGKILL)
     assert p.wait() == -signal.SIGKILL
     assert not os.path.exists(os.path.join(out, f"checkpoint-{STEPS}"))
     killed_at = max(F.log_records(out, "train"))
     # 2. resume; SIGTERM later: checkpoint at the step boundary, exit 0
-    p = subprocess.Popen(cmd, cwd=F.ROOT, env=F.clean_env(), stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen(
+        cmd,
+        cwd=F.ROOT,
+        env=F.clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     assert _wait_for_step(p, out, 10), "the resumed run did not reach step 10"
     p.send_signal(signal.SIGTERM)
     text, _ = p.communicate(timeout=240)
@@ -165,8 +208,9 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny, run_a):
     out = os.path.join(tiny.root, "run-nan")
     shutil.copytree(src, out)
     # resume at step 16 with an absurd balance loss weight: the loss of step 17 overflows
-    r = F.run_train(_argv(tiny, out, max_steps=STEPS + 4, save_steps=1,
-                          gate_balance_loss_weight=1e39))
+    r = F.run_train(
+        _argv(tiny, out, max_steps=STEPS + 4, save_steps=1, gate_balance_loss_weight=1e39)
+    )
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
     err = r.stderr
     assert f"non-finite loss at step {STEPS + 1}" in err, err[-2000:]
@@ -190,7 +234,9 @@ def test_exit_interval_stops_saves_and_resumes_exactly(tiny, run_a):
         assert r.returncode == 0, r.stderr[-3000:]
         stops += [x for x in r.stdout.splitlines() if "received --exit_interval 6" in x]
     assert len(stops) == 2 and "stopped at step 6 of 16" in stops[0] and "step 12 of 16" in stops[1]
-    assert os.path.isdir(os.path.join(out, "checkpoint-6")) or os.path.isdir(os.path.join(out, "checkpoint-12"))
+    assert os.path.isdir(os.path.join(out, "checkpoint-6")) or os.path.isdir(
+        os.path.join(out, "checkpoint-12")
+    )
     got, want = F.log_records(out, "train"), F.log_records(ref, "train")
     assert sorted(got) == list(range(1, STEPS + 1))
     assert [got[s]["loss"] for s in sorted(got)] == [want[s]["loss"] for s in sorted(want)]

@@ -1,4 +1,5 @@
 """The CPU shim must match the pinned megatron-core: fail loudly when an upgrade moves a symbol."""
+
 import importlib
 
 import pytest

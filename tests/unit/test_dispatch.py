@@ -6,6 +6,7 @@ reference gives the expected gradients of x, y and scores), plus gradcheck in fl
 `check_dispatch` / `check_combine` take a device and are reused by tests/gpu/test_dispatch_gpu.py.
 Run with -s to see the measured relative errors.
 """
+
 from __future__ import annotations
 
 import os
@@ -57,18 +58,35 @@ def check_dispatch(T, d, k, E, dtype, device="cpu", experts=None, seed=0, drop=0
     (gx_ref,) = torch.autograd.grad(ref, x64, g.double())
     assert gx.dtype == dtype
     errs = {"fwd": rel_err(out, ref), "grad_x": rel_err(gx, gx_ref)}
-    print(f"dispatch {device} {dtype} T={T} d={d} k={k} E={E} drop={drop}: " + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()))
+    print(
+        f"dispatch {device} {dtype} T={T} d={d} k={k} E={E} drop={drop}: "
+        + ", ".join(f"{n} {e:.1e}" for n, e in errs.items())
+    )
     assert errs["grad_x"] < TOL[dtype], errs
     return errs
 
 
-def check_combine(T, d, k, E, dtype, device="cpu", score_dtype=torch.float32, with_scores=True, scale=1.0,
-                  experts=None, seed=0, drop=0.0) -> dict:
+def check_combine(
+    T,
+    d,
+    k,
+    E,
+    dtype,
+    device="cpu",
+    score_dtype=torch.float32,
+    with_scores=True,
+    scale=1.0,
+    experts=None,
+    seed=0,
+    drop=0.0,
+) -> dict:
     """combine forward and grads of y and scores against the float64 reference."""
     torch.manual_seed(seed)
     routing = routed(T, k, E, device, experts, seed, drop)
     y = torch.randn(routing.num_rows, d, device=device).to(dtype).requires_grad_()
-    scores = torch.rand(T, k, device=device).to(score_dtype).requires_grad_() if with_scores else None
+    scores = (
+        torch.rand(T, k, device=device).to(score_dtype).requires_grad_() if with_scores else None
+    )
     out = D.combine(y, routing, scores, scale)
     assert out.dtype == dtype and out.shape == (T, d)
     y64 = y.detach().double().requires_grad_()
@@ -85,8 +103,11 @@ def check_combine(T, d, k, E, dtype, device="cpu", score_dtype=torch.float32, wi
         errs["grad_scores"] = rel_err(grads[1], grads64[1])
         if drop:  # a dropped copy's score has no effect: its gradient is exactly zero
             assert not grads[1].reshape(-1)[routing.row_id_map < 0].any()
-    print(f"combine {device} {dtype} scores={score_dtype if with_scores else None} scale={scale} "
-          f"T={T} d={d} k={k} E={E} drop={drop}: " + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()))
+    print(
+        f"combine {device} {dtype} scores={score_dtype if with_scores else None} scale={scale} "
+        f"T={T} d={d} k={k} E={E} drop={drop}: "
+        + ", ".join(f"{n} {e:.1e}" for n, e in errs.items())
+    )
     # bf16 scores round the weights themselves: bound by the coarser of the two dtypes
     tol = max(TOL[dtype], TOL[score_dtype]) if with_scores else TOL[dtype]
     assert all(e < tol for e in errs.values()), errs
@@ -108,13 +129,13 @@ def test_extension_is_loaded():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T%d-d%d-k%d-E%d" % s)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}-d{}-k{}-E{}".format(*s))
 def test_dispatch_matches_reference(shape, dtype):
     check_dispatch(*shape, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T%d-d%d-k%d-E%d" % s)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}-d{}-k{}-E{}".format(*s))
 def test_combine_matches_reference(shape, dtype):
     check_combine(*shape, dtype, scale=1.0)
     check_combine(*shape, dtype, scale=0.37)
@@ -122,7 +143,7 @@ def test_combine_matches_reference(shape, dtype):
 
 @pytest.mark.parametrize("drop", [0.3, 1.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T%d-d%d-k%d-E%d" % s)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}-d{}-k{}-E{}".format(*s))
 def test_dropped_copies(shape, dtype, drop):
     """Copies with expert id -1 (the expert-parallel layer's "served by another rank")."""
     check_dispatch(*shape, dtype, drop=drop)
@@ -146,16 +167,27 @@ def test_dropped_copies_routing():
     with pytest.raises(RuntimeError, match="num_rows must be -1"):
         torch.ops.megamoe.permute(torch.randn(4, 8), r.row_id_map, 2, 9)
     with pytest.raises(RuntimeError, match="keeps 4 copies but the buffer has 5 rows"):
-        torch.ops.megamoe.permute(torch.randn(4, 8), r.row_id_map, 2, 5)  # a row would stay unwritten
+        torch.ops.megamoe.permute(
+            torch.randn(4, 8), r.row_id_map, 2, 5
+        )  # a row would stay unwritten
     with pytest.raises(RuntimeError, match="keeps 4 copies but the buffer has 5 rows"):
-        torch.ops.megamoe.unpermute_backward(torch.randn(4, 8), torch.randn(5, 8), r.row_id_map, torch.rand(4, 2), 2, 1.0)
+        torch.ops.megamoe.unpermute_backward(
+            torch.randn(4, 8), torch.randn(5, 8), r.row_id_map, torch.rand(4, 2), 2, 1.0
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
 def test_other_dtypes(dtype):
     check_dispatch(40, 24, 2, 4, dtype)
-    check_combine(40, 24, 2, 4, dtype, score_dtype=torch.float32 if dtype != torch.float64 else torch.float64,
-                  scale=2.0)
+    check_combine(
+        40,
+        24,
+        2,
+        4,
+        dtype,
+        score_dtype=torch.float32 if dtype != torch.float64 else torch.float64,
+        scale=2.0,
+    )
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
@@ -165,7 +197,9 @@ def test_every_k_up_to_num_experts(k):
 
 
 def test_score_dtypes():
-    check_combine(32, 48, 2, 4, torch.bfloat16, score_dtype=torch.bfloat16, scale=0.5)  # grads in bf16
+    check_combine(
+        32, 48, 2, 4, torch.bfloat16, score_dtype=torch.bfloat16, scale=0.5
+    )  # grads in bf16
     check_combine(32, 48, 2, 4, torch.float32, score_dtype=torch.bfloat16)
 
 
@@ -218,7 +252,9 @@ def check_routing(routing: D.Routing, idx: torch.Tensor, E: int) -> None:
     """row_id_map is the stable sort of the copies by expert; tokens_per_expert their histogram."""
     T, k = idx.shape
     assert (routing.num_tokens, routing.topk, routing.num_experts) == (T, k, E)
-    assert routing.row_id_map.dtype == torch.int32 and routing.tokens_per_expert.dtype == torch.int64
+    assert (
+        routing.row_id_map.dtype == torch.int32 and routing.tokens_per_expert.dtype == torch.int64
+    )
     assert routing.row_id_map.device == idx.device == routing.tokens_per_expert.device
     flat = idx.flatten().long().cpu()
     assert torch.equal(routing.tokens_per_expert.cpu(), torch.bincount(flat, minlength=E))
@@ -233,15 +269,25 @@ def check_routing(routing: D.Routing, idx: torch.Tensor, E: int) -> None:
     assert bool((copy_at_row[1:][same] > copy_at_row[:-1][same]).all())
 
 
-@pytest.mark.parametrize("T,k,E,experts", [(300, 3, 7, [0, 2, 3, 6]), (1, 1, 1, None), (33, 2, 256, None),
-                                           (1000, 8, 64, None), (70, 2, 300, None)])
+@pytest.mark.parametrize(
+    "T,k,E,experts",
+    [
+        (300, 3, 7, [0, 2, 3, 6]),
+        (1, 1, 1, None),
+        (33, 2, 256, None),
+        (1000, 8, 64, None),
+        (70, 2, 300, None),
+    ],
+)
 def test_make_routing_metadata(T, k, E, experts):
     idx = random_topk(T, k, E, experts=experts)
     r = D.make_routing(idx, E)  # the op (E <= 256) or the torch-ops path (E = 300)
     check_routing(r, idx, E)
     ref = D.make_routing_reference(idx, E)
     check_routing(ref, idx, E)
-    assert torch.equal(r.row_id_map, ref.row_id_map) and torch.equal(r.tokens_per_expert, ref.tokens_per_expert)
+    assert torch.equal(r.row_id_map, ref.row_id_map) and torch.equal(
+        r.tokens_per_expert, ref.tokens_per_expert
+    )
     assert torch.equal(D.make_routing(idx.int(), E).row_id_map, r.row_id_map)  # int32 expert ids
 
 
@@ -298,7 +344,9 @@ def test_fake_tensor_shapes():
     with FakeTensorMode():
         m = torch.empty(12, dtype=torch.int32)
         assert torch.ops.megamoe.permute(torch.empty(6, 8), m, 2).shape == (12, 8)
-        assert torch.ops.megamoe.unpermute(torch.empty(12, 8), m, torch.empty(6, 2), 2, 1.0).shape == (6, 8)
+        assert torch.ops.megamoe.unpermute(
+            torch.empty(12, 8), m, torch.empty(6, 2), 2, 1.0
+        ).shape == (6, 8)
         rows, counts = torch.ops.megamoe.make_routing(torch.empty(6, 2, dtype=torch.long), 4)
         assert rows.shape == (12,) and rows.dtype == torch.int32 and counts.shape == (4,)
 
@@ -327,6 +375,7 @@ print('ok')
 """
     env = {k: v for k, v in os.environ.items() if k != "MEGAMOE_ALLOW_REFERENCE_DISPATCH"}
     env["PYTHONPATH"] = ROOT
-    p = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
-                       timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stdout[-1000:] + p.stderr[-2000:]

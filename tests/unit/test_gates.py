@@ -1,5 +1,6 @@
 """Gates against a plain PyTorch transcription of the released LLaMA-MoE gate formulas, forward and
 backward, on fresh random inputs."""
+
 import math
 
 import pytest
@@ -14,7 +15,7 @@ def ref_cv2(x):
     n = x.numel()
     mean = x.sum() / n
     var = ((x - mean) ** 2).sum() / (n - 1)
-    return var / (mean ** 2 + 1e-10)
+    return var / (mean**2 + 1e-10)
 
 
 def ref_topk_gate(gate, x, noise, k, rule):
@@ -58,14 +59,19 @@ def test_topk_gate_matches_formulas(rule, network, k):
     out = gate(x, noise=noise)
     idx, scores, imp, load, loss = ref_topk_gate(gate, x, noise, k, rule)
     assert torch.equal(out.topk_idx, idx)
-    dense = torch.zeros(40, 8, dtype=torch.float32).scatter(1, out.topk_idx, out.topk_scores.float())
+    dense = torch.zeros(40, 8, dtype=torch.float32).scatter(
+        1, out.topk_idx, out.topk_scores.float()
+    )
     assert torch.allclose(dense, scores, rtol=1e-6, atol=1e-7)
     assert torch.allclose(out.importance.double(), imp.double(), rtol=1e-6)
     assert torch.allclose(out.load.double(), load, rtol=1e-6)
     assert abs(out.balance_loss.item() - loss.item()) <= 1e-6 * abs(loss.item())
     # gradients of (scores . r + balance loss) w.r.t. x and every gate weight
     r = torch.randn(40, 8, dtype=torch.float64)
-    ours = (torch.zeros(40, 8, dtype=torch.float64).scatter(1, out.topk_idx, out.topk_scores.double()) * r).sum() + out.balance_loss
+    ours = (
+        torch.zeros(40, 8, dtype=torch.float64).scatter(1, out.topk_idx, out.topk_scores.double())
+        * r
+    ).sum() + out.balance_loss
     theirs = (scores.double() * r).sum() + loss
     params = [x] + list(gate.parameters())
     g1 = torch.autograd.grad(ours, params)
@@ -82,7 +88,9 @@ def test_rules_differ_and_default_is_shazeer():
     loads = {}
     for rule in ("shazeer", "published"):
         torch.manual_seed(1)
-        gate = TopKBalancedNoisyGate(16, MoEConfig(num_experts=8, num_selects=2, gate_load_rule=rule)).train()
+        gate = TopKBalancedNoisyGate(
+            16, MoEConfig(num_experts=8, num_selects=2, gate_load_rule=rule)
+        ).train()
         with torch.no_grad():
             gate.weight_noise.weight.normal_(0, 0.5)
         loads[rule] = gate(x, noise=noise).load
@@ -105,7 +113,9 @@ def test_cv_squared():
 
 def test_switch_gate_matches_formulas():
     torch.manual_seed(3)
-    cfg = MoEConfig(num_experts=4, num_selects=1, gate_type="SwitchBalancedGate", gate_network="mlp")
+    cfg = MoEConfig(
+        num_experts=4, num_selects=1, gate_type="SwitchBalancedGate", gate_network="mlp"
+    )
     gate = SwitchBalancedGate(16, cfg).double().train()
     x = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
     noise = torch.randn(50, 4, dtype=torch.float64)
@@ -123,8 +133,13 @@ def test_switch_gate_matches_formulas():
 
 
 def test_switch_capacity_drops_tokens():
-    cfg = MoEConfig(num_experts=4, num_selects=1, gate_type="SwitchBalancedGate",
-                    drop_tokens=True, capacity_factor=1.0)
+    cfg = MoEConfig(
+        num_experts=4,
+        num_selects=1,
+        gate_type="SwitchBalancedGate",
+        drop_tokens=True,
+        capacity_factor=1.0,
+    )
     gate = SwitchBalancedGate(8, cfg).eval()
     with torch.no_grad():
         gate.gate_network[0].weight.zero_()

@@ -1,5 +1,6 @@
 """The package's import graph, read from the source (every import, also those inside
 functions): no module of megamoe/ is in an import cycle, and the layers import downward only."""
+
 import ast
 import os
 from pathlib import Path
@@ -8,7 +9,15 @@ PKG = Path(__file__).resolve().parents[2] / "megamoe"
 
 # lower layers never import higher ones (a module may import its own layer and those below)
 LAYERS = [
-    {"findings", "command", "config", "outputs", "lifetime", "checkpoint.layout", "parallel.layout"},
+    {
+        "findings",
+        "command",
+        "config",
+        "outputs",
+        "lifetime",
+        "checkpoint.layout",
+        "parallel.layout",
+    },
     {"parallel", "model", "data", "formats", "moefy", "checkpoint"},
     {"convert"},
     {"train"},
@@ -43,13 +52,13 @@ def imports(name: str, path: Path, known: set[str]) -> set[str]:
         if isinstance(node, ast.Import):
             for a in node.names:
                 if a.name.startswith("megamoe."):
-                    add(a.name[len("megamoe."):])
+                    add(a.name[len("megamoe.") :])
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                base = package[:len(package) - node.level + 1]
+                base = package[: len(package) - node.level + 1]
                 mod = ".".join(base + ([node.module] if node.module else []))
             elif (node.module or "").startswith("megamoe"):
-                mod = node.module[len("megamoe."):] if node.module != "megamoe" else ""
+                mod = node.module[len("megamoe.") :] if node.module != "megamoe" else ""
             else:
                 continue
             for a in node.names:  # `from X import a`: the module X.a if there is one, else X
@@ -106,8 +115,12 @@ def test_no_import_cycles():
 
 
 def test_layers_import_downward_only():
-    bad = [f"{a} (layer {layer_of(a)}) imports {b} (layer {layer_of(b)})"
-           for a, deps in graph().items() for b in deps if layer_of(b) > layer_of(a)]
+    bad = [
+        f"{a} (layer {layer_of(a)}) imports {b} (layer {layer_of(b)})"
+        for a, deps in graph().items()
+        for b in deps
+        if layer_of(b) > layer_of(a)
+    ]
     assert not bad, "\n".join(bad)
 
 

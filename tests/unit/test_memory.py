@@ -1,5 +1,6 @@
 """megamoe/memory.py: parameter counts against a real built model, and the per-GPU bytes of
 LLaMA-MoE-3.5B worked out by hand (the README's layout guide quotes them)."""
+
 import pytest
 
 from megamoe.config import ModelConfig, MoEConfig
@@ -11,8 +12,13 @@ def test_counts_match_a_built_model(world1):
     from tests.helpers import tiny_model_config
 
     m = tiny_model_config(num_hidden_layers=2)
-    for moe in (None, MoEConfig(num_experts=4, num_selects=2),
-                MoEConfig(num_experts=4, num_selects=1, gate_type="SwitchBalancedGate", gate_network="linear")):
+    for moe in (
+        None,
+        MoEConfig(num_experts=4, num_selects=2),
+        MoEConfig(
+            num_experts=4, num_selects=1, gate_type="SwitchBalancedGate", gate_network="linear"
+        ),
+    ):
         model = build_model(m, moe)
         dense, experts = parameter_counts(m, moe)
         built_experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)

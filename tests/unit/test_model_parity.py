@@ -1,4 +1,5 @@
 """The model against real references: transformers' LLaMA, and the split identity."""
+
 import pytest
 import torch
 
@@ -65,8 +66,12 @@ def test_split_identity(world1, num_experts):
     """Linear zero gate, K = E, SF = E: the MoE model computes the dense model exactly."""
     m = tiny_model_config()
     hf = hf_llama(m, seed=3)
-    moe = MoEConfig(num_experts=num_experts, num_selects=num_experts, gate_network="linear",
-                    score_scale_factor=float(num_experts))
+    moe = MoEConfig(
+        num_experts=num_experts,
+        num_selects=num_experts,
+        gate_network="linear",
+        score_scale_factor=float(num_experts),
+    )
     tokens = torch.randint(0, m.vocab_size, (2, 16))
     dense = logits(dense_from_hf(hf, m), tokens)
     moe_logits = logits(moe_from_dense(hf, m, moe), tokens)

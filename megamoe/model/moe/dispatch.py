@@ -30,17 +30,26 @@ when it is missing *and* ``MEGAMOE_ALLOW_REFERENCE_DISPATCH=1`` is set.
 Set ``MEGAMOE_DEBUG_DISPATCH=1`` to range-check expert indices on CUDA as well (this synchronises);
 on CPU they are always checked.
 """
+
 from __future__ import annotations
 
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
-__all__ = ["Routing", "make_routing", "check_topk_idx", "make_routing_reference", "dispatch", "combine",
-           "dispatch_reference", "combine_reference", "HAVE_EXTENSION"]
+__all__ = [
+    "Routing",
+    "make_routing",
+    "check_topk_idx",
+    "make_routing_reference",
+    "dispatch",
+    "combine",
+    "dispatch_reference",
+    "combine_reference",
+    "HAVE_EXTENSION",
+]
 
 _ALLOW_REFERENCE_ENV = "MEGAMOE_ALLOW_REFERENCE_DISPATCH"
 _DEBUG_ENV = "MEGAMOE_DEBUG_DISPATCH"
@@ -51,13 +60,18 @@ def _load_extension():
         from ... import _C  # loading the library registers torch.ops.megamoe.*
     except ImportError as e:
         if os.environ.get(_ALLOW_REFERENCE_ENV) == "1":
-            warnings.warn(f"megamoe._C is not available ({e}); {_ALLOW_REFERENCE_ENV}=1, so MoE dispatch "
-                          "uses the slow pure-PyTorch reference", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"megamoe._C is not available ({e}); {_ALLOW_REFERENCE_ENV}=1, so MoE dispatch "
+                "uses the slow pure-PyTorch reference",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             return None
         raise ImportError(
             f"megamoe._C (the MoE token dispatch/combine kernels) is missing or failed to load: {e}. "
             "Run `make setup` / scripts/setup_env.sh to build megamoe._C, or set "
-            f"{_ALLOW_REFERENCE_ENV}=1 to fall back to the slow pure-PyTorch reference.") from e
+            f"{_ALLOW_REFERENCE_ENV}=1 to fall back to the slow pure-PyTorch reference."
+        ) from e
     return _C
 
 
@@ -74,7 +88,9 @@ _KERNEL_MAX_COPIES = 65536
 class Routing:
     """Everything :func:`dispatch` and :func:`combine` need; tensors stay on the device."""
 
-    row_id_map: torch.Tensor  # [T*k] int32: row of copy t*k+j in the expert-sorted buffer, -1 if dropped
+    row_id_map: (
+        torch.Tensor
+    )  # [T*k] int32: row of copy t*k+j in the expert-sorted buffer, -1 if dropped
     tokens_per_expert: torch.Tensor  # [E] int64, on the device
     num_tokens: int
     topk: int
@@ -82,7 +98,7 @@ class Routing:
     num_rows: int  # rows of the expert-sorted buffer: T*k less the dropped copies
 
 
-def make_routing(topk_idx: torch.Tensor, num_experts: int, num_rows: Optional[int] = None) -> Routing:
+def make_routing(topk_idx: torch.Tensor, num_experts: int, num_rows: int | None = None) -> Routing:
     """Routing metadata for ``topk_idx [T, k]`` (expert ids in [0, num_experts)), on its device.
 
     With ``num_rows`` (the number of copies that are not -1), expert id -1 marks a dropped copy;
@@ -95,14 +111,21 @@ def make_routing(topk_idx: torch.Tensor, num_experts: int, num_rows: Optional[in
     which gives the same result.
     """
     num_rows = check_topk_idx(topk_idx, num_experts, num_rows)
-    if (not HAVE_EXTENSION or num_experts > _MAX_KERNEL_EXPERTS
-            or (topk_idx.device.type != "cpu" and topk_idx.numel() > _KERNEL_MAX_COPIES)):
+    if (
+        not HAVE_EXTENSION
+        or num_experts > _MAX_KERNEL_EXPERTS
+        or (topk_idx.device.type != "cpu" and topk_idx.numel() > _KERNEL_MAX_COPIES)
+    ):
         return make_routing_reference(topk_idx, num_experts, num_rows)
     row_id_map, tokens_per_expert = torch.ops.megamoe.make_routing(topk_idx, num_experts)
-    return Routing(row_id_map, tokens_per_expert, topk_idx.shape[0], topk_idx.shape[1], num_experts, num_rows)
+    return Routing(
+        row_id_map, tokens_per_expert, topk_idx.shape[0], topk_idx.shape[1], num_experts, num_rows
+    )
 
 
-def make_routing_reference(topk_idx: torch.Tensor, num_experts: int, num_rows: Optional[int] = None) -> Routing:
+def make_routing_reference(
+    topk_idx: torch.Tensor, num_experts: int, num_rows: int | None = None
+) -> Routing:
     """:func:`make_routing` with torch ops: a stable sort, a scatter and a searchsorted.
 
     Also free of host synchronisation (CUDA's bincount would synchronise, and scatter_add's atomics
@@ -113,9 +136,13 @@ def make_routing_reference(topk_idx: torch.Tensor, num_experts: int, num_rows: O
     T, k = topk_idx.shape
     flat = topk_idx.reshape(-1)
     n, dev = flat.numel(), flat.device
-    sorted_experts, order = torch.sort(flat, stable=True)  # order[p] = copy placed at row p; dropped (-1) first
+    sorted_experts, order = torch.sort(
+        flat, stable=True
+    )  # order[p] = copy placed at row p; dropped (-1) first
     # ends[e+1] = copies with expert <= e; ends[0] = the dropped copies, which sort before row 0
-    ends = torch.searchsorted(sorted_experts, torch.arange(-1, num_experts, dtype=flat.dtype, device=dev), right=True)
+    ends = torch.searchsorted(
+        sorted_experts, torch.arange(-1, num_experts, dtype=flat.dtype, device=dev), right=True
+    )
     tokens_per_expert = torch.diff(ends)
     rows = torch.arange(n, dtype=torch.int32, device=dev) - ends[0].to(torch.int32)
     row_id_map = torch.empty(n, dtype=torch.int32, device=dev)
@@ -123,7 +150,7 @@ def make_routing_reference(topk_idx: torch.Tensor, num_experts: int, num_rows: O
     return Routing(row_id_map, tokens_per_expert, T, k, num_experts, num_rows)
 
 
-def check_topk_idx(topk_idx: torch.Tensor, num_experts: int, num_rows: Optional[int] = None) -> int:
+def check_topk_idx(topk_idx: torch.Tensor, num_experts: int, num_rows: int | None = None) -> int:
     """Validates the arguments (ids on CPU, or with MEGAMOE_DEBUG_DISPATCH=1) and returns the
     buffer's row count (T*k when num_rows is None)."""
     if topk_idx.dim() != 2:
@@ -138,13 +165,15 @@ def check_topk_idx(topk_idx: torch.Tensor, num_experts: int, num_rows: Optional[
     if T * k >= 2**31:
         raise ValueError(f"{T} tokens x k={k} rows do not fit the int32 row_id_map")
     if num_rows is not None and not 0 <= num_rows <= T * k:
-        raise ValueError(f"num_rows={num_rows} must be in [0, {T * k}] (the kept copies of {T} tokens x k={k})")
+        raise ValueError(
+            f"num_rows={num_rows} must be in [0, {T * k}] (the kept copies of {T} tokens x k={k})"
+        )
     if topk_idx.device.type == "cpu" or os.environ.get(_DEBUG_ENV) == "1":
         _check_expert_range(topk_idx, num_experts, num_rows)
     return T * k if num_rows is None else num_rows
 
 
-def _check_expert_range(topk_idx: torch.Tensor, num_experts: int, num_rows: Optional[int]) -> None:
+def _check_expert_range(topk_idx: torch.Tensor, num_experts: int, num_rows: int | None) -> None:
     if topk_idx.numel() == 0:
         return
     # syncs on CUDA: CPU or debug flag only
@@ -153,23 +182,31 @@ def _check_expert_range(topk_idx: torch.Tensor, num_experts: int, num_rows: Opti
         lo, hi = ids.min().item(), ids.max().item()
         bad = lo if lo < 0 else hi if hi >= num_experts else None
         if bad == -1:
-            raise ValueError("topk_idx holds expert index -1: a dropped copy needs make_routing(..., num_rows=N), "
-                             "N the number of kept copies")
+            raise ValueError(
+                "topk_idx holds expert index -1: a dropped copy needs make_routing(..., num_rows=N), "
+                "N the number of kept copies"
+            )
         if bad is not None:
             raise ValueError(f"topk_idx holds expert index {bad}, outside [0, {num_experts})")
     if num_rows is not None and ids.numel() != num_rows:
-        raise ValueError(f"num_rows={num_rows} but topk_idx keeps {ids.numel()} copies (ids other than -1)")
+        raise ValueError(
+            f"num_rows={num_rows} but topk_idx keeps {ids.numel()} copies (ids other than -1)"
+        )
 
 
 def _check_rows(name: str, t: torch.Tensor, rows: int, routing: Routing) -> None:
     if t.dim() != 2 or t.shape[0] != rows:
-        raise ValueError(f"{name} must have shape [{rows}, hidden] for this routing "
-                         f"(T={routing.num_tokens}, k={routing.topk}, {routing.num_rows} rows), "
-                         f"got {tuple(t.shape)}")
+        raise ValueError(
+            f"{name} must have shape [{rows}, hidden] for this routing "
+            f"(T={routing.num_tokens}, k={routing.topk}, {routing.num_rows} rows), "
+            f"got {tuple(t.shape)}"
+        )
     if not t.is_floating_point():
         raise ValueError(f"{name} must be floating point, got {t.dtype}")
     if t.device != routing.row_id_map.device:
-        raise ValueError(f"{name} is on {t.device} but the routing is on {routing.row_id_map.device}")
+        raise ValueError(
+            f"{name} is on {t.device} but the routing is on {routing.row_id_map.device}"
+        )
 
 
 def _check_scores(scores: torch.Tensor, routing: Routing) -> None:
@@ -179,7 +216,9 @@ def _check_scores(scores: torch.Tensor, routing: Routing) -> None:
     if not scores.is_floating_point():
         raise ValueError(f"scores must be floating point, got {scores.dtype}")
     if scores.device != routing.row_id_map.device:
-        raise ValueError(f"scores are on {scores.device} but the routing is on {routing.row_id_map.device}")
+        raise ValueError(
+            f"scores are on {scores.device} but the routing is on {routing.row_id_map.device}"
+        )
 
 
 class _Permute(torch.autograd.Function):
@@ -205,7 +244,12 @@ class _Unpermute(torch.autograd.Function):
             ctx.save_for_backward(row_id_map)
         else:
             ctx.save_for_backward(row_id_map, y, scores)  # y is needed for the scores' gradient
-        ctx.topk, ctx.scale, ctx.weighted, ctx.num_rows = topk, scale, scores is not None, y.shape[0]
+        ctx.topk, ctx.scale, ctx.weighted, ctx.num_rows = (
+            topk,
+            scale,
+            scores is not None,
+            y.shape[0],
+        )
         return torch.ops.megamoe.unpermute(y, row_id_map, scores, topk, scale)
 
     @staticmethod
@@ -215,11 +259,17 @@ class _Unpermute(torch.autograd.Function):
         if not ctx.weighted:
             (row_id_map,) = ctx.saved_tensors
             # grad_y[row_id_map[t*k+j]] = grad_out[t]: a permute
-            return (torch.ops.megamoe.permute(grad_out, row_id_map, ctx.topk, ctx.num_rows),
-                    None, None, None, None)
+            return (
+                torch.ops.megamoe.permute(grad_out, row_id_map, ctx.topk, ctx.num_rows),
+                None,
+                None,
+                None,
+                None,
+            )
         row_id_map, y, scores = ctx.saved_tensors
-        grad_y, grad_scores = torch.ops.megamoe.unpermute_backward(grad_out, y, row_id_map, scores, ctx.topk,
-                                                                   ctx.scale)
+        grad_y, grad_scores = torch.ops.megamoe.unpermute_backward(
+            grad_out, y, row_id_map, scores, ctx.topk, ctx.scale
+        )
         return grad_y, None, (grad_scores if ctx.needs_input_grad[2] else None), None, None
 
 
@@ -231,8 +281,9 @@ def dispatch(x: torch.Tensor, routing: Routing) -> torch.Tensor:
     return _Permute.apply(x, routing.row_id_map, routing.topk, routing.num_rows)
 
 
-def combine(y: torch.Tensor, routing: Routing, scores: Optional[torch.Tensor] = None,
-            scale: float = 1.0) -> torch.Tensor:
+def combine(
+    y: torch.Tensor, routing: Routing, scores: torch.Tensor | None = None, scale: float = 1.0
+) -> torch.Tensor:
     """[num_rows, d] -> [T, d]: ``out[t] = sum_j scale * scores[t, j] * y[row_id_map[t*k+j]]``.
 
     With ``scores=None`` a plain sum and ``scale`` is not applied (as LLaMA-MoE does with
@@ -248,6 +299,7 @@ def combine(y: torch.Tensor, routing: Routing, scores: Optional[torch.Tensor] = 
 
 # --- pure-PyTorch reference (tests; fallback with MEGAMOE_ALLOW_REFERENCE_DISPATCH=1) ------------
 
+
 def _token_of_copy(routing: Routing, device: torch.device) -> torch.Tensor:
     """[T*k] int64: the token t of copy i = t*k + j."""
     return torch.arange(routing.num_tokens, device=device).repeat_interleave(routing.topk)
@@ -261,8 +313,9 @@ def dispatch_reference(x: torch.Tensor, routing: Routing) -> torch.Tensor:
     return out.index_copy(0, routing.row_id_map.long()[kept], rows)
 
 
-def combine_reference(y: torch.Tensor, routing: Routing, scores: Optional[torch.Tensor] = None,
-                      scale: float = 1.0) -> torch.Tensor:
+def combine_reference(
+    y: torch.Tensor, routing: Routing, scores: torch.Tensor | None = None, scale: float = 1.0
+) -> torch.Tensor:
     """:func:`combine` as index_select + index_add, accumulated in fp32 (float64 for float64 y)."""
     acc = torch.float64 if y.dtype == torch.float64 else torch.float32
     kept = torch.nonzero(routing.row_id_map >= 0).squeeze(1)
@@ -275,11 +328,14 @@ def combine_reference(y: torch.Tensor, routing: Routing, scores: Optional[torch.
 
 # --- shapes for FakeTensor / torch.compile tracing ----------------------------------------------
 
+
 def _register_fakes() -> None:
     lib = torch.library
 
     def make_routing_fake(topk_idx, num_experts):
-        return topk_idx.new_empty(topk_idx.numel(), dtype=torch.int32), topk_idx.new_empty(num_experts, dtype=torch.int64)
+        return topk_idx.new_empty(topk_idx.numel(), dtype=torch.int32), topk_idx.new_empty(
+            num_experts, dtype=torch.int64
+        )
 
     def permute_fake(x, row_id_map, topk, num_rows=-1):
         return x.new_empty(row_id_map.shape[0] if num_rows == -1 else num_rows, x.shape[1])
@@ -290,8 +346,12 @@ def _register_fakes() -> None:
     def unpermute_backward_fake(grad_out, y, row_id_map, scores, topk, scale):
         return torch.empty_like(y), torch.empty_like(scores)
 
-    for name, fn in (("make_routing", make_routing_fake), ("permute", permute_fake), ("unpermute", unpermute_fake),
-                     ("unpermute_backward", unpermute_backward_fake)):
+    for name, fn in (
+        ("make_routing", make_routing_fake),
+        ("permute", permute_fake),
+        ("unpermute", unpermute_fake),
+        ("unpermute_backward", unpermute_backward_fake),
+    ):
         try:
             lib.register_fake(f"megamoe::{name}")(fn)
         except RuntimeError:  # already registered (module reloaded)

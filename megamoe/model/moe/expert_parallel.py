@@ -38,10 +38,11 @@ one autograd Function whose backward issues the gradient all-to-alls itself and 
 expert backward (a graph recorded in its forward) in between. The expert weights get their
 gradients from those inner backward passes, one per chunk (megatron-core's DDP hooks count each).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 
@@ -54,22 +55,34 @@ class SendPlan:
     """Which ranks each token goes to, and how many rows and token-expert copies each rank gets."""
 
     rank_idx: torch.Tensor  # [T, EP]: r where token t goes to rank r, else -1
-    counts: torch.Tensor  # [EP, 2] int64: rows (distinct tokens) and copies (token, expert) per rank
+    counts: (
+        torch.Tensor
+    )  # [EP, 2] int64: rows (distinct tokens) and copies (token, expert) per rank
 
 
 def plan_send(topk_idx: torch.Tensor, ep: int, num_local: int) -> SendPlan:
     """The send side of the exchange for ``topk_idx [T, k]`` (global expert ids); no host sync."""
     ranks = torch.arange(ep, device=topk_idx.device)
-    hit = (topk_idx // num_local).unsqueeze(1) == ranks.view(1, ep, 1)  # [T, EP, k]: copy j goes to rank r
+    hit = (topk_idx // num_local).unsqueeze(1) == ranks.view(
+        1, ep, 1
+    )  # [T, EP, k]: copy j goes to rank r
     on_rank = hit.any(2)  # [T, EP]
     rank_idx = torch.where(on_rank, ranks.view(1, ep), torch.full_like(ranks, -1).view(1, ep))
     counts = torch.stack([on_rank.sum(0), hit.sum((0, 2))], dim=1).to(torch.int64)
     return SendPlan(rank_idx, counts)
 
 
-def exchange(x: torch.Tensor, topk_idx: torch.Tensor, scores: Optional[torch.Tensor], scale: float,
-             experts: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], group, ep_rank: int,
-             num_local: int, chunks: int = 1) -> torch.Tensor:
+def exchange(
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    scores: torch.Tensor | None,
+    scale: float,
+    experts: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    group,
+    ep_rank: int,
+    num_local: int,
+    chunks: int = 1,
+) -> torch.Tensor:
     """The MoE layer's dispatch -> experts -> combine across the expert-parallel ``group``.
 
     x [T, d]; topk_idx [T, k] global expert ids; scores [T, k] or None (plain sum, no scale);
@@ -79,9 +92,21 @@ def exchange(x: torch.Tensor, topk_idx: torch.Tensor, scores: Optional[torch.Ten
     """
     if chunks > 1:
         _dispatch.check_topk_idx(topk_idx, torch.distributed.get_world_size(group) * num_local)
-        dummy = scores if scores is not None else x.new_zeros(0)  # autograd needs a tensor in its place
-        return _ChunkedExchange.apply(x, dummy, topk_idx, scores is not None, scale, experts, group,
-                                      ep_rank, num_local, chunks)
+        dummy = (
+            scores if scores is not None else x.new_zeros(0)
+        )  # autograd needs a tensor in its place
+        return _ChunkedExchange.apply(
+            x,
+            dummy,
+            topk_idx,
+            scores is not None,
+            scale,
+            experts,
+            group,
+            ep_rank,
+            num_local,
+            chunks,
+        )
     ep = torch.distributed.get_world_size(group)
     k = topk_idx.shape[1]
     _dispatch.check_topk_idx(topk_idx, ep * num_local)  # ids outside [0, E) would be sent nowhere
@@ -95,7 +120,9 @@ def exchange(x: torch.Tensor, topk_idx: torch.Tensor, scores: Optional[torch.Ten
 
     # 1-3: rows (once per token and rank) and their ids and scores to the ranks
     to_ranks = _dispatch.make_routing(plan.rank_idx, ep, num_rows=sum(send_splits))
-    meta_dtype = torch.float32 if scores is None else torch.promote_types(scores.dtype, torch.float32)
+    meta_dtype = (
+        torch.float32 if scores is None else torch.promote_types(scores.dtype, torch.float32)
+    )
     meta = topk_idx.to(meta_dtype)  # expert ids < 2**24: exact in fp32
     if scores is not None:
         meta = torch.cat([scores.to(meta_dtype), meta], dim=1)
@@ -118,8 +145,9 @@ def exchange(x: torch.Tensor, topk_idx: torch.Tensor, scores: Optional[torch.Ten
 def _a2a(out_rows: int, inp: torch.Tensor, out_splits, in_splits, group):
     """Asynchronous all_to_all_single of rows; returns (output, work)."""
     out = inp.new_empty(out_rows, *inp.shape[1:])
-    work = torch.distributed.all_to_all_single(out, inp.contiguous(), out_splits, in_splits, group=group,
-                                               async_op=True)
+    work = torch.distributed.all_to_all_single(
+        out, inp.contiguous(), out_splits, in_splits, group=group, async_op=True
+    )
     return out, work
 
 
@@ -127,13 +155,17 @@ class _ChunkedExchange(torch.autograd.Function):
     """exchange() in token chunks with asynchronous all-to-alls (module docstring: Overlap)."""
 
     @staticmethod
-    def forward(ctx, x, scores, topk_idx, weighted, scale, experts, group, ep_rank, num_local, chunks):
+    def forward(
+        ctx, x, scores, topk_idx, weighted, scale, experts, group, ep_rank, num_local, chunks
+    ):
         ep = torch.distributed.get_world_size(group)
         T, k = topk_idx.shape
         bounds = [T * c // chunks for c in range(chunks + 1)]
         idx_c = [topk_idx[a:b] for a, b in zip(bounds, bounds[1:])]
         plans = [plan_send(i, ep, num_local) for i in idx_c]
-        counts = torch.stack([p.counts for p in plans], dim=1)  # [EP, chunks, 2]: per destination rank
+        counts = torch.stack(
+            [p.counts for p in plans], dim=1
+        )  # [EP, chunks, 2]: per destination rank
         recv = torch.empty_like(counts)
         torch.distributed.all_to_all_single(recv, counts, group=group)
         host = torch.stack([counts, recv]).tolist()  # the layer's one host sync
@@ -149,8 +181,20 @@ class _ChunkedExchange(torch.autograd.Function):
         for c, (a, b) in enumerate(zip(bounds, bounds[1:])):  # 1-3, every chunk's rows on their way
             rt = _dispatch.make_routing(plans[c].rank_idx, ep, num_rows=sum(send_splits[c]))
             to_ranks.append(rt)
-            rx = _a2a(sum(recv_splits[c]), _dispatch.dispatch(x[a:b], rt), recv_splits[c], send_splits[c], group)
-            rm = _a2a(sum(recv_splits[c]), _dispatch.dispatch(meta[a:b], rt), recv_splits[c], send_splits[c], group)
+            rx = _a2a(
+                sum(recv_splits[c]),
+                _dispatch.dispatch(x[a:b], rt),
+                recv_splits[c],
+                send_splits[c],
+                group,
+            )
+            rm = _a2a(
+                sum(recv_splits[c]),
+                _dispatch.dispatch(meta[a:b], rt),
+                recv_splits[c],
+                send_splits[c],
+                group,
+            )
             sent.append((rx, rm))
         graphs, back = [], []
         for c in range(chunks):  # 4-5: experts of chunk c while the other chunks travel
@@ -162,11 +206,17 @@ class _ChunkedExchange(torch.autograd.Function):
             local = _dispatch.make_routing(local_idx, num_local, num_rows=local_copies[c])
             with torch.enable_grad():
                 rows = rx.detach().requires_grad_(x.requires_grad)
-                rs = rm[:, :k].detach().requires_grad_(weighted and scores.requires_grad) if weighted else None
+                rs = (
+                    rm[:, :k].detach().requires_grad_(weighted and scores.requires_grad)
+                    if weighted
+                    else None
+                )
                 out = experts(_dispatch.dispatch(rows, local), local.tokens_per_expert)
                 partial = _dispatch.combine(out, local, rs, scale)
             graphs.append((rows, rs, partial))
-            back.append(_a2a(sum(send_splits[c]), partial.detach(), send_splits[c], recv_splits[c], group))
+            back.append(
+                _a2a(sum(send_splits[c]), partial.detach(), send_splits[c], recv_splits[c], group)
+            )
         ys = []
         for c in range(chunks):
             rows_back, w = back[c]
@@ -183,9 +233,18 @@ class _ChunkedExchange(torch.autograd.Function):
         chunks = len(graphs)
         grad_y = grad_y.contiguous()
         incoming = []
-        for c, (a, b) in enumerate(zip(bounds, bounds[1:])):  # every chunk's output gradient on its way
-            incoming.append(_a2a(sum(recv_splits[c]), _dispatch.dispatch(grad_y[a:b], to_ranks[c]),
-                                 recv_splits[c], send_splits[c], group))
+        for c, (a, b) in enumerate(
+            zip(bounds, bounds[1:])
+        ):  # every chunk's output gradient on its way
+            incoming.append(
+                _a2a(
+                    sum(recv_splits[c]),
+                    _dispatch.dispatch(grad_y[a:b], to_ranks[c]),
+                    recv_splits[c],
+                    send_splits[c],
+                    group,
+                )
+            )
         returning = []
         for c in range(chunks):  # each chunk's expert backward while the others travel
             grad_partial, w = incoming[c]
@@ -194,7 +253,9 @@ class _ChunkedExchange(torch.autograd.Function):
             graphs[c] = None
             if partial.requires_grad:
                 with torch.enable_grad():
-                    torch.autograd.backward(partial, grad_partial)  # weights: into their .grad / DDP hooks
+                    torch.autograd.backward(
+                        partial, grad_partial
+                    )  # weights: into their .grad / DDP hooks
             grad_rows = rows.grad if rows.grad is not None else torch.zeros_like(rows)
             gx = _a2a(sum(send_splits[c]), grad_rows, send_splits[c], recv_splits[c], group)
             gs = None

@@ -10,6 +10,7 @@ so that slicing a dense FFN into experts is a row/column gather, equal and unequ
 layout, and with equal sizes the weights are views [E, size, d] that one grouped GEMM consumes.
 Inputs arrive expert-contiguous (see dispatch.py) with `tokens_per_expert` rows each.
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,8 +21,12 @@ from .grouped_swiglu import grouped_swiglu
 
 
 def grouped_mm_available(x: torch.Tensor) -> bool:
-    return (x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16
-            and torch.cuda.get_device_capability(x.device)[0] >= 9)
+    return (
+        x.is_cuda
+        and hasattr(torch, "_grouped_mm")
+        and x.dtype == torch.bfloat16
+        and torch.cuda.get_device_capability(x.device)[0] >= 9
+    )
 
 
 _NAMES = (("weight_gate", 0), ("weight_up", 0), ("weight_down", 1))  # (name, neuron axis)
@@ -44,8 +49,9 @@ def mark_expert_param(p: nn.Parameter) -> nn.Parameter:
 
 
 class GroupedSwiGLUExperts(nn.Module):
-    def __init__(self, hidden: int, sizes: list[int], dtype=torch.float32, device=None,
-                 first_expert: int = 0):
+    def __init__(
+        self, hidden: int, sizes: list[int], dtype=torch.float32, device=None, first_expert: int = 0
+    ):
         super().__init__()
         self.sizes = list(sizes)
         self.first_expert = first_expert  # global index of local expert 0
@@ -72,14 +78,15 @@ class GroupedSwiGLUExperts(nn.Module):
             # megatron-core stacks layers along a prepended axis, which needs equal shapes in
             # every layer; expert sizes may differ per layer, so the global layer index goes in
             # the checkpoint key instead (megatron-core then strips the local "layers.<i>.").
-            (_, layer, _), = sharded_offsets
+            ((_, layer, _),) = sharded_offsets
             layer_tag = f"layer{layer}."
         out = {}
         for name, axis, sizes in self.split_table():
             for j, part in enumerate(getattr(self, name).split(sizes, dim=axis)):
                 suffix = f"{name}.{self.first_expert + j}"
                 out[prefix + suffix] = ShardedTensor.from_rank_offsets(
-                    prefix + layer_tag + suffix, part, replica_id=replica_id)
+                    prefix + layer_tag + suffix, part, replica_id=replica_id
+                )
         return out
 
     def split_table(self) -> list:
@@ -87,15 +94,17 @@ class GroupedSwiGLUExperts(nn.Module):
         (subclasses with more per-expert tensors, like LoRA adapters, extend it)."""
         return [(name, axis, self.sizes) for name, axis in _NAMES]
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # Accept per-expert tensors (from sharded checkpoints) as well as the flat ones.
         for name, axis, _ in self.split_table():
             keys = [f"{prefix}{name}.{self.first_expert + j}" for j in range(self.num_experts)]
             if all(k in state_dict for k in keys):
                 state_dict[prefix + name] = torch.cat([state_dict.pop(k) for k in keys], axis)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     @property
     def num_experts(self) -> int:
@@ -108,15 +117,19 @@ class GroupedSwiGLUExperts(nn.Module):
         return self._forward_loop(x, tokens_per_expert)
 
     def _forward_grouped(self, x, tokens_per_expert):
-        return grouped_swiglu(x, self.weight_gate, self.weight_up, self.weight_down, tokens_per_expert)
+        return grouped_swiglu(
+            x, self.weight_gate, self.weight_up, self.weight_down, tokens_per_expert
+        )
 
     def _forward_loop(self, x, tokens_per_expert):
         counts = tokens_per_expert.tolist()  # CPU path: the host needs the counts anyway
         outs, row, col = [], 0, 0
         for n, s in zip(counts, self.sizes):
-            xe = x[row:row + n]
-            h = F.silu(F.linear(xe, self.weight_gate[col:col + s])) * F.linear(xe, self.weight_up[col:col + s])
-            outs.append(F.linear(h, self.weight_down[:, col:col + s]))
+            xe = x[row : row + n]
+            h = F.silu(F.linear(xe, self.weight_gate[col : col + s])) * F.linear(
+                xe, self.weight_up[col : col + s]
+            )
+            outs.append(F.linear(h, self.weight_down[:, col : col + s]))
             row, col = row + n, col + s
         if not outs:
             return x.new_zeros(0, self.weight_down.shape[0])

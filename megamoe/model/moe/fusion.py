@@ -6,10 +6,11 @@ functions fuses each into one or two kernels (forward and backward). CPU runs (C
 eager, so their numerics are exactly the plain code's. ``MEGAMOE_COMPILE=0`` turns compilation
 off (debugging, or a torch without a working inductor).
 """
+
 from __future__ import annotations
 
 import os
-from typing import Callable, Hashable
+from collections.abc import Callable, Hashable
 
 import torch
 

@@ -5,12 +5,13 @@ must match the published model exactly, which megatron-core's TopKRouter does no
 a :class:`GateOutput`. Importance and load may be summed over sequence-parallel shards before the
 balance loss (``reduce_fn``), so that TP+SP reproduces the single-process loss exactly.
 """
+
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -42,13 +43,16 @@ def _normal_cdf(x: torch.Tensor) -> torch.Tensor:
 
 
 def gate_network(hidden: int, num_experts: int, kind: str) -> nn.Module:
-    """"mlp": Linear(d->E) -> Tanh -> Linear(E->E); "linear": Linear(d->E), zero-initialised.
+    """ "mlp": Linear(d->E) -> Tanh -> Linear(E->E); "linear": Linear(d->E), zero-initialised.
 
     Module structure gives the HF LLaMA-MoE parameter names (gate_network.0/.2 or gate_network).
     """
     if kind == "mlp":
-        return nn.Sequential(nn.Linear(hidden, num_experts, bias=False), nn.Tanh(),
-                             nn.Linear(num_experts, num_experts, bias=False))
+        return nn.Sequential(
+            nn.Linear(hidden, num_experts, bias=False),
+            nn.Tanh(),
+            nn.Linear(num_experts, num_experts, bias=False),
+        )
     net = nn.Linear(hidden, num_experts, bias=False)
     nn.init.zeros_(net.weight)
     return net
@@ -73,8 +77,12 @@ class TopKBalancedNoisyGate(nn.Module):
         self.balance_loss_weight = cfg.gate_balance_loss_weight
         self.shazeer_rule = cfg.gate_load_rule == "shazeer"
 
-    def forward(self, x: torch.Tensor, reduce_fn: Optional[Callable] = None,
-                noise: Optional[torch.Tensor] = None) -> GateOutput:
+    def forward(
+        self,
+        x: torch.Tensor,
+        reduce_fn: Callable | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> GateOutput:
         """x: [T, d]. `noise` (standard normal [T, E]) may be given for reproducible tests."""
         e, k = self.num_experts, self.k
         noisy = self.training and self.add_noise
@@ -87,14 +95,39 @@ class TopKBalancedNoisyGate(nn.Module):
                 noise = torch.randn_like(pre)
         else:
             pre, noise_pre, noise = F.linear(x, first), None, None
-        key = ("topk_gate", e, k, mlp, noisy, self.noise_epsilon, self.use_softmax, self.shazeer_rule)
-        route = maybe_compile(key, lambda: functools.partial(
-            _noisy_topk, k=k, mlp=mlp, noisy=noisy, eps=self.noise_epsilon,
-            use_softmax=self.use_softmax, shazeer=self.shazeer_rule), x.device.type)
+        key = (
+            "topk_gate",
+            e,
+            k,
+            mlp,
+            noisy,
+            self.noise_epsilon,
+            self.use_softmax,
+            self.shazeer_rule,
+        )
+        route = maybe_compile(
+            key,
+            lambda: functools.partial(
+                _noisy_topk,
+                k=k,
+                mlp=mlp,
+                noisy=noisy,
+                eps=self.noise_epsilon,
+                use_softmax=self.use_softmax,
+                shazeer=self.shazeer_rule,
+            ),
+            x.device.type,
+        )
         topk_idx, scores, importance, load = route(pre, second, noise_pre, noise)
-        return _finish(topk_idx, scores, importance, load, reduce_fn,
-                       self.balance_loss_weight if self.use_balance else 0.0,
-                       lambda imp, ld: cv_squared(imp) + cv_squared(ld))
+        return _finish(
+            topk_idx,
+            scores,
+            importance,
+            load,
+            reduce_fn,
+            self.balance_loss_weight if self.use_balance else 0.0,
+            lambda imp, ld: cv_squared(imp) + cv_squared(ld),
+        )
 
 
 def _noisy_topk(pre, second, noise_pre, noise, *, k, mlp, noisy, eps, use_softmax, shazeer):
@@ -116,10 +149,11 @@ def _noisy_topk(pre, second, noise_pre, noise, *, k, mlp, noisy, eps, use_softma
     scores = F.softmax(topk_logits.float(), dim=1) if use_softmax else topk_logits.float()
     # importance: scores scattered into [T, E] and summed over tokens
     importance = torch.zeros(e, device=pre.device, dtype=torch.float32).index_add(
-        0, topk_idx.reshape(-1), scores.reshape(-1))
+        0, topk_idx.reshape(-1), scores.reshape(-1)
+    )
     if noisy and k < e:
-        thr_in = top_logits[:, k:k + 1]  # (k+1)-th largest noisy logit
-        thr_out = top_logits[:, k - 1:k]  # k-th largest
+        thr_in = top_logits[:, k : k + 1]  # (k+1)-th largest noisy logit
+        thr_out = top_logits[:, k - 1 : k]  # k-th largest
         is_in = (logits if shazeer else logits_noise) > thr_in
         prob_in = _normal_cdf((logits_gate - thr_in) / noise_control)
         prob_out = _normal_cdf((logits_gate - thr_out) / noise_control)
@@ -142,13 +176,19 @@ class SwitchBalancedGate(nn.Module):
         self.drop_tokens = cfg.drop_tokens
         self.capacity_factor = cfg.capacity_factor
 
-    def forward(self, x: torch.Tensor, reduce_fn: Optional[Callable] = None,
-                noise: Optional[torch.Tensor] = None) -> GateOutput:
+    def forward(
+        self,
+        x: torch.Tensor,
+        reduce_fn: Callable | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> GateOutput:
         e = self.num_experts
         logits = self.gate_network(x).float()
         if self.training and self.add_noise:
             if noise is None:  # Gumbel(0, 1)
-                noise = -torch.log(-torch.log(torch.rand_like(logits).clamp_min(1e-20)).clamp_min(1e-20))
+                noise = -torch.log(
+                    -torch.log(torch.rand_like(logits).clamp_min(1e-20)).clamp_min(1e-20)
+                )
             logits = logits + noise
         probs = F.softmax(logits, dim=1)
         top_idx = probs.argmax(dim=1, keepdim=True)
@@ -167,14 +207,23 @@ class SwitchBalancedGate(nn.Module):
             total = cnt.sum().clamp_min(1.0)
             return e * ((cnt / total).detach() * (imp / total)).sum()
 
-        return _finish(top_idx, scores, importance, counts, reduce_fn,
-                       self.balance_loss_weight if self.use_balance else 0.0, switch_loss)
+        return _finish(
+            top_idx,
+            scores,
+            importance,
+            counts,
+            reduce_fn,
+            self.balance_loss_weight if self.use_balance else 0.0,
+            switch_loss,
+        )
 
 
 def _counts(idx: torch.Tensor, e: int) -> torch.Tensor:
     """Tokens routed to each expert, as float; index_add (unlike CUDA bincount) needs no host sync."""
     flat = idx.reshape(-1)
-    return torch.zeros(e, device=idx.device).index_add_(0, flat, torch.ones(flat.numel(), device=idx.device))
+    return torch.zeros(e, device=idx.device).index_add_(
+        0, flat, torch.ones(flat.numel(), device=idx.device)
+    )
 
 
 def _finish(topk_idx, scores, importance, load, reduce_fn, weight, loss_fn) -> GateOutput:

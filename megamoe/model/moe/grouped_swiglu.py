@@ -13,6 +13,7 @@ kernel each way where torch.compile is available (CUDA).
 Weights: ``w_gate, w_up`` [E*s, d] and ``w_down`` [d, E*s] (experts.py's layout); ``offs`` int32
 cumulative row counts. Rows of experts with no tokens are fine (empty groups).
 """
+
 from __future__ import annotations
 
 import torch
@@ -60,7 +61,9 @@ class GroupedSwiGLU(torch.autograd.Function):
         grad_y = grad_y.contiguous()
         # grad_h = grad_y W_down_e
         grad_h = _gmm(grad_y, w_down.view(d, e, s).permute(1, 0, 2), offs=offs)
-        grad_a, grad_b, h = maybe_compile("swiglu_bwd", lambda: _swiglu_bwd, x.device.type)(grad_h, a, b)
+        grad_a, grad_b, h = maybe_compile("swiglu_bwd", lambda: _swiglu_bwd, x.device.type)(
+            grad_h, a, b
+        )
         # weight gradients, groups along K: [E, d, s] for down (its layout is [d, E*s]: one
         # contiguous-row copy), [E, s, d] = the parameters' own layout for gate and up
         gw_down = _gmm(grad_y.t(), h, offs=offs).permute(1, 0, 2).reshape(d, e * s)

@@ -13,20 +13,23 @@ Parallelism inside the layer:
 - The balance loss reaches the gradients through :class:`AuxLossInjector` (added to the LM
   loss's gradient at this layer's output), so it needs no plumbing through pipeline stages.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 
 from ... import parallel
 from ...config import MoEConfig
-from ...parallel.mcore import MegatronModule, TransformerConfig, reduce_from_tensor_model_parallel_region
+from ...parallel.mcore import (
+    MegatronModule,
+    TransformerConfig,
+    reduce_from_tensor_model_parallel_region,
+)
 from . import dispatch as _dispatch
+from . import routing_stats
 from .expert_parallel import exchange
 from .experts import GroupedSwiGLUExperts
 from .gates import build_gate
-from . import routing_stats
 
 
 class AuxLossInjector(torch.autograd.Function):
@@ -50,8 +53,14 @@ class AuxLossInjector(torch.autograd.Function):
 
 
 class LlamaMoEMLP(MegatronModule):
-    def __init__(self, config: TransformerConfig, moe: MoEConfig, layer_index: int,
-                 intermediate_size: int, **unused):
+    def __init__(
+        self,
+        config: TransformerConfig,
+        moe: MoEConfig,
+        layer_index: int,
+        intermediate_size: int,
+        **unused,
+    ):
         super().__init__(config=config)
         self.moe = moe
         self.layer_index = layer_index  # global, 0-based
@@ -59,17 +68,22 @@ class LlamaMoEMLP(MegatronModule):
         self.scale = moe.scale_factor(layer_index)
         self.ep_size, self.ep_rank = parallel.ep_size(), parallel.ep_rank()
         if self.num_experts % self.ep_size:
-            raise ValueError(f"{self.num_experts} experts do not divide over expert parallel "
-                             f"size {self.ep_size}")
+            raise ValueError(
+                f"{self.num_experts} experts do not divide over expert parallel size {self.ep_size}"
+            )
         self.num_local = self.num_experts // self.ep_size
         self.local_start = self.ep_rank * self.num_local
         sizes = moe.expert_sizes(layer_index, intermediate_size)
         self.tp_size = parallel.tp_size()
         if self.tp_size > 1 and not config.sequence_parallel:
-            raise ValueError("MoE layers with tensor parallelism need sequence parallelism "
-                             "(--sequence_parallel): each TP rank routes its own tokens")
+            raise ValueError(
+                "MoE layers with tensor parallelism need sequence parallelism "
+                "(--sequence_parallel): each TP rank routes its own tokens"
+            )
         self.gate = build_gate(config.hidden_size, moe).to(config.params_dtype)
-        if not moe.multiply_gate_scores and not (moe.gate_use_balance and moe.gate_balance_loss_weight):
+        if not moe.multiply_gate_scores and not (
+            moe.gate_use_balance and moe.gate_balance_loss_weight
+        ):
             # neither the scores nor a balance loss reach the loss: the gate gets no gradient, and
             # trainable parameters without one stall megatron-core's overlapped reduction
             self.gate.requires_grad_(False)
@@ -80,10 +94,14 @@ class LlamaMoEMLP(MegatronModule):
         # first takes minutes at LLaMA-MoE sizes
         device = None if config.use_cpu_initialization else torch.cuda.current_device()
         self.experts = GroupedSwiGLUExperts(
-            config.hidden_size, sizes[self.local_start:self.local_start + self.num_local],
-            dtype=config.params_dtype, device=device, first_expert=self.local_start)
+            config.hidden_size,
+            sizes[self.local_start : self.local_start + self.num_local],
+            dtype=config.params_dtype,
+            device=device,
+            first_expert=self.local_start,
+        )
 
-    def forward(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+    def forward(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         reduce_fn = None
@@ -94,8 +112,17 @@ class LlamaMoEMLP(MegatronModule):
         routing_stats.record(self.layer_index, g)
         scores = g.topk_scores if self.moe.multiply_gate_scores else None
         if self.ep_size > 1:
-            y = exchange(x, g.topk_idx, scores, self.scale, self.experts, parallel.ep_group(), self.ep_rank,
-                         self.num_local, chunks=parallel.ep_overlap_chunks())
+            y = exchange(
+                x,
+                g.topk_idx,
+                scores,
+                self.scale,
+                self.experts,
+                parallel.ep_group(),
+                self.ep_rank,
+                self.num_local,
+                chunks=parallel.ep_overlap_chunks(),
+            )
         else:
             routing = _dispatch.make_routing(g.topk_idx, self.num_experts)
             out_rows = self.experts(_dispatch.dispatch(x, routing), routing.tokens_per_expert)

@@ -3,6 +3,7 @@
 The MoE layers write here (detached values only); the trainer reads and clears after each
 micro-batch. Keyed by global layer index, so pipeline stages each hold their own layers.
 """
+
 from __future__ import annotations
 
 import torch
