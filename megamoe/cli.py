@@ -60,8 +60,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = importlib.import_module(VERBS[verb][0])
     try:
         return module.main(rest, prog=f"megamoe {verb}")
-    except SystemExit as e:  # argparse: --help, bad flags
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    except SystemExit as e:  # argparse (--help, bad flags), or sys.exit("a message")
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            return 1
+        return 0 if e.code is None else e.code
 
 
 if __name__ == "__main__":

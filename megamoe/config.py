@@ -201,7 +201,7 @@ class MoEConfig:
         sf = self.score_scale_factor
         sfs = sf if isinstance(sf, (list, tuple)) else ([] if sf is None else [sf])
         if any(not _finite(v) or v <= 0 for v in sfs):
-            out.append(error("score_scale_factor", f"{{flag}} {_fmt(sf)} must be positive"))
+            out.append(error("score_scale_factor", f"{{flag}} {fmt_value(sf)} must be positive"))
         if out:
             return out
         if model is not None:
@@ -243,11 +243,12 @@ class MoEConfig:
         return out
 
 
-def _fmt(x: Any) -> str:
+def fmt_value(x: Any) -> str:
+    """A flag's value as a user writes it: 8.0 -> 8, lists comma-separated."""
     if isinstance(x, float):
         return f"{x:g}"
     if isinstance(x, (list, tuple)):
-        return ",".join(_fmt(v) for v in x)
+        return ",".join(fmt_value(v) for v in x)
     return str(x)
 
 
@@ -783,15 +784,8 @@ class ParallelConfig:
 
     def check(self) -> list[Finding]:
         out = []
-        for name in (
-            "num_nodes",
-            "num_gpu_per_node",
-            "tensor_model_parallel_size",
-            "pipeline_model_parallel_size",
-            "expert_model_parallel_size",
-            "ddp_bucket_size",
-            "ep_overlap_chunks",
-        ):
+        # (TP/PP/EP sizes: ParallelLayout.check_world, with the world they must divide)
+        for name in ("num_nodes", "num_gpu_per_node", "ddp_bucket_size", "ep_overlap_chunks"):
             out += at_least(name, getattr(self, name), 1)
         if self.ddp_bucket_size is not None and not self.overlap_grad_reduce:
             out.append(

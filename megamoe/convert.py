@@ -41,7 +41,7 @@ from .formats.hf_llama import hf_to_megamoe as _hf_to_mg
 from .formats.hf_llama import megamoe_to_hf as _mg_to_hf
 from .moefy import io as split_io
 from .moefy.split import SplitError, random_split, resolve_sizes, slice_ffn
-from .outputs import check_output, mark, publish_dir, staging_dir
+from .outputs import check_output, publish_dir, staging_dir
 
 SPLIT_METHODS = ("random", "clustering", "graph", "gradient")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -462,10 +462,8 @@ def hf_to_megamoe(
     else:
         items = _with_gates(_sliced(_hf_to_mg(dense_get, m), splits), m.hidden_size, moe, seed)
     meta = checkpoint.make_meta(m, moe, **extra)
-    staging = staging_dir(output, "converting")
+    staging = staging_dir(output, "megamoe convert hf-to-megamoe")
     try:
-        staging.mkdir(parents=True)
-        mark(staging, "megamoe convert hf-to-megamoe")
         bar = _Progress(m.num_hidden_layers, "hf-to-megamoe", progress)
         # the layout of build_model(m, moe, dtype) without its memory; the data is streamed
         mcore_stream.save_streaming(
@@ -647,17 +645,13 @@ def megamoe_to_hf(
         raise ConvertError(f"--checkpoint {checkpoint_dir}: the model/ directory is missing")
 
     _world1(0)
-    staging = staging_dir(output, "converting")
-    merged = None
-    if meta.get("lora"):  # the base weights alone would silently drop the trained adapters
-        merged = staging.with_name(staging.name + ".merged")
-        merge_lora_checkpoint(checkpoint_dir, merged)
-        checkpoint_dir = merged
-    get = _checkpoint_getter(checkpoint_dir, m, moe)
-    torch_dtype = DTYPES[dtype]
-    staging.mkdir(parents=True)
+    staging = staging_dir(output, "megamoe convert megamoe-to-hf")
+    merged = staging / "lora-merged"  # inside the staging directory: removed with it
     try:
-        mark(staging, "megamoe convert megamoe-to-hf")
+        if meta.get("lora"):  # the base weights alone would silently drop the trained adapters
+            checkpoint_dir = merge_lora_checkpoint(checkpoint_dir, merged)
+        get = _checkpoint_getter(checkpoint_dir, m, moe)
+        torch_dtype = DTYPES[dtype]
         writer = ShardedSafetensorsWriter(staging, max_bytes)
         bar = _Progress(m.num_hidden_layers, "megamoe-to-hf", progress)
         for name, t in bar.wrap(_mg_to_hf(get, m, moe)):
@@ -675,13 +669,11 @@ def megamoe_to_hf(
         hfc.write_config_json(staging, cfg)
         if tokenizer:
             _copy_tokenizer(Path(tokenizer), staging)
+        shutil.rmtree(merged, ignore_errors=True)
         publish_dir(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    finally:
-        if merged is not None:
-            shutil.rmtree(merged, ignore_errors=True)
     return output
 
 

@@ -36,7 +36,7 @@ import numpy as np
 
 from .checkpoint import is_checkpoint
 from .command import FlagParser
-from .outputs import mark, written_by_megamoe
+from .outputs import mark, written_by
 
 DOMAINS = ["code", "logs", "math", "chat", "wiki", "prose", "noise"]
 VOCAB = 512
@@ -309,7 +309,7 @@ def main(argv=None, prog: str = "python -m megamoe.demo") -> int:
     t0 = time.time()
     out = os.path.abspath(a.output_dir)
     # the demo removes and rewrites parts of its folder: only ever one it made itself
-    if os.path.isdir(out) and os.listdir(out) and not written_by_megamoe(Path(out)):
+    if os.path.isdir(out) and os.listdir(out) and written_by(Path(out)) != "megamoe demo":
         print(
             f"demo: --output_dir {out} holds files the demo did not write; choose an empty or "
             "new folder",

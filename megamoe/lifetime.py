@@ -24,24 +24,44 @@ import time
 PR_SET_PDEATHSIG = 1
 MARK = "MEGAMOE_RUN"  # in a run's environment: the pid of the process that leads it
 _registered = False
+_libc = None  # loaded in the parent: a forked child of a threaded process must not dlopen
+_forking_parent = 0  # the pid a forked child expects as its parent
 
 
-def die_with_parent() -> None:
-    """SIGKILL this process when its parent (the thread that started it) ends."""
+def _prctl():
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc.prctl
+
+
+def die_with_parent(parent: int | None = None) -> None:
+    """SIGKILL this process when its parent (the thread that started it) ends; `parent`: the
+    pid it should have (by default its current parent): if that one is gone already, nobody
+    would send the signal, so this process ends now."""
     if not sys.platform.startswith("linux"):
         return
-    parent = os.getppid()
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:  # the parent died before the request: nobody would kill us
+    parent = os.getppid() if parent is None else parent
+    _prctl()(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
         os._exit(1)
+
+
+def _before_fork() -> None:
+    global _forking_parent
+    _forking_parent = os.getpid()
+
+
+def _after_fork_in_child() -> None:
+    die_with_parent(_forking_parent)
 
 
 def children_die_with_me() -> None:
     """Every process forked from now on dies with this one."""
     global _registered
-    if not _registered:
-        os.register_at_fork(after_in_child=die_with_parent)
+    if not _registered and sys.platform.startswith("linux"):
+        _prctl()  # now, in the parent
+        os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
         _registered = True
 
 

@@ -10,7 +10,7 @@ existing directory (``--overwrite``) is allowed only when
 
 and the old copy is moved aside and deleted only once the new one is in place. Temporaries left
 by a killed run are recognised by name and by a process id that no longer runs, and removed by
-the next run. Nothing here deletes anything else.
+the next run on the same machine. Nothing here deletes anything else.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -35,8 +36,16 @@ def mark(directory: Path, command: str) -> None:
     (directory / MARK).write_text(json.dumps({"written_by": command, "time": time.time()}) + "\n")
 
 
+def written_by(directory: Path) -> str | None:
+    """The command that wrote `directory` (its MARK), None for a directory megamoe did not."""
+    try:
+        return json.loads((directory / MARK).read_text()).get("written_by")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def written_by_megamoe(directory: Path) -> bool:
-    return (directory / MARK).is_file()
+    return written_by(directory) is not None
 
 
 def _within(a: Path, b: Path) -> bool:
@@ -80,14 +89,18 @@ def check_output(
             )
 
 
-def staging_dir(output: Path, purpose: str = "writing") -> Path:
-    """A fresh temporary directory beside `output` for this process, after removing what killed
-    runs left there."""
+def staging_dir(output: Path, command: str) -> Path:
+    """A fresh, marked temporary directory beside `output`, for this process, once what killed
+    runs of this machine left there is removed."""
     remove_leftovers(output)
-    return output.with_name(f".{output.name}.{purpose}-{os.getpid()}")
+    tmp = output.with_name(f".{output.name}.{STAGING}-{socket.gethostname()}-{os.getpid()}")
+    tmp.mkdir(parents=True)
+    mark(tmp, command)
+    return tmp
 
 
-_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.[a-z]+-(?P<pid>\d+)(\.[a-z]+)?$")
+STAGING = "staging"
+_LEFTOVER = re.compile(rf"^\.(?P<name>.+)\.{STAGING}-(?P<host>.+)-(?P<pid>\d+)$")
 
 
 def process_alive(pid: int) -> bool:
@@ -101,20 +114,26 @@ def process_alive(pid: int) -> bool:
 
 
 def remove_leftovers(output: Path) -> list[str]:
-    """Remove temporaries of `output` whose process is gone (`.<name>.<purpose>-<pid>[.x]`)."""
+    """Remove staging directories of `output` left by killed runs: named as staging_dir names
+    them, marked, made on this machine (a process id means nothing on another node of a shared
+    filesystem) by a process that no longer runs."""
     gone = []
     parent = output.parent
     if not parent.is_dir():
         return gone
+    host = socket.gethostname()
     for entry in parent.iterdir():
         m = _LEFTOVER.match(entry.name)
         if (
             m
             and m.group("name") == output.name
+            and m.group("host") == host
             and int(m.group("pid")) != os.getpid()
             and not process_alive(int(m.group("pid")))
+            and entry.is_dir()
+            and written_by_megamoe(entry)
         ):
-            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink()
+            shutil.rmtree(entry, ignore_errors=True)
             gone.append(entry.name)
     return gone
 

@@ -11,10 +11,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megamoe.data.split import main  # noqa: E402
+from megamoe.data.split_domains import main  # noqa: E402
 
-if __name__ == "__main__":  # the guard is required: spawned processes re-import this file
-    from megamoe.lifetime import watch_over_me
-
-    watch_over_me()  # processes it starts end with it, even on SIGKILL
+if __name__ == "__main__":
     sys.exit(main())

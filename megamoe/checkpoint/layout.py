@@ -15,8 +15,8 @@ A checkpoint is written under a temporary name and renamed when complete, so a d
 its final name with megamoe.json is complete; its manifest tells whether it is still intact (a
 truncated or corrupted file: verify() names it). A checkpoint that fails is renamed
 `<name>.corrupt-<time>` (quarantine()), never deleted, and a run resumes from the newest one that
-verifies. Everything here only reads files, names them or moves directories this code wrote;
-megatron-core I/O is in io.py.
+verifies. Everything here reads files and names them; it moves or deletes only directories a
+run's checkpointing wrote (quarantine, remove_stale, rotate); megatron-core I/O is in io.py.
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def write_manifest(directory: str | os.PathLike, crcs: dict[str, str]) -> None:
     """Record every file's size and CRC-32 (`crcs`: relative name -> checksum, gathered from the
     ranks that computed them) as `directory`/manifest.json."""
     root = Path(directory)
-    files = {n: {"size": (root / n).stat().st_size, "crc32": crcs[n]} for n in files_of(root)}
+    files = {n: {"size": (root / n).stat().st_size, "crc32": c} for n, c in sorted(crcs.items())}
     (root / MANIFEST).write_text(json.dumps({"files": files}, indent=1) + "\n")
 
 
@@ -194,8 +194,8 @@ def verify(
         read_meta(root)
     except CheckpointError as e:
         return [str(e)]
-    if not (root / MANIFEST).is_file():
-        return []
+    if not (root / MANIFEST).is_file():  # a checkpoint of an older megamoe, unless it just went
+        return [] if (root / META).is_file() else [f"{root}: disappeared while being verified"]
     try:
         files = json.loads((root / MANIFEST).read_text())["files"]
     except (ValueError, KeyError, TypeError) as e:

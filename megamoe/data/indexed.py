@@ -63,15 +63,23 @@ def stats_path(prefix: str) -> str:
     return prefix + ".stats.json"
 
 
-def read_stats(prefix: str) -> dict | None:
-    """The stats file of a dataset, None when it has none (made by another tool)."""
+def read_stats(prefix: str, dataset: IndexedDataset | None = None) -> dict | None:
+    """The stats file of a dataset; None when it has none (made by another tool) or, given the
+    opened `dataset`, when its counts are not the dataset's (the .bin/.idx were rewritten since,
+    by another tool: the record no longer describes them)."""
     try:
         with open(stats_path(prefix)) as f:
-            return json.load(f)
+            stats = json.load(f)
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
         raise IndexedDatasetError(f"{stats_path(prefix)}: unreadable ({e})") from None
+    if dataset is not None and (stats.get("num_sequences"), stats.get("num_documents")) != (
+        len(dataset),
+        dataset.num_documents,
+    ):
+        return None
+    return stats
 
 
 _TEMPORARY = re.compile(

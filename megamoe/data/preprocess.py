@@ -77,7 +77,7 @@ def _init_worker(model: str, keys: list[str], bos: bool, eod: bool) -> None:
     if mp.parent_process() is not None:  # a worker process (--workers 1 runs this inline)
         from ..lifetime import die_with_parent
 
-        die_with_parent()  # a worker never outlives the run, even one killed with SIGKILL
+        die_with_parent(mp.parent_process().pid)  # never outlives the run, even on SIGKILL
     sp = load_tokenizer(model)
     _W.update(sp=sp, keys=keys, bos=sp.bos_id() if bos else -1, eos=sp.eos_id() if eod else -1)
 

@@ -5,8 +5,8 @@ the LLaMA-MoE domain names. Lines are copied byte for byte (no re-serialisation)
 becomes `<out>/<domain>/<path>.jsonl[.gz]`, <path> being its path relative to the inputs' common
 folder with '/' as '_', so SlimPajama's chunk1/example_train_0 and chunk2/example_train_0 do not
 collide (a counter separates any names that still would). Files are written in a temporary folder
-inside `<out>` and moved into place only when the whole input succeeded; a file this would
-replace must have been written by megamoe (an output folder it created), else it refuses.
+inside `<out>` and moved into place only when the whole input succeeded; a file already there is
+never replaced, except with --overwrite in a folder a former split made.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from ..command import FlagParser, run_command
-from ..outputs import mark, staging_dir, written_by_megamoe
+from ..outputs import mark, remove_leftovers, staging_dir, written_by_megamoe
 from .jsonl import EXTENSIONS, input_files, iter_lines
 
 DEFAULT_MAPPING = {
@@ -37,6 +37,23 @@ DEFAULT_MAPPING = {
 
 class SplitError(ValueError):
     pass
+
+
+def folder_name(domain, where: str) -> str:
+    """A domain becomes a folder of --output-dir: a plain name, nothing that leads elsewhere."""
+    if (
+        not isinstance(domain, str)
+        or domain in ("", ".", "..")
+        or domain.startswith(".")
+        or "/" in domain
+        or os.sep in domain
+        or "\0" in domain
+    ):
+        raise SplitError(
+            f"{where}: domain {domain!r} cannot be a folder name of --output-dir "
+            "(empty, hidden, or a path)"
+        )
+    return domain
 
 
 def get_dotted(rec, key: str):
@@ -77,30 +94,19 @@ def split_domains(
     unknown: str = "error",
     skip_bad_lines: bool = False,
     compress: bool = False,
+    overwrite: bool = False,
     log=print,
 ) -> dict:
     """Returns {domain: number of records}; see the module docstring."""
     mapping = dict(DEFAULT_MAPPING if mapping is None else mapping)
+    for value, domain in mapping.items():
+        folder_name(domain, f"the mapping of {value!r}")
     files = input_files([inputs] if isinstance(inputs, str) else list(inputs))
     names = out_names(files, compress)
     out = Path(output_dir)
-    if out.is_dir() and not written_by_megamoe(out):
-        taken = [
-            str(out / d / n)
-            for d in os.listdir(out)
-            if (out / d).is_dir()
-            for n in names
-            if (out / d / n).exists()
-        ]
-        if taken:
-            raise SplitError(
-                f"--output-dir {output_dir} already holds {taken[0]}, which this "
-                "split would replace, and megamoe did not write it: choose another "
-                "--output-dir"
-            )
-    ours = not out.is_dir() or not any(out.iterdir())  # then a rerun may replace its files
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = staging_dir(out / "split", "tmp")
+    remove_leftovers(out / "split")  # a killed run's temporary folder, before looking
+    ours = not out.is_dir() or not any(out.iterdir())  # a new or empty folder: megamoe's
+    tmp = staging_dir(out / "split", "megamoe split-domains")
     counts = collections.Counter()
     written: dict[str, int] = {}  # output path -> bytes, checked once everything is in place
     bad = 0
@@ -133,7 +139,7 @@ def split_domains(
                         if unknown == "skip":
                             counts[f"(skipped) {value}"] += 1
                             continue
-                        domain = value  # "keep": a folder named after the raw value
+                        domain = folder_name(value, f"{path}:{lineno}: {key}")  # "keep"
                     if domain not in outs:
                         os.makedirs(os.path.join(tmp, domain), exist_ok=True)
                         p = os.path.join(tmp, domain, name)
@@ -143,11 +149,30 @@ def split_domains(
             finally:
                 for f in outs.values():
                     f.close()
-        for domain in sorted(os.listdir(tmp)) if os.path.isdir(tmp) else []:
-            os.makedirs(out / domain, exist_ok=True)
-            for f in sorted(os.listdir(tmp / domain)):
-                written[str(out / domain / f)] = os.path.getsize(tmp / domain / f)
-                os.replace(tmp / domain / f, out / domain / f)
+        made = [
+            (d, f)
+            for d in sorted(os.listdir(tmp))
+            if (tmp / d).is_dir()
+            for f in sorted(os.listdir(tmp / d))
+        ]
+        taken = [str(out / d / f) for d, f in made if (out / d / f).exists()]
+        if taken and not (overwrite and written_by_megamoe(out)):
+            raise SplitError(
+                f"--output-dir {output_dir} already holds {taken[0]}"
+                + (f" and {len(taken) - 1} more file(s)" if len(taken) > 1 else "")
+                + ", which this split would replace: "
+                + (
+                    "pass --overwrite to replace files of a former split there, or "
+                    if written_by_megamoe(out)
+                    else "megamoe did not write it; "
+                )
+                + "choose another --output-dir (several inputs that share file names "
+                "belong in one run: each gets its own output file)"
+            )
+        for d, f in made:
+            os.makedirs(out / d, exist_ok=True)
+            written[str(out / d / f)] = os.path.getsize(tmp / d / f)
+            os.replace(tmp / d / f, out / d / f)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if ours:
@@ -188,6 +213,11 @@ def build_parser(prog: str = "split_domains.py") -> argparse.ArgumentParser:
     )
     p.add_argument("--skip-bad-lines", action="store_true")
     p.add_argument("--compress", action="store_true", help="write .jsonl.gz")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace files a former split wrote into --output-dir",
+    )
     return p
 
 
@@ -209,7 +239,7 @@ def run(argv, prog: str = PROG) -> int:
         if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
             raise SplitError(f"{a.mapping} must hold a json object {{value: domain}}")
     counts = split_domains(
-        a.input, a.output_dir, a.key, mapping, a.unknown, a.skip_bad_lines, a.compress
+        a.input, a.output_dir, a.key, mapping, a.unknown, a.skip_bad_lines, a.compress, a.overwrite
     )
     expected = sorted(set((mapping or DEFAULT_MAPPING).values()))
     for d in sorted(set(counts) | set(expected)):

@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..command import FlagParser, run_command
-from ..config import MoEConfig
+from ..config import MoEConfig, fmt_value
 from ..findings import Finding
 from ..train.plan import Plan, make_plan
 from .script import OptionsError, Target, parse_run, read_target
@@ -198,14 +198,6 @@ class Report:
 # The guide's judgements of the values against the published recipes
 
 
-def _fmt(x) -> str:
-    if isinstance(x, float):
-        return f"{x:g}"
-    if isinstance(x, (list, tuple)):
-        return ",".join(_fmt(v) for v in x)
-    return str(x)
-
-
 def _advice(plan: Plan, report: Report) -> None:
     run = plan.run
     t, d, o = run.train, run.data, run.optim
@@ -222,10 +214,14 @@ def _advice(plan: Plan, report: Report) -> None:
         if report.status(item) == OK:
             report.ok(item, msg)
 
+    # a MoE config with errors (filed already) is not judged further: its numbers may not even
+    # compute (--num_selects 0)
+    judge = dense or not any(f.is_error for f in moe.check(None if assumed else plan.model))
+
     item = "balance loss weight"
     if dense:
         ok(item, "not used: model_type llama (dense)")
-    else:
+    elif judge:
         w = moe.gate_balance_loss_weight
         if w == 0:
             report.warn(
@@ -234,14 +230,16 @@ def _advice(plan: Plan, report: Report) -> None:
                 "onto a few experts (the recipes use 1e-2)",
             )
         elif w > 0.1 or 0 < w < 1e-4:
-            report.warn(item, f"gate_balance_loss_weight={_fmt(w)} is far from the recipes' 1e-2")
+            report.warn(
+                item, f"gate_balance_loss_weight={fmt_value(w)} is far from the recipes' 1e-2"
+            )
         else:
-            ok(item, f"gate_balance_loss_weight={_fmt(w)}")
+            ok(item, f"gate_balance_loss_weight={fmt_value(w)}")
 
     item = "scale factor"
     if dense:
         ok(item, "not used: model_type llama (dense)")
-    else:
+    elif judge:
         layers = plan.model.num_hidden_layers if plan.model else 1
         sfs = (
             sorted({moe.scale_factor(i) for i in range(layers)})
@@ -252,7 +250,7 @@ def _advice(plan: Plan, report: Report) -> None:
         if sfs:
             ok(
                 item,
-                f"moe_calculator_score_scale_factor={_fmt(sfs)}{src} = #experts/#selected "
+                f"moe_calculator_score_scale_factor={fmt_value(sfs)}{src} = #experts/#selected "
                 f"= {moe.num_experts}/{moe.num_selects}{assumed}",
             )
         else:
@@ -263,13 +261,15 @@ def _advice(plan: Plan, report: Report) -> None:
     if lr > 1e-3:
         report.warn(
             item,
-            f"learning_rate={_fmt(lr)} is high for continual pre-training from "
+            f"learning_rate={fmt_value(lr)} is high for continual pre-training from "
             "pretrained weights (recipes: 1e-4 .. 2e-4)",
         )
     elif 0 < lr < 1e-6:
-        report.warn(item, f"learning_rate={_fmt(lr)} is so low that the model will hardly move")
+        report.warn(
+            item, f"learning_rate={fmt_value(lr)} is so low that the model will hardly move"
+        )
     else:
-        ok(item, f"learning_rate={_fmt(lr)}, final_lr_portion={_fmt(o.final_lr_portion)}")
+        ok(item, f"learning_rate={fmt_value(lr)}, final_lr_portion={fmt_value(o.final_lr_portion)}")
 
     item = "global batch size"
     max_steps = plan.max_steps
@@ -354,7 +354,7 @@ def _advice(plan: Plan, report: Report) -> None:
     item = "number of selected experts"
     if dense:
         ok(item, "not used: model_type llama (dense)")
-    else:
+    elif judge:
         src = plan.source.moe if plan.source is not None else None
         note = (
             f" (the pretrained model was trained with top-{src.num_selects})"
@@ -502,7 +502,7 @@ def _slurm(t: Target, report: Report) -> None:
             "no --signal: the job is killed at its time limit without a final "
             "checkpoint; add #SBATCH --signal=B:USR1@300",
         )
-    elif "USR1" not in sig.upper() and "10" not in sig:
+    elif sig.upper().split("@")[0].removeprefix("B:").removeprefix("SIG") not in ("USR1", "10"):
         report.warn(
             item, f"--signal={sig}: the trainer checkpoints on USR1 (or TERM); use B:USR1@300"
         )

@@ -10,11 +10,13 @@ module interprets the small part of bash that sbatch scripts use for that, as ba
 - in values and words: quotes and backslashes, ``$name``, ``${name}``, ``${name:-default}`` and
   the other default/alternative forms, ``$((integer arithmetic))``, and word splitting of
   unquoted expansions;
-- the launch command: the first one that runs scripts/launch.sh, ``megamoe launch``, ``python -m
-  megamoe.launch`` or ``python -m megamoe.train``; the words after it are the trainer's flags.
+- the launch command: the first one that runs scripts/launch.sh, ``megamoe launch`` or ``python
+  -m megamoe.train`` (itself, or through exec, bash, sh, srun); the words after it are the
+  trainer's flags.
 
 Nothing else is run: command substitution (``$(...)``, backquotes) is reported and read as
-empty, and control flow is read straight through (every assignment, in order).
+empty, here-documents are skipped, and control flow is read straight through (every assignment,
+in order).
 """
 
 from __future__ import annotations
@@ -277,10 +279,19 @@ class Shell:
     def _arith(self, expr: str) -> str:
         """$((...)): integers, + - * / % ** and parentheses; bare names are variables."""
         text = "".join(t for t, _ in self._expand(expr, quoted=True))
-        text = NAME.sub(lambda m: self.vars.get(m.group(0), "0") or "0", text)
+        text = re.sub(
+            r"\b0[xX][0-9a-fA-F]+\b|\b0[0-7]+\b",
+            lambda m: str(int(m.group(0), 16 if m.group(0)[1:2] in ("x", "X") else 8)),
+            text,
+        )  # C literals
+        text = re.sub(
+            r"(?<![0-9A-Za-z_])[A-Za-z_][A-Za-z0-9_]*",
+            lambda m: self.vars.get(m.group(0), "0") or "0",
+            text,
+        )  # names: variables
         try:
             return str(_int_eval(ast.parse(text.strip(), mode="eval").body))
-        except (SyntaxError, ValueError, ZeroDivisionError, TypeError):
+        except (SyntaxError, ValueError, ZeroDivisionError, TypeError, OverflowError):
             self.unknown.append(f"$(({expr}))")
             return ""
 
@@ -299,10 +310,9 @@ def _int_eval(node) -> int:
             return a - b
         if isinstance(node.op, ast.Mult):
             return a * b
-        if isinstance(node.op, (ast.Div, ast.FloorDiv)):
-            return int(a / b)  # bash truncates toward zero
-        if isinstance(node.op, ast.Mod):
-            return a - b * int(a / b)
+        if isinstance(node.op, (ast.Div, ast.FloorDiv, ast.Mod)):
+            q = abs(a) // abs(b) * (1 if (a < 0) == (b < 0) else -1)  # bash: toward zero, exact
+            return q if not isinstance(node.op, ast.Mod) else a - b * q
         if isinstance(node.op, ast.Pow) and 0 <= b < 64:
             return a**b
     raise ValueError("not integer arithmetic")
@@ -313,25 +323,66 @@ def _int_eval(node) -> int:
 
 
 def _launch_start(words: list[str]) -> int | None:
-    """Index of the first trainer flag when `words` run the launcher or the trainer."""
-    for k, w in enumerate(words):
-        if w.endswith("launch.sh"):
-            return k + 1
-        if w in ("megamoe.launch", "megamoe.train") and k > 0 and words[k - 1] == "-m":
-            return k + 1
+    """Index of the first trainer flag when `words` run the launcher or the trainer: as the
+    command itself, or through exec / bash / sh / srun (its options skipped) / python -m."""
+    k = 0
+    while k < len(words):
+        w = os.path.basename(words[k])
         if (
-            os.path.basename(w) == "megamoe"
+            w == "exec"
+            or w in ("bash", "sh")
             and k + 1 < len(words)
-            and words[k + 1] in ("launch", "train")
+            and not words[k + 1].startswith("-")
         ):
+            k += 1
+        elif w == "srun":
+            k += 1
+            while k < len(words) and words[k].startswith("-"):
+                k += 1
+        elif w.endswith("launch.sh"):
+            return k + 1
+        elif w == "megamoe" and k + 1 < len(words) and words[k + 1] in ("launch", "train"):
             return k + 2
+        elif w.startswith("python"):
+            j = k + 1
+            while j < len(words) and words[j].startswith("-") and words[j] != "-m":
+                j += 1  # the interpreter's options (-u, -B, ...)
+            module = words[j + 1 : j + 3]
+            if module[:1] == ["megamoe.train"]:
+                return j + 2
+            if module in (["megamoe", "launch"], ["megamoe", "train"]):
+                return j + 3
+            return None
+        else:
+            return None
     return None
+
+
+_HEREDOC = re.compile(r"<<-?\s*(['\"]?)([A-Za-z_][A-Za-z0-9_]*)\1")
+
+
+def _without_heredocs(text: str) -> tuple[str, list[str]]:
+    """The script with here-document bodies blanked (they are data, not commands), and notes."""
+    lines, out, notes, end = text.split("\n"), [], [], None
+    for n, line in enumerate(lines, 1):
+        if end is not None:
+            out.append("")
+            if line.strip() == end:
+                end = None
+            continue
+        m = _HEREDOC.search(line)
+        if m and "#" not in line[: m.start()]:
+            end = m.group(2)
+            notes.append(f"line {n}: a here-document ({end}) is data, not read as commands")
+        out.append(line)
+    return "\n".join(out), notes
 
 
 def read_script(path: str, env: Mapping[str, str] | None = None) -> Target:
     """The trainer flags an sbatch script passes to the launcher, read without running it."""
     text = Path(path).read_text(errors="replace")
     t = Target(path, "script", sbatch=parse_sbatch_header(text))
+    text, t.notes = _without_heredocs(text)
     sh = Shell(os.environ if env is None else env, path)
     control = set()
     for line, raw in _commands(text):

@@ -123,7 +123,7 @@ class RunLogger:
             self._log_file.write(f"warning: {msg}\n")
 
     def error(self, msg: str) -> None:
-        """Errors print on every rank that has them (rank-prefixed off rank 0)."""
+        """Errors print on every rank that has them (and go to the log files on rank 0)."""
         print(f"error: {msg}", file=sys.stderr, flush=True)
         if self.enabled:
             self._log_file.write(f"error: {msg}\n")

@@ -3,7 +3,8 @@
 Flags and config files are parsed by megamoe.config; megamoe.train.plan checks them (and the
 model, data and processes) before any work: bad flags exit with code 2 and one line per
 problem. Exit codes: 0 done (or stopped by SIGTERM/SIGUSR1 after saving), 1 the run failed
-(e.g. a non-finite loss), 2 bad flags.
+(e.g. a non-finite loss, or a bug: its traceback is in train.log), 2 bad flags or inputs, 130
+Ctrl-C.
 """
 from __future__ import annotations
 

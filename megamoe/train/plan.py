@@ -5,7 +5,8 @@ schedule, where to resume from), computed once for the trainer and `megamoe chec
 trainer starts only when no finding is an error.
 
 Only cheap reads happen here: JSON configs, directory listings and .idx headers; no model is
-built, megatron-core is not imported, and no process group is started.
+built, megatron-core is not imported, and no process group is started. The one write: with
+`repair` (the trainer's rank 0), a damaged checkpoint of the run is renamed out of the way.
 """
 
 from __future__ import annotations
@@ -273,7 +274,7 @@ def _datasets(flag: str, sets: dict, block_size: int, model: ModelConfig | None)
         return out
     for domain, prefixes in sets.items():
         try:
-            DomainStream(domain, prefixes, block_size)
+            stream = DomainStream(domain, prefixes, block_size)
         except (OSError, ValueError) as e:  # IndexedDatasetError names the file
             out.append(
                 error(
@@ -283,9 +284,9 @@ def _datasets(flag: str, sets: dict, block_size: int, model: ModelConfig | None)
                 )
             )
             continue
-        for prefix in prefixes if model is not None else ():
+        for prefix, file in zip(prefixes, stream.files) if model is not None else ():
             try:
-                top = (read_stats(prefix) or {}).get("max_token_id", -1)
+                top = (read_stats(prefix, file.ds) or {}).get("max_token_id", -1)
             except ValueError as e:
                 out.append(error(flag, f"{{flag}}: {e}"))
                 continue
@@ -386,22 +387,26 @@ def unused_parts(run: RunConfig) -> tuple[str, ...]:
 def intact_checkpoint(run: RunConfig, out: list[Finding], repair: bool) -> str | None:
     """The newest checkpoint of the run whose metadata reads and whose files have their
     manifest's sizes (the cheap half of checkpoint.layout.verify; the trainer compares the
-    checksums too). A damaged one is reported and, with `repair` (the trainer's rank 0), renamed
-    out of the way."""
-    repair = repair and os.environ.get("RANK", "0") == "0"
+    checksums too). A damaged one is reported and, with `repair`, renamed out of the way."""
     for _, path in reversed(ckpt.list_checkpoints(run.train.output_dir)):
         bad = ckpt.verify(path, share=None, skip=unused_parts(run))
         if not bad:
             return path
-        fate = "the run renames it and resumes from an older one"
-        if repair:
-            try:
-                fate = f"renamed to {ckpt.quarantine(path)}; resuming from an older one"
-            except OSError as e:
-                fate = f"could not rename it ({e}); resuming from an older one"
-        more = f" (and {len(bad) - 1} more problem(s))" if len(bad) > 1 else ""
-        out.append(warning("output_dir", f"{path} is damaged: {bad[0]}{more}", fate))
+        out.append(set_aside(path, bad, repair))
     return None
+
+
+def set_aside(path: str, bad: list[str], rename: bool) -> Finding:
+    """The warning about a damaged checkpoint; with `rename`, it is moved out of the way first
+    (kept, never deleted: checkpoint.layout.quarantine)."""
+    fate = "the run renames it and resumes from an older one"
+    if rename:
+        try:
+            fate = f"renamed to {ckpt.quarantine(path)}; resuming from an older one"
+        except OSError as e:
+            fate = f"could not rename it ({e}); resuming from an older one"
+    more = f" (and {len(bad) - 1} more problem(s))" if len(bad) > 1 else ""
+    return warning("output_dir", f"{path} is damaged: {bad[0]}{more}", fate)
 
 
 def make_plan(
@@ -431,7 +436,7 @@ def make_plan(
             out.append(
                 error("output_dir", f"{{flag}} {t.output_dir} exists and is not a directory")
             )
-        resume_from = intact_checkpoint(run, out, repair)
+        resume_from = intact_checkpoint(run, out, repair and env.get("RANK", "0") == "0")
         if resume_from and not t.resume:
             out.append(
                 error(

@@ -89,7 +89,15 @@ def ensure_converted(plan: Plan, say) -> None:
             meta = json.loads(open(f).read())
         except (OSError, json.JSONDecodeError):
             return False
-        return meta.get("source") == src and meta.get("model_type") == run.train.model_type
+        if meta.get("source") != src or meta.get("model_type") != run.train.model_type:
+            return False
+        if plan.moe is None:
+            return True
+        # the knobs the converted weights are made of: a conversion for other ones is redone
+        fixed = {k: getattr(plan.moe, k) for k in plan.moe.FIXED}
+        made = {k: (meta.get("moe") or {}).get(k) for k in plan.moe.FIXED}
+        seed_ok = plan.source.moe is not None or meta.get("split_seed") == run.moe.split_seed
+        return made == fixed and seed_ok
 
     if matching():
         say(f"pretrained: using the conversion of {src} in {target}")
@@ -301,24 +309,25 @@ class Trainer:
     def _verified_resume(self) -> str | None:
         """The plan's resume checkpoint once every checksum of its manifest matched (spread over
         the ranks); a damaged one is renamed out of the way (rank 0) and the next older one is
-        tried, down to the pretrained model."""
+        tried, down to the pretrained model. Every rank checks rank 0's choice: their plans were
+        made apart, while rank 0 may have been renaming."""
         from ..checkpoint import io as checkpoint_io
-        from .plan import intact_checkpoint, read_pretrained, resolve_moe, unused_parts
+        from .plan import intact_checkpoint, read_pretrained, resolve_moe, set_aside, unused_parts
 
-        plan, path = self.plan, self.plan.resume_from
+        def agreed(path):
+            box = [path]
+            dist.broadcast_object_list(box, src=0)
+            return box[0]
+
+        plan, path = self.plan, agreed(self.plan.resume_from)
         while path is not None:
             bad = checkpoint_io.verify(path, unused_parts(self.run))
             if not bad:
                 break
-            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
             if self.rank == 0:
-                self.extra_warnings.append(
-                    f"{path} is damaged: {bad[0]}{more}; renamed to "
-                    f"{ckpt.quarantine(path)}; resuming from the newest "
-                    "checkpoint that verifies"
-                )
+                self.extra_warnings.append(set_aside(path, bad, rename=True).text())
             dist.barrier()
-            path = intact_checkpoint(self.run, [], repair=False)
+            path = agreed(intact_checkpoint(self.run, [], repair=False))
         if path != plan.resume_from:  # the configs of the weights actually used
             weights, found = read_pretrained(path, "output_dir") if path else (plan.source, [])
             moe, more = resolve_moe(self.run, weights, path or plan.pretrained_checkpoint)
@@ -526,17 +535,25 @@ class Trainer:
 
     def _check_vocabulary(self, tokens: torch.Tensor, doms: torch.Tensor) -> None:
         """Token ids beyond the vocabulary (data made by another tool, not checked at start-up)
-        would fail deep in the embedding: stop with the domain's files named instead."""
-        top = int(tokens.max())
-        if top >= self.model_cfg.vocab_size:
-            d = self.domains[
-                int(doms[int((tokens.max(dim=1).values >= self.model_cfg.vocab_size).nonzero()[0])])
-            ]
+        would fail deep in the embedding: stop with the domain's files named instead. Collective:
+        every rank learns of a bad block any rank drew, and all stop together."""
+        v = self.model_cfg.vocab_size
+        per_sample = tokens.max(dim=1).values
+        bad = (per_sample >= v).nonzero()
+        found = torch.tensor(
+            [float(per_sample.max()), float(doms[bad[0, 0]]) if len(bad) else -1.0],
+            dtype=torch.float64,
+            device=self.device,
+        )
+        if self.world > 1:
+            dist.all_reduce(found, op=dist.ReduceOp.MAX)
+        top, dom = int(found[0]), int(found[1])
+        if top >= v:
+            d = self.domains[dom]
             raise TrainingStopped(
-                f"a block of domain {d} holds token id {top}, beyond the model's vocab_size "
-                f"{self.model_cfg.vocab_size}: its datasets "
-                f"{self.plan.domains.get(d)} were tokenized with another tokenizer; preprocess "
-                "them with the pretrained model's own",
+                f"a block of domain {d} holds token id {top}, beyond the model's vocab_size {v}: "
+                f"its datasets {self.plan.domains.get(d)} were tokenized with another tokenizer; "
+                "preprocess them with the pretrained model's own",
                 2,
             )
 
@@ -883,6 +900,7 @@ class Trainer:
 
 def run_training(plan: Plan) -> int:
     """Set up and train per `plan` (plan.make_plan). Returns the exit code."""
+    from torch.distributed.checkpoint.api import CheckpointException
 
     def say(msg):
         if _rank() == 0:
@@ -906,5 +924,7 @@ def run_training(plan: Plan) -> int:
             "command to resume from it",
             INTERRUPTED,
         )
-    except Exception:  # a bug: the whole traceback, in train.log too, so that it can be reported
+    except (Exception, CheckpointException):  # a bug, or a failed write (a full disk): the
+        # whole traceback, in train.log too (CheckpointException, dist_checkpointing's, is a
+        # BaseException)
         return trainer.stopped(traceback.format_exc().rstrip(), 1)

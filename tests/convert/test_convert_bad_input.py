@@ -20,7 +20,7 @@ def _leftovers(parent):
     return [
         p.name
         for p in parent.iterdir()
-        if ".converting-" in p.name or ".tmp-" in p.name or ".old-" in p.name
+        if ".staging-" in p.name or ".tmp-" in p.name or ".old-" in p.name
     ]
 
 

@@ -126,19 +126,34 @@ def test_overwrite_replaces_only_megamoe_outputs(
 def test_a_killed_conversion_leaves_what_the_next_run_removes(
     world1, capsys, tmp_path, hf_and_ckpt
 ):
+    import socket
+
+    from megamoe.outputs import mark
+
     root, hf, run = hf_and_ckpt
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # a process id that no longer runs
-    left = tmp_path / f".out.converting-{dead.pid}"
+    left = tmp_path / f".out.staging-{socket.gethostname()}-{dead.pid}"
     left.mkdir()
+    mark(left, "megamoe convert hf-to-megamoe")
     (left / "half.safetensors").write_bytes(b"x" * 1000)
-    mine = tmp_path / ".out.keep-me"  # a user's file of a similar name stays
-    mine.write_text("keep")
+    # look-alikes of a user's stay: another host's, unmarked, or another name
+    keep = [
+        tmp_path / f".out.staging-otherhost-{dead.pid}",
+        tmp_path / f".out.staging-{socket.gethostname()}-1",
+        tmp_path / ".out.backup-20240101",
+        tmp_path / ".out.keep-me",
+    ]
+    for k in keep:
+        k.mkdir()
+        (k / "mine.txt").write_text("keep")
+    mark(keep[0], "megamoe convert hf-to-megamoe")
+    before = tree(*keep)
     assert (
         _run(capsys, "hf-to-megamoe", "--hf-dir", str(hf), "--output", str(tmp_path / "out"))[0]
         == 0
     )
-    assert not left.exists() and mine.read_text() == "keep"
+    assert not left.exists() and tree(*keep) == before
 
 
 def _slimpajama(n, seed):
@@ -186,6 +201,38 @@ def test_split_domains_keeps_every_record_of_repeated_file_names(tmp_path, helpe
     assert tree(sp) == before
 
 
+def test_split_domains_chunk_by_chunk_into_one_folder_is_refused(tmp_path, helpers, capsys):
+    """Runs of one chunk each would give their files the same names: the second run refuses
+    rather than replace the first one's output."""
+    from megamoe.data.split_domains import main
+
+    sp = tmp_path / "SP"
+    for c in (1, 2):
+        helpers.write_jsonl(sp / f"chunk{c}" / "example_train_0.jsonl", _slimpajama(14, c))
+    out = tmp_path / "raw"
+    assert main(["--input", str(sp / "chunk1"), "--output-dir", str(out)]) == 0
+    before = tree(out)
+    assert main(["--input", str(sp / "chunk2"), "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "would replace" in err and "--overwrite" in err and tree(out) == before
+    both = tmp_path / "both"  # the way: one run over both chunks
+    assert main(["--input", str(sp / "chunk1"), str(sp / "chunk2"), "--output-dir", str(both)]) == 0
+    assert sum(len(f.read_text().splitlines()) for f in both.rglob("*.jsonl")) == 28
+
+
+@pytest.mark.parametrize("domain", ["/tmp/elsewhere", "../up", "..", ".hidden", ""])
+def test_split_domains_keeps_every_domain_inside_the_output(tmp_path, helpers, capsys, domain):
+    from megamoe.data.split_domains import main
+
+    inp = helpers.write_jsonl(
+        tmp_path / "in.jsonl", [{"text": "x", "meta": {"redpajama_set_name": domain}}]
+    )
+    out = tmp_path / "raw"
+    assert main(["--input", inp, "--output-dir", str(out), "--unknown", "keep"]) == 2
+    assert "cannot be a folder name" in capsys.readouterr().err
+    assert not any(p.is_file() for p in out.rglob("*") if p.name != ".megamoe-output")
+
+
 def test_split_domains_never_replaces_a_users_file(tmp_path, helpers, capsys):
     from megamoe.data.split_domains import main
 
@@ -199,7 +246,10 @@ def test_split_domains_never_replaces_a_users_file(tmp_path, helpers, capsys):
     assert "part.jsonl" in err and "megamoe did not write it" in err and tree(out) == before
     fresh = tmp_path / "fresh"
     assert main(["--input", inp, "--output-dir", str(fresh)]) == 0
-    assert main(["--input", inp, "--output-dir", str(fresh)]) == 0  # its own files: a rerun
+    assert main(["--input", inp, "--output-dir", str(fresh)]) == 2  # no silent replacing
+    assert main(["--input", inp, "--output-dir", str(fresh), "--overwrite"]) == 0  # its own files
+    assert main(["--input", inp, "--output-dir", str(out), "--overwrite"]) == 2  # never a user's
+    assert tree(out) == before
 
 
 SIDE_EFFECT_SCRIPT = """#!/bin/bash
