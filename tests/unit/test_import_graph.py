@@ -130,3 +130,24 @@ def test_the_graph_sees_lazy_and_relative_imports():
     assert "ops.checklist" in g["ops.launcher"]  # inside a function
     assert "ops.launcher" not in g["ops.checklist"]
     assert os.sep not in "".join(g)
+
+
+def test_the_readme_layout_map_matches_the_tree():
+    """Every module has its line in the README's code-layout map, and every path there exists."""
+    import re
+
+    root = PKG.parent
+    readme = (root / "README.md").read_text()
+    section = readme[readme.index("## Code layout") :]
+    listed = set(re.findall(r"^    (megamoe/\S+\.py)", section, re.M))
+    modules = {
+        str(p.relative_to(root))
+        for p in PKG.rglob("*.py")
+        if p.name not in ("__init__.py", "__main__.py")
+    }
+    assert not modules - listed, (
+        f"modules missing from the README's map: {sorted(modules - listed)}"
+    )
+    assert all((root / p).is_file() for p in listed), sorted(
+        p for p in listed if not (root / p).is_file()
+    )
