@@ -16,6 +16,15 @@ Three situations, told apart by the SLURM_* variables:
 * Inside a job step (each srun task): run torchrun for this node, --node_rank = SLURM_NODEID.
 * Outside Slurm: the same torchrun for one node (so one script serves a workstation).
 
+Several nodes: every node's launcher first checks that its software is the batch node's (each
+file of the megamoe package, the versions of Python, torch, megatron-core, numpy) and runs the
+pre-flight check on its own view of the files (node_preflight): a node that differs refuses,
+naming itself, before any training process starts. Then it beats to the batch launcher
+(NodeWatch/NodeBeat): a node not heard from for MEGAMOE_NODE_TIMEOUT_S seconds is lost, the
+other nodes kill their training processes (a collective with it would wait for gloo's or NCCL's
+10-30 minute timeout), the job log names it and the newest complete checkpoint, and the job is
+requeued to resume from that checkpoint on nodes that answer.
+
 torchrun runs in this process (``torch.distributed.run.main``, what the ``torchrun`` command
 calls), so that this process can pass signals to the training processes it starts and ignore
 those meant for them (the default action of SIGUSR1 is to terminate).
@@ -25,9 +34,10 @@ with MEGAMOE_ALLOW_CPU=1 the launcher runs num_gpu_per_node CPU processes per no
 refusing.
 
 Environment knobs: MEGAMOE_ALLOW_CPU=1 (see above), MASTER_PORT (override the derived port),
-MEGAMOE_SKIP_CHECK=1 (skip the pre-flight checks), MEGAMOE_NO_REQUEUE=1 (do not requeue after a
-preemption signal), MEGAMOE_PYTHON (the python srun starts; default: this one),
-MEGAMOE_SIGNAL_REPEAT_S (how often a preemption request is repeated; default 30).
+MEGAMOE_SKIP_CHECK=1 (skip the pre-flight checks, the per-node ones too), MEGAMOE_NO_REQUEUE=1
+(do not requeue after a preemption signal or a lost node), MEGAMOE_PYTHON (the python srun
+starts; default: this one), MEGAMOE_SIGNAL_REPEAT_S (how often a preemption request is repeated;
+default 30), MEGAMOE_NODE_TIMEOUT_S (when a silent node is lost; default 60).
 """
 from __future__ import annotations
 
@@ -486,13 +496,15 @@ class NodeWatch:
                 word, _, arg = line.strip().partition(" ")
                 if word == "hello":
                     rank = int(arg)
-                elif word == "bye" and rank is not None:
+                elif rank is None:
+                    continue
+                elif word == "bye":
                     with self.lock:
                         self.said_bye[rank] = int(arg)
                     return
-                if rank is not None:
-                    with self.lock:
-                        self.last[rank] = time.monotonic()
+                with self.lock:
+                    self.last[rank] = time.monotonic()
+                if word == "beat":
                     reply = f"stop {self.lost}" if self.lost else "ok"
                     conn.sendall((reply + "\n").encode())
         except (OSError, ValueError):
@@ -671,10 +683,10 @@ class _ChildForwarder:
     would die of it). Helper processes further down (data loaders, checkpoint writers) are
     never signalled."""
 
-    def __init__(self) -> None:
-        import threading
+    def __init__(self, label: Optional[str] = None) -> None:
         self.pending = threading.Event()
         self.sent: set[int] = set()
+        self.label = label  # a node of a multi-node job says so in the log
         threading.Thread(target=self._loop, daemon=True).start()
 
     def __call__(self, signum, frame) -> None:
@@ -690,6 +702,8 @@ class _ChildForwarder:
                     try:
                         child.send_signal(signal.SIGUSR1)
                         self.sent.add(child.pid)
+                        if self.label:
+                            log(f"{self.label}: SIGUSR1 to training process {child.pid}")
                     except psutil.Error:
                         pass
             time.sleep(0.5)
@@ -702,7 +716,7 @@ class _ChildForwarder:
 STEP_SIGNAL = signal.SIGURG
 
 
-def _run_torchrun(args: list[str], in_slurm_step: bool) -> int:
+def _run_torchrun(args: list[str], in_slurm_step: bool, label: Optional[str] = None) -> int:
     """torchrun in this process (what the `torchrun` command calls).
 
     SIGUSR1 to this process, or (in a Slurm step) SIGURG from the batch launcher, is passed on
@@ -710,7 +724,7 @@ def _run_torchrun(args: list[str], in_slurm_step: bool) -> int:
     step (sbatch --signal=USR1 without B:) is ignored here, and by the training processes while
     they start (an ignored signal stays ignored across exec) until the trainer installs its
     handler."""
-    forward = _ChildForwarder()
+    forward = _ChildForwarder(label)
     if in_slurm_step:
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         signal.signal(STEP_SIGNAL, forward)
@@ -940,7 +954,8 @@ def _launch(argv: list[str], env: dict[str, str], sig: Optional[_BatchSignals],
         os.environ["OMP_NUM_THREADS"] = str(default_omp_threads(env, p.nproc_per_node))
     if first:
         log(f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} $ torchrun " + shlex.join(p.argv))
-    return _run_torchrun(p.argv, in_slurm_step=p.mode == "node")
+    return _run_torchrun(p.argv, in_slurm_step=p.mode == "node",
+                         label=label if p.mode == "node" and p.nnodes > 1 else None)
 
 
 if __name__ == "__main__":

@@ -47,14 +47,20 @@ in_ns() { local h; h=$(holder "$1"); alive "$h" || die "$1 is not running (start
           shift; nsenter -t "$h" -n -u -m --wd="$PWD" -- "$@"; }
 login() { in_ns "$CTL" "$@"; }
 
-stop_pid() {  # pidfile [name]: TERM, then KILL after 5 s
-  local pid
-  pid=$(cat "$1" 2>/dev/null) || return 0
-  rm -f "$1"
-  alive "$pid" || return 0
-  kill "$pid" 2>/dev/null || true
-  for _ in $(seq 50); do alive "$pid" || return 0; sleep 0.1; done
-  kill -9 "$pid" 2>/dev/null || true
+stop_pids() {  # pidfile...: TERM to all, KILL to those left after 5 s
+  local f pid pids=()
+  for f in "$@"; do
+    pid=$(cat "$f" 2>/dev/null) || continue
+    rm -f "$f"
+    alive "$pid" && kill "$pid" 2>/dev/null && pids+=("$pid")
+  done
+  for _ in $(seq 50); do
+    local left=0
+    for pid in "${pids[@]}"; do alive "$pid" && left=1; done
+    [ $left -eq 0 ] && return 0
+    sleep 0.1
+  done
+  for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
 }
 
 stop() {
@@ -63,24 +69,22 @@ stop() {
     login timeout 20 bash -c 'while squeue -h -t R,CG 2>/dev/null | grep -q .; do sleep 0.5; done' \
       2>/dev/null || true
   fi
-  for f in "$DIR"/run/slurmd-*.pid; do [ -e "$f" ] && stop_pid "$f"; done
-  stop_pid "$DIR/run/slurmctld.pid"
-  # whatever a killed node left (job processes) lives in its namespaces: end them by namespace
+  stop_pids "$DIR"/run/slurmd-*.pid "$DIR/run/slurmctld.pid"
+  # whatever a killed node left (job processes) lives in its namespaces: end it by namespace
+  local f h p spaces=" "
   for f in "$DIR"/run/*.holder; do
-    [ -e "$f" ] || continue
-    local h ns
-    h=$(cat "$f" 2>/dev/null)
-    if alive "$h"; then
-      ns=$(readlink "/proc/$h/ns/uts")
-      for p in /proc/[0-9]*; do
-        p=${p#/proc/}
-        [ "$p" != "$h" ] && [ "$(readlink "/proc/$p/ns/uts" 2>/dev/null)" = "$ns" ] \
-          && kill -9 "$p" 2>/dev/null || true
-      done
-    fi
-    stop_pid "$f"
+    h=$(cat "$f" 2>/dev/null) || continue
+    alive "$h" && spaces+="$(readlink "/proc/$h/ns/uts") "
   done
-  stop_pid "$DIR/munge/munged.pid"
+  if [ "$spaces" != " " ]; then
+    for p in /proc/[0-9]*; do
+      case "$spaces" in
+        *" $(readlink "$p/ns/uts" 2>/dev/null) "*) kill -9 "${p#/proc/}" 2>/dev/null ;;
+      esac
+    done
+  fi
+  rm -f "$DIR"/run/*.holder
+  stop_pids "$DIR/munge/munged.pid"
   for ns in "$CTL" $(for i in $(seq "$N"); do node "$i"; done); do
     ip netns del "$ns" 2>/dev/null || true
   done
@@ -96,7 +100,8 @@ up() {  # every node answers and is idle
 start() {
   [ "$(id -u)" -eq 0 ] || die "must run as root (namespaces; slurmd starts jobs as their users)"
   for b in ip unshare nsenter munged slurmctld slurmd sinfo scontrol; do
-    command -v $b >/dev/null 2>&1 || die "$b not found (scripts/slurm/install_slurm.sh installs slurm and munge)"
+    command -v $b >/dev/null 2>&1 \
+      || die "$b not found (scripts/slurm/install_slurm.sh installs slurm and munge)"
   done
   if up && grep -q "^NodeName=$(node "$N") " "$CONF"; then
     echo "multinode slurm already running: $N nodes; SLURM_CONF=$CONF"
@@ -110,16 +115,18 @@ start() {
   dd if=/dev/urandom bs=1 count=1024 of="$DIR/munge/munge.key" status=none
   chmod 755 "$DIR/munge"   # clients of every user reach the socket; the key stays private
   chmod 400 "$DIR/munge/munge.key"
+  local as_munge=() files=(-S "$SOCK" --key-file="$DIR/munge/munge.key"
+    --seed-file="$DIR/munge/seed" --pid-file="$DIR/munge/munged.pid" --log-file="$DIR/munge/munged.log")
   if id munge >/dev/null 2>&1; then
     chown -R munge: "$DIR/munge"
-    runuser -u munge -- munged -S "$SOCK" --key-file="$DIR/munge/munge.key" \
-      --pid-file="$DIR/munge/munged.pid" --seed-file="$DIR/munge/seed" --log-file="$DIR/munge/munged.log"
+    as_munge=(runuser -u munge --)
   else
-    munged --force -S "$SOCK" --key-file="$DIR/munge/munge.key" \
-      --pid-file="$DIR/munge/munged.pid" --seed-file="$DIR/munge/seed" --log-file="$DIR/munge/munged.log"
+    files+=(--force)
   fi
-  for _ in $(seq 50); do munge -S "$SOCK" -n 2>/dev/null | unmunge -S "$SOCK" >/dev/null 2>&1 && break; sleep 0.1; done
-  munge -S "$SOCK" -n | unmunge -S "$SOCK" >/dev/null || die "munged does not answer ($DIR/munge/munged.log)"
+  "${as_munge[@]}" munged "${files[@]}"
+  munge_ok() { munge -S "$SOCK" -n 2>/dev/null | unmunge -S "$SOCK" >/dev/null 2>&1; }
+  for _ in $(seq 50); do munge_ok && break; sleep 0.1; done
+  munge_ok || die "munged does not answer ($DIR/munge/munged.log)"
 
   # --- names: one hosts file, bind-mounted over /etc/hosts inside each namespace -------------
   {
@@ -149,8 +156,8 @@ start() {
     # nsenter, not `ip netns exec`: that one mounts a fresh /sys, hiding /sys/fs/cgroup, which
     # slurmd needs
     setsid nsenter --net="/run/netns/$name" unshare --uts --mount --propagation private -- sh -c \
-      "hostname $name && mount --bind $DIR/hosts /etc/hosts && echo \$\$ > $DIR/run/$name.holder && exec sleep infinity" \
-      </dev/null >/dev/null 2>&1 &
+      "hostname $name && mount --bind $DIR/hosts /etc/hosts \
+       && echo \$\$ > $DIR/run/$name.holder && exec sleep infinity" </dev/null >/dev/null 2>&1 &
   done
   for name in "$CTL" $(for i in $(seq "$N"); do node "$i"; done); do
     for _ in $(seq 50); do [ -s "$DIR/run/$name.holder" ] && break; sleep 0.1; done
@@ -199,13 +206,14 @@ InactiveLimit=0
 Waittime=0
 CONF
     for i in $(seq "$N"); do
-      echo "NodeName=$(node "$i") NodeAddr=$(node_ip "$i") CPUs=$(nproc) RealMemory=2000 State=UNKNOWN"
+      echo "NodeName=$(node "$i") NodeAddr=$(node_ip "$i") CPUs=$(nproc) RealMemory=2000" \
+           "State=UNKNOWN"
     done
     echo "PartitionName=MoE Nodes=$nodes Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO"
   } > "$CONF"
 
   # --- daemons -------------------------------------------------------------------------------
-  in_ns "$CTL" slurmctld -f "$CONF"
+  in_ns "$CTL" slurmctld -c -f "$CONF"   # -c: a fresh cluster, no state of an earlier one
   for i in $(seq "$N"); do
     mkdir -p "$DIR/spool/$(node "$i")"
     in_ns "$(node "$i")" slurmd -f "$CONF" -N "$(node "$i")"
@@ -220,7 +228,8 @@ CONF
     tail -n 5 "$DIR"/log/*.log >&2 || true
     die "the nodes did not come up (logs in $DIR/log)"
   fi
-  echo "multinode slurm up: $N nodes $nodes ($CTL_IP.. on bridge br0 in namespace $CTL); SLURM_CONF=$CONF"
+  echo "multinode slurm up: $N nodes $nodes ($NET.11.. on bridge br0 in namespace $CTL, login" \
+       "node $CTL); SLURM_CONF=$CONF"
 }
 
 cmd=${1:-}
