@@ -464,7 +464,6 @@ class NodeWatch:
         self.last: dict[int, float] = {}
         self.said_bye: dict[int, int] = {}  # node rank -> exit code of its launcher
         self.lost: Optional[str] = None
-        self.lost_host: Optional[str] = None
         self.ending = False
         self.lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
@@ -477,8 +476,7 @@ class NodeWatch:
         with self.lock:
             if self.lost or self.ending or self.said_bye:
                 return
-            self.lost_host = self._host(rank)
-            self.lost = f"node {self.lost_host} (node rank {rank}) lost: {why}"
+            self.lost = f"node {self._host(rank)} (node rank {rank}) lost: {why}"
         log(f"{self.lost}; stopping the training processes of the other nodes")
 
     def _accept(self) -> None:
