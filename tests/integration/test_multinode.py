@@ -17,7 +17,8 @@ one CPU process per node (gloo across the namespaces; MEGAMOE_ALLOW_CPU=1). What
 * a node whose cable is cut mid-run: the other node's ranks are stopped within the node timeout
   set by the launcher (MEGAMOE_NODE_TIMEOUT_S, not gloo's 30 minutes), the job log names the lost
   node, the job requeues, its last complete checkpoint is unchanged, and the requeued job resumes
-  from it on the nodes that answer.
+  from it on the nodes that answer; then the job's processes on one of those nodes are killed:
+  that node is lost at once and the job requeues again.
 
 One cluster serves the module (started fresh, stopped at the end, leftovers of a killed run
 removed first). Skipped only where this machine cannot run it (not Linux, not root, no network
@@ -117,6 +118,14 @@ class Cluster:
             time.sleep(0.5)
         self.script("login", "scancel", jid, check=False)
         raise AssertionError(f"job {jid} not there in {timeout:.0f}s: {info}\n{log_of(info)}")
+
+    def release(self, jid: str) -> None:
+        """Start a requeued job now rather than after Slurm's hold (BeginTime = requeue + the
+        credential lifetime). Not within the second of the requeue: the job's credentials were
+        revoked then, and a start in that second is refused ("Job credential revoked")."""
+        self.wait(jid, 60, until=lambda i: i.get("JobState") == "PENDING")
+        time.sleep(2)
+        self.login("scontrol", "update", f"JobId={jid}", "StartTime=now")
 
     def hostnames(self, nodelist: str) -> list[str]:
         return self.login("scontrol", "show", "hostnames", nodelist).split()
@@ -419,7 +428,7 @@ def test_fpt_on_two_nodes_is_one_node_and_resumes_exactly(cluster, submit_dir, t
     info = cluster.wait(two, 120, until=lambda i: i.get("Restarts") == "1"
                         and i.get("JobState") == "PENDING")
     assert info.get("Restarts") == "1", (info, log_of(info))
-    cluster.login("scontrol", "update", f"JobId={two}", "StartTime=now")
+    cluster.release(two)
     info1, info2 = cluster.wait(one, 240), cluster.wait(two, 240)
     log1, log2 = log_of(info1), log_of(info2)
     assert info1["JobState"] == "COMPLETED", log1
@@ -490,7 +499,9 @@ def test_lost_node_stops_the_job_in_bounded_time_and_it_resumes(cluster, submit_
     cut-off node's own (its launcher loses the batch node); the job log names the lost node and
     the newest complete checkpoint, and the job requeues. Marked down (as an administrator or a
     health check would), the node is left out: the job restarts on the two nodes that answer,
-    resumes from that checkpoint, which is byte for byte what it was when the job failed."""
+    resumes from that checkpoint, which is byte for byte what it was when the job failed. Then
+    every process of the job on one of those nodes is killed: that node is lost at once, the
+    other's rank is stopped, the job requeues again."""
     clock = Clock("lost node")
     try:
         # no --nodelist: it would hold for the requeued job too
@@ -530,9 +541,7 @@ def test_lost_node_stops_the_job_in_bounded_time_and_it_resumes(cluster, submit_
         before = tree(newest)
         # Slurm would mark it down after SlurmdTimeout; an administrator does it now
         cluster.login("scontrol", "update", f"NodeName={lost}", "State=DOWN", "Reason=cable cut")
-        # Slurm holds a requeued job for a while (BeginTime, set once it is pending): start it now
-        cluster.wait(jid, 60, until=lambda i: i.get("JobState") == "PENDING")
-        cluster.login("scontrol", "update", f"JobId={jid}", "StartTime=now")
+        cluster.release(jid)
         step = int(newest.name.split("-")[1])
         wait_for("the requeued job resumes",
                  lambda: f"resuming from {rel}: step {step}" in log_of(info), 240, jid, cluster)
@@ -541,6 +550,19 @@ def test_lost_node_stops_the_job_in_bounded_time_and_it_resumes(cluster, submit_
         info = cluster.job(jid)
         assert cluster.hostnames(info["NodeList"]) == sorted([first, spare]), info
         wait_for("a step after the resume", trains(out, step + 1), 120, jid, cluster)
+        # now the other way to lose a node: every process of the job on it killed at once
+        survivor = [p.pid for p in trainers(jid) if cluster.node_of(p.pid) == first]
+        doomed = sorted(pid for pid in job_processes(jid) if cluster.node_of(pid) == spare)
+        clock(f"killing the job's {len(doomed)} processes on {spare}")
+        killed = time.monotonic()
+        for pid in doomed:  # the launcher first (the oldest): as if the node went
+            psutil.Process(pid).kill()
+        assert not wait_gone(survivor, 15), f"{first}'s rank outlived {spare}'s processes"
+        clock(f"{first}'s rank gone, {time.monotonic() - killed:.1f} s after the kill")
+        info = cluster.wait(jid, 60, until=lambda i: i.get("Restarts") == "2")
+        assert info.get("Restarts") == "2", (info, log_of(info))
+        assert (f"[megamoe.launch] node {spare} (node rank 1) lost: its launcher ended without a "
+                "word (killed, or the node went down)") in log_of(info)
         cluster.login("scancel", jid)
         info = cluster.wait(jid, 60)
         assert info["JobState"] == "CANCELLED", info
