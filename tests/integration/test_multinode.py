@@ -372,6 +372,7 @@ def test_node_with_other_software_and_no_data_is_refused(cluster, submit_dir, ti
     with open(alt / "megamoe" / "train" / "trainer.py", "a") as f:
         f.write("# a local edit on one node\n")
     data = str(tiny[0] / "train")
+    before = tree(tiny[0])
     cluster.on(2, "mount", "--bind", str(alt / "megamoe"), str(ROOT / "megamoe"))
     try:
         cluster.on(2, "mount", "-t", "tmpfs", "-o", "size=1m", "megamoe-test-empty", data)
@@ -394,6 +395,7 @@ def test_node_with_other_software_and_no_data_is_refused(cluster, submit_dir, ti
     assert "[megamoe.launch] refusing to start: mtnode2 refused (above)" in log
     out = submit_dir / "outputs" / f"cpt-moe-fpt-bs16-{jid}"
     assert not (out / "train.log").exists() and not list(out.glob("checkpoint-*"))
+    assert tree(tiny[0]) == before  # the model and data, as every node sees them again
     assert not wait_gone(job_processes(jid), 20)
     assert cluster.on(2, "ls", data).split() == ["code", "noise", "prose"]  # unmounted again
 
@@ -428,6 +430,7 @@ def test_fpt_on_two_nodes_is_one_node_and_resumes_exactly(cluster, submit_dir, t
     info = cluster.wait(two, 120, until=lambda i: i.get("Restarts") == "1"
                         and i.get("JobState") == "PENDING")
     assert info.get("Restarts") == "1", (info, log_of(info))
+    saved = {d.name: tree(d) for d in out2.glob("checkpoint-*")}  # the signal's among them
     cluster.release(two)
     info1, info2 = cluster.wait(one, 240), cluster.wait(two, 240)
     log1, log2 = log_of(info1), log_of(info2)
@@ -448,6 +451,7 @@ def test_fpt_on_two_nodes_is_one_node_and_resumes_exactly(cluster, submit_dir, t
     k = stopped[0]["step"]
     assert 1 <= k < steps
     ckpt = out2 / f"checkpoint-{k}"
+    assert tree(ckpt) == saved[ckpt.name]  # the resumed run read it, changed nothing
     from megamoe.checkpoint.layout import verify
 
     assert verify(ckpt) == [] and {f.name for f in ckpt.glob("rank_state_*.pt")} == {
