@@ -16,6 +16,15 @@ Three situations, told apart by the SLURM_* variables:
 * Inside a job step (each srun task): run torchrun for this node, --node_rank = SLURM_NODEID.
 * Outside Slurm: the same torchrun for one node (so one script serves a workstation).
 
+Several nodes: every node's launcher first checks that its software is the batch node's (each
+file of the megamoe package, the versions of Python, torch, megatron-core, numpy) and runs the
+pre-flight check on its own view of the files (node_preflight): a node that differs refuses,
+naming itself, before any training process starts. Then it beats to the batch launcher
+(NodeWatch/NodeBeat): a node not heard from for MEGAMOE_NODE_TIMEOUT_S seconds is lost, the
+other nodes kill their training processes (a collective with it would wait for gloo's or NCCL's
+10-30 minute timeout), the job log names it and the newest complete checkpoint, and the job is
+requeued to resume from that checkpoint on nodes that answer.
+
 torchrun runs in this process (``torch.distributed.run.main``, what the ``torchrun`` command
 calls), so that this process can pass signals to the training processes it starts and ignore
 those meant for them (the default action of SIGUSR1 is to terminate).
@@ -25,13 +34,15 @@ with MEGAMOE_ALLOW_CPU=1 the launcher runs num_gpu_per_node CPU processes per no
 refusing.
 
 Environment knobs: MEGAMOE_ALLOW_CPU=1 (see above), MASTER_PORT (override the derived port),
-MEGAMOE_SKIP_CHECK=1 (skip the pre-flight checks), MEGAMOE_NO_REQUEUE=1 (do not requeue after a
-preemption signal), MEGAMOE_PYTHON (the python srun starts; default: this one),
-MEGAMOE_SIGNAL_REPEAT_S (how often a preemption request is repeated; default 30).
+MEGAMOE_SKIP_CHECK=1 (skip the pre-flight checks, the per-node ones too), MEGAMOE_NO_REQUEUE=1
+(do not requeue after a preemption signal or a lost node), MEGAMOE_PYTHON (the python srun
+starts; default: this one), MEGAMOE_SIGNAL_REPEAT_S (how often a preemption request is repeated;
+default 30), MEGAMOE_NODE_TIMEOUT_S (when a silent node is lost; default 60).
 """
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import re
 import shlex
@@ -39,12 +50,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
-from ..checkpoint.layout import training_finished
+from ..checkpoint.layout import newest_checkpoint, training_finished
 from .slurm import (in_allocation, in_step, job_shape, scontrol_hostnames, slurm_gpus_per_node,
                     slurm_nnodes)
 
@@ -347,6 +359,287 @@ def _free_port() -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+# Every node: the same software and the same files as the batch node
+# ------------------------------------------------------------------------------------------------
+
+def software_manifest() -> dict:
+    """What must be the same on every node: each file of the megamoe package (sha256, 12 hex
+    digits), the versions of Python and of the packages training runs on, and this host."""
+    import hashlib
+    import platform
+    from importlib import metadata
+
+    pkg = Path(__file__).resolve().parents[1]
+    files = {}
+    for f in sorted(pkg.rglob("*")):
+        if f.is_file() and "__pycache__" not in f.parts:
+            files[f.relative_to(pkg.parent).as_posix()] = hashlib.sha256(
+                f.read_bytes()).hexdigest()[:12]
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "megatron-core", "numpy"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"host": socket.gethostname(), "files": files, "versions": versions}
+
+
+def software_differences(here: dict, batch: dict) -> list[str]:
+    """How this node's software_manifest() differs from the batch node's, one phrase each."""
+    there = batch.get("host", "the batch node")
+    mine, theirs = here["versions"], batch["versions"]
+    out = [f"{k} {mine.get(k) or 'missing'} here, {theirs.get(k) or 'missing'} on {there}"
+           for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
+    files = sorted(set(here["files"]) | set(batch["files"]))
+    differ = [f + (" (missing here)" if f not in here["files"] else
+                   f" (not on {there})" if f not in batch["files"] else "")
+              for f in files if here["files"].get(f) != batch["files"].get(f)]
+    if differ:
+        more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+        out.append(f"files not as on {there}: {', '.join(differ[:3])}{more}")
+    return out
+
+
+def node_preflight(train_argv: Sequence[str], env: Mapping[str, str]) -> list[str]:
+    """Why this node must not start (empty: it may): its software differs from the batch node's
+    (MEGAMOE_SOFTWARE, set by the batch launcher), or the pre-flight check of `megamoe check`
+    finds errors here (a data path, model or tokenizer missing on this node). Warnings were
+    printed by the batch launcher already."""
+    from .checklist import check_flags
+
+    problems = []
+    batch = env.get("MEGAMOE_SOFTWARE")
+    if batch:
+        diff = software_differences(software_manifest(), json.loads(batch))
+        if diff:
+            problems.append("its software is not the batch node's: " + "; ".join(diff)
+                            + ": install the same megamoe checkout and packages on every node (a "
+                            "shared filesystem, or the same commit and `make setup`)")
+    report = check_flags(list(train_argv), env=dict(env))
+    problems += [f"{item}: {msg}" for item, msg in report.errors]
+    return problems
+
+
+# ------------------------------------------------------------------------------------------------
+# Lost nodes: a heartbeat from every node's launcher to the batch launcher
+# ------------------------------------------------------------------------------------------------
+
+NODE_TIMEOUT_S = 60.0  # a node not heard from for this long is lost (MEGAMOE_NODE_TIMEOUT_S)
+
+
+def node_timeout(env: Mapping[str, str]) -> float:
+    v = env.get("MEGAMOE_NODE_TIMEOUT_S")
+    if not v:
+        return NODE_TIMEOUT_S
+    try:
+        t = float(v)
+    except ValueError:
+        t = -1.0
+    if not t > 0:
+        raise LaunchError(f"MEGAMOE_NODE_TIMEOUT_S={v!r} must be a positive number of seconds")
+    return t
+
+
+def beat_period(timeout: float) -> float:
+    return min(10.0, max(0.5, timeout / 6))
+
+
+class NodeWatch:
+    """The batch launcher's side. Every node's launcher connects, says `hello RANK`, then `beat`
+    every beat_period() seconds and `bye CODE` when its torchrun has ended; each beat is answered
+    `ok`, or `stop REASON` once a node is lost. A node is lost when it has not been heard from
+    for `timeout` seconds (its cable, its switch port or the whole node is down: TCP does not
+    notice, and gloo/NCCL collectives wait 10-30 minutes), when its launcher ends without `bye`
+    (killed, or the node rebooted), or when it never reports (`startup` seconds). After a `bye`,
+    or once the job is ending (`ending`), nothing more counts as lost: the step is over."""
+
+    def __init__(self, hosts: Sequence[str], timeout: float, port: int,
+                 startup: Optional[float] = None) -> None:
+        self.hosts = list(hosts)
+        self.timeout = timeout
+        self.startup = startup if startup is not None else max(120.0, 5 * timeout)
+        self.sock = socket.create_server(("", port))
+        self.port = port
+        self.t0 = time.monotonic()
+        self.last: dict[int, float] = {}
+        self.said_bye: dict[int, int] = {}  # node rank -> exit code of its launcher
+        self.lost: Optional[str] = None
+        self.ending = False
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+        threading.Thread(target=self._monitor, daemon=True).start()
+
+    def _host(self, rank: int) -> str:
+        return self.hosts[rank] if 0 <= rank < len(self.hosts) else f"node rank {rank}"
+
+    def _lose(self, rank: int, why: str) -> None:
+        with self.lock:
+            if self.lost or self.ending or self.said_bye:
+                return
+            self.lost = f"node {self._host(rank)} (node rank {rank}) lost: {why}"
+        log(f"{self.lost}; stopping the training processes of the other nodes")
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        rank = None
+        try:
+            for line in conn.makefile("r", encoding="utf-8", newline="\n"):
+                word, _, arg = line.strip().partition(" ")
+                if word == "hello":
+                    rank = int(arg)
+                elif rank is None:
+                    continue
+                elif word == "bye":
+                    with self.lock:
+                        self.said_bye[rank] = int(arg)
+                    return
+                with self.lock:
+                    self.last[rank] = time.monotonic()
+                if word == "beat":
+                    reply = f"stop {self.lost}" if self.lost else "ok"
+                    conn.sendall((reply + "\n").encode())
+        except (OSError, ValueError):
+            pass
+        finally:
+            conn.close()
+            if rank is not None and rank not in self.said_bye:
+                self._lose(rank, "its launcher ended without a word (killed, or the node went "
+                                 "down)")
+
+    def _monitor(self) -> None:
+        while not (self.lost or self.ending):
+            time.sleep(min(1.0, beat_period(self.timeout) / 2))
+            now = time.monotonic()
+            for rank in range(len(self.hosts)):
+                with self.lock:
+                    last, gone = self.last.get(rank), rank in self.said_bye
+                if gone:
+                    continue
+                if last is None and now - self.t0 > self.startup:
+                    self._lose(rank, f"its launcher did not report within {self.startup:.0f} s "
+                                     "of the start")
+                elif last is not None and now - last > self.timeout:
+                    self._lose(rank, f"not heard from for {now - last:.0f} s (the node or its "
+                                     "network is down; MEGAMOE_NODE_TIMEOUT_S="
+                                     f"{self.timeout:g})")
+
+    def refused(self) -> list[str]:
+        """The nodes whose launcher refused to start (exit code 2: its pre-flight check)."""
+        with self.lock:
+            return [self._host(r) for r, code in sorted(self.said_bye.items()) if code == 2]
+
+    def others_ended(self) -> bool:
+        """Every node but the lost one has said bye (its launcher has ended)."""
+        with self.lock:
+            return len(self.said_bye) >= len(self.hosts) - 1
+
+    def close(self) -> None:
+        self.ending = True
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class NodeBeat:
+    """A node launcher's side of NodeWatch: beats from a thread; when the batch launcher says a
+    node is lost, or cannot be reached for `timeout` seconds, this node's training processes are
+    killed and the launcher exits 1 (a collective with a lost node would otherwise wait for its
+    10-30 minute timeout)."""
+
+    def __init__(self, address: str, rank: int, timeout: float, label: str) -> None:
+        host, _, port = address.rpartition(":")
+        self.addr = (host, int(port))
+        self.rank = rank
+        self.timeout = timeout
+        self.label = label  # "mmnode2 (node rank 1)"
+        self.done = False
+        self.sock: Optional[socket.socket] = None
+        self.lock = threading.Lock()
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def _loop(self) -> None:
+        period = beat_period(self.timeout)
+        last_ok = time.monotonic()
+        buf = b""
+        while not self.done:
+            sent = time.monotonic()
+            try:
+                with self.lock:
+                    if self.sock is None:
+                        self.sock = socket.create_connection(self.addr, timeout=period)
+                        self.sock.sendall(f"hello {self.rank}\n".encode())
+                        buf = b""
+                    sock = self.sock
+                    sock.sendall(b"beat\n")
+                while b"\n" not in buf and time.monotonic() < sent + period:
+                    sock.settimeout(max(0.05, sent + period - time.monotonic()))
+                    try:
+                        chunk = sock.recv(4096)
+                    except TimeoutError:
+                        break
+                    if not chunk:
+                        raise ConnectionError("the batch launcher closed the connection")
+                    buf += chunk
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    if line.startswith(b"stop "):
+                        return self._stop(line[5:].decode(errors="replace"))
+                    last_ok = time.monotonic()
+            except OSError:
+                with self.lock:
+                    if self.sock is not None:
+                        self.sock.close()
+                    self.sock = None
+            if self.done:
+                return
+            if time.monotonic() - last_ok > self.timeout:
+                return self._stop(f"the batch node {self.addr[0]} has not answered for "
+                                  f"{time.monotonic() - last_ok:.0f} s (that node or this node's "
+                                  "network is down)")
+            time.sleep(max(0.0, sent + period - time.monotonic()))
+
+    def _stop(self, reason: str) -> None:
+        if self.done:  # torchrun has ended already: its exit code stands
+            return
+        log(f"{self.label}: stopping this node's training processes: {reason}")
+        import psutil
+        procs = []
+        for child in psutil.Process().children(recursive=False):
+            try:
+                if "megamoe.lifetime" not in " ".join(child.cmdline()):
+                    child.kill()
+                    procs.append(child)
+            except psutil.Error:
+                pass
+        psutil.wait_procs(procs, timeout=5)
+        self.close(1)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)  # torchrun's agent may wait on a store that lived on the lost node
+
+    def close(self, code: int) -> None:
+        """torchrun has ended with `code`: say goodbye (nothing more is a lost node)."""
+        with self.lock:
+            self.done = True
+            if self.sock is not None:
+                try:
+                    self.sock.settimeout(2.0)
+                    self.sock.sendall(f"bye {code}\n".encode())
+                    self.sock.close()
+                except OSError:
+                    pass
+                self.sock = None
+
+
+# ------------------------------------------------------------------------------------------------
 # Running
 # ------------------------------------------------------------------------------------------------
 
@@ -388,10 +681,10 @@ class _ChildForwarder:
     would die of it). Helper processes further down (data loaders, checkpoint writers) are
     never signalled."""
 
-    def __init__(self) -> None:
-        import threading
+    def __init__(self, label: Optional[str] = None) -> None:
         self.pending = threading.Event()
         self.sent: set[int] = set()
+        self.label = label  # a node of a multi-node job says so in the log
         threading.Thread(target=self._loop, daemon=True).start()
 
     def __call__(self, signum, frame) -> None:
@@ -407,6 +700,8 @@ class _ChildForwarder:
                     try:
                         child.send_signal(signal.SIGUSR1)
                         self.sent.add(child.pid)
+                        if self.label:
+                            log(f"{self.label}: SIGUSR1 to training process {child.pid}")
                     except psutil.Error:
                         pass
             time.sleep(0.5)
@@ -419,7 +714,7 @@ class _ChildForwarder:
 STEP_SIGNAL = signal.SIGURG
 
 
-def _run_torchrun(args: list[str], in_slurm_step: bool) -> int:
+def _run_torchrun(args: list[str], in_slurm_step: bool, label: Optional[str] = None) -> int:
     """torchrun in this process (what the `torchrun` command calls).
 
     SIGUSR1 to this process, or (in a Slurm step) SIGURG from the batch launcher, is passed on
@@ -427,7 +722,7 @@ def _run_torchrun(args: list[str], in_slurm_step: bool) -> int:
     step (sbatch --signal=USR1 without B:) is ignored here, and by the training processes while
     they start (an ignored signal stays ignored across exec) until the trainer installs its
     handler."""
-    forward = _ChildForwarder()
+    forward = _ChildForwarder(label)
     if in_slurm_step:
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         signal.signal(STEP_SIGNAL, forward)
@@ -456,6 +751,8 @@ class _BatchSignals:
     def __init__(self, repeat: float = 30.0) -> None:
         self.got: list[int] = []
         self.proc: Optional[subprocess.Popen] = None
+        self.watch: Optional[NodeWatch] = None
+        self.requeued = False  # then Slurm's SIGTERM to this script is expected
         self.repeat = repeat
         self.last_sent = 0.0
         signal.signal(signal.SIGUSR1, self)
@@ -468,7 +765,10 @@ class _BatchSignals:
                 "and stop")
             self.forward()
         else:
-            log(f"signal {signum}: waiting for the training processes to stop")
+            if self.watch is not None:  # the step is being ended: nodes going away are not lost
+                self.watch.ending = True
+            if not self.requeued:
+                log(f"signal {signum}: waiting for the training processes to stop")
 
     @property
     def usr1(self) -> bool:
@@ -485,15 +785,27 @@ class _BatchSignals:
                 log(f"cannot run scancel ({e}): the trainer is not told to stop")
 
     def wait(self, proc: subprocess.Popen) -> int:
+        """srun's exit code. Once a node is lost, srun is killed when the other nodes' launchers
+        have ended (they stop their training processes on their next beat), or after a grace
+        period: it would wait for the lost node's tasks until Slurm declares that node down."""
         self.proc = proc
         if self.usr1:
             self.forward()
+        lost_at = None
         while True:
             try:
                 return proc.wait(timeout=1.0)
             except subprocess.TimeoutExpired:
                 if self.usr1 and time.monotonic() - self.last_sent >= self.repeat:
                     self.forward()
+                if self.watch is not None and self.watch.lost:
+                    lost_at = lost_at or time.monotonic()
+                    # srun waits for the lost node's tasks until Slurm declares that node down
+                    grace = 3.0 if self.watch.others_ended() else (
+                        2 * beat_period(self.watch.timeout) + 10)
+                    if time.monotonic() - lost_at > grace:
+                        log("killing srun: it waits for the lost node")
+                        proc.kill()
 
 
 def _run_srun(p: Plan, sig: _BatchSignals) -> int:
@@ -501,6 +813,30 @@ def _run_srun(p: Plan, sig: _BatchSignals) -> int:
     env.update(p.env)
     rc = sig.wait(subprocess.Popen(p.argv, env=env))
     output_dir = trainer_options(p.train_argv).train.output_dir
+    watch = sig.watch
+    if watch is not None:
+        watch.close()
+    if watch is not None and watch.lost:
+        job = os.environ.get("SLURM_JOB_ID", "")
+        newest = newest_checkpoint(output_dir)
+        log(f"job {job} failed: {watch.lost}; the newest complete checkpoint is "
+            f"{newest or '(none yet)'}")
+        if _truthy(os.environ.get("MEGAMOE_NO_REQUEUE")):
+            log(f"MEGAMOE_NO_REQUEUE=1: not requeueing job {job}; resubmit the script with "
+                f"output_dir={output_dir} to resume")
+        else:
+            log(f"requeueing job {job}: it restarts on nodes that answer and resumes from "
+                f"{newest or 'the start'}")
+            sig.requeued = True
+            r = subprocess.run(["scontrol", "requeue", job])
+            if r.returncode != 0:
+                log(f"scontrol requeue {job} failed (submit with --requeue); resubmit the script "
+                    f"with output_dir={output_dir} to resume")
+        return rc or 1
+    if watch is not None and rc != 0 and watch.refused():
+        log(f"refusing to start: {', '.join(watch.refused())} refused (above); fix that node or "
+            "leave it out (sbatch --exclude=NODE)")
+        return 2
     if sig.usr1 and rc == 0 and not training_finished(output_dir):
         job = os.environ.get("SLURM_JOB_ID", "")
         if _truthy(os.environ.get("MEGAMOE_NO_REQUEUE")):
@@ -517,6 +853,26 @@ def _run_srun(p: Plan, sig: _BatchSignals) -> int:
     return rc
 
 
+def _start_watch(p: Plan, env: Mapping[str, str]) -> NodeWatch:
+    """The batch launcher's NodeWatch of a multi-node job, on the first free port after the
+    rendezvous port; its address and the batch node's software_manifest() go to every node."""
+    timeout = node_timeout(env)
+    hosts = scontrol_hostnames(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", ""))
+    addr, master = p.env["MEGAMOE_MASTER_ADDR"], int(p.env["MEGAMOE_MASTER_PORT"])
+    for port in range(master + 1, min(master + 64, 65536)):
+        try:
+            watch = NodeWatch(hosts[:p.nnodes], timeout, port)
+            break
+        except OSError:
+            continue
+    else:
+        raise LaunchError(f"no free port in {master + 1}..{master + 63} on {socket.gethostname()} "
+                          "for the node watch; set MASTER_PORT")
+    p.env["MEGAMOE_WATCH"] = f"{addr}:{watch.port}"
+    p.env["MEGAMOE_SOFTWARE"] = json.dumps(software_manifest(), separators=(",", ":"))
+    return watch
+
+
 def main(argv: Optional[Sequence[str]] = None, prog: str = "megamoe launch") -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "--":
@@ -525,14 +881,37 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "megamoe launch") -> 
         print(__doc__)
         return 0
     env = dict(os.environ)
-    sig = None
+    sig = beat = None
+    node_rank = int(env.get("SLURM_NODEID", "0") or 0)
+    label = f"{socket.gethostname()} (node rank {node_rank})"
     if in_allocation(env) and not in_step(env):
         sig = _BatchSignals(float(env.get("MEGAMOE_SIGNAL_REPEAT_S") or 30))
+    elif in_step(env) and env.get("MEGAMOE_WATCH"):
+        # first thing, so that a node slow to import is not taken for a lost one
+        try:
+            timeout = node_timeout(env)
+        except LaunchError:  # the batch launcher said so and did not start this step
+            timeout = NODE_TIMEOUT_S
+        beat = NodeBeat(env["MEGAMOE_WATCH"], node_rank, timeout, label)
+    rc = 1
+    try:
+        rc = _launch(argv, env, sig, label)
+        return rc
+    finally:
+        if beat is not None:  # said on every way out: a node that ends is not a lost one
+            beat.close(rc)
+
+
+def _launch(argv: list[str], env: dict[str, str], sig: Optional[_BatchSignals],
+            label: str) -> int:
     python = env.get("MEGAMOE_PYTHON") or sys.executable
     try:
         p = plan(argv, env, python=python)
         if p.mode != "node" and not _truthy(env.get("MEGAMOE_SKIP_CHECK")):
             _preflight(p.train_argv)
+        if p.mode == "srun" and p.nnodes > 1:
+            assert sig is not None
+            sig.watch = _start_watch(p, env)
     except LaunchError as e:
         print(f"{PREFIX} {e}", file=sys.stderr, flush=True)
         return 2
@@ -546,18 +925,35 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "megamoe launch") -> 
             + (f", restart {env['SLURM_RESTART_COUNT']}" if env.get("SLURM_RESTART_COUNT") else "")
             + f"): {p.nnodes} node(s) x {p.nproc_per_node} process(es); rendezvous "
             f"{p.env['MEGAMOE_MASTER_ADDR']}:{p.env['MEGAMOE_MASTER_PORT']}")
+        assert sig is not None
+        if sig.watch is not None:
+            log(f"node watch on {p.env['MEGAMOE_WATCH']}: a node not heard from for "
+                f"{sig.watch.timeout:g} s is lost (MEGAMOE_NODE_TIMEOUT_S); every node checks its "
+                "software and files before it starts")
         log(f"output_dir: {od}  (tensorboard --logdir {od}/runs)")
         log("$ " + shlex.join(p.argv))
-        assert sig is not None
         return _run_srun(p, sig)
     if p.mode == "local":
         log(f"outside Slurm: torchrun on this machine, {p.nproc_per_node} process(es)")
         log(f"output_dir: {od}  (tensorboard --logdir {od}/runs)")
+    if p.mode == "node" and p.nnodes > 1:
+        rdzv = ":".join(p.argv[p.argv.index(k) + 1] for k in ("--master_addr", "--master_port"))
+        log(f"{label}: {p.nproc_per_node} process(es), rendezvous {rdzv}")
+        skip = _truthy(env.get("MEGAMOE_SKIP_CHECK"))
+        problems = [] if skip else node_preflight(p.train_argv, env)
+        if problems:
+            for problem in problems:
+                print(f"{PREFIX} {label}: refusing to start: {problem}", file=sys.stderr,
+                      flush=True)
+            return 2
+    for k in ("MEGAMOE_SOFTWARE", "MEGAMOE_WATCH"):  # the launchers' business, not the trainer's
+        os.environ.pop(k, None)
     if "OMP_NUM_THREADS" not in os.environ:
         os.environ["OMP_NUM_THREADS"] = str(default_omp_threads(env, p.nproc_per_node))
     if first:
         log(f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} $ torchrun " + shlex.join(p.argv))
-    return _run_torchrun(p.argv, in_slurm_step=p.mode == "node")
+    return _run_torchrun(p.argv, in_slurm_step=p.mode == "node",
+                         label=label if p.mode == "node" and p.nnodes > 1 else None)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 DOMAINS = ["code", "prose", "noise"]
-VOCAB = 128
+VOCAB = 64  # the tokenizer's 64 pieces (a larger vocabulary is refused as another model's)
 
 
 def write_domains(root: str, seed: int) -> None:
