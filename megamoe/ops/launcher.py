@@ -39,12 +39,12 @@ MEGAMOE_SKIP_CHECK=1 (skip the pre-flight checks, the per-node ones too), MEGAMO
 starts; default: this one), MEGAMOE_SIGNAL_REPEAT_S (how often a preemption request is repeated;
 default 30), MEGAMOE_NODE_TIMEOUT_S (when a silent node is lost; default 60).
 """
+
 from __future__ import annotations
 
 import datetime
 import json
 import os
-import re
 import shlex
 import signal
 import socket
@@ -52,13 +52,19 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Sequence
 
 from ..checkpoint.layout import newest_checkpoint, training_finished
-from .slurm import (in_allocation, in_step, job_shape, scontrol_hostnames, slurm_gpus_per_node,
-                    slurm_nnodes)
+from .slurm import (
+    in_allocation,
+    in_step,
+    job_shape,
+    scontrol_hostnames,
+    slurm_gpus_per_node,
+    slurm_nnodes,
+)
 
 PREFIX = "[megamoe.launch]"
 TRAIN_MODULE = "megamoe.train"
@@ -77,6 +83,7 @@ def log(msg: str) -> None:
 # ------------------------------------------------------------------------------------------------
 # Trainer flags: read by the trainer's own parser; the launcher sets three of them
 # ------------------------------------------------------------------------------------------------
+
 
 def trainer_options(train_argv: Sequence[str]):
     """The trainer's RunConfig for these flags (and their --config file)."""
@@ -108,8 +115,10 @@ def set_flag(argv: Sequence[str], name: str, value: str) -> list[str]:
 # The rendezvous
 # ------------------------------------------------------------------------------------------------
 
-def first_host(env: Mapping[str, str],
-               hostnames: Callable[[str], list[str]] = scontrol_hostnames) -> str:
+
+def first_host(
+    env: Mapping[str, str], hostnames: Callable[[str], list[str]] = scontrol_hostnames
+) -> str:
     nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if not nodelist:
         raise LaunchError("SLURM_JOB_NODELIST is not set: cannot find the rendezvous host")
@@ -139,8 +148,9 @@ def port_is_free(port: int, host: str = "") -> bool:
     return True
 
 
-def pick_port(job_id: str | int, is_free: Callable[[int], bool] = port_is_free,
-              tries: int = 64) -> int:
+def pick_port(
+    job_id: str | int, is_free: Callable[[int], bool] = port_is_free, tries: int = 64
+) -> int:
     """The job's derived port, or the next free one after it (checked on this host, which in a
     batch script is the first node of the allocation, where the rendezvous store listens)."""
     base = port_from_job_id(job_id)
@@ -148,20 +158,23 @@ def pick_port(job_id: str | int, is_free: Callable[[int], bool] = port_is_free,
         port = PORT_BASE + (base - PORT_BASE + i) % PORT_SPAN
         if is_free(port):
             return port
-    raise LaunchError(f"no free port in {base}..{base + tries - 1} on {socket.gethostname()}; "
-                      "set MASTER_PORT")
+    raise LaunchError(
+        f"no free port in {base}..{base + tries - 1} on {socket.gethostname()}; set MASTER_PORT"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
 # Refusals
 # ------------------------------------------------------------------------------------------------
 
-def _truthy(v: Optional[str]) -> bool:
+
+def _truthy(v: str | None) -> bool:
     return (v or "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def check_slurm_shape(num_nodes: Optional[int], num_gpu_per_node: Optional[int],
-                      env: Mapping[str, str]) -> tuple[int, int, list[str]]:
+def check_slurm_shape(
+    num_nodes: int | None, num_gpu_per_node: int | None, env: Mapping[str, str]
+) -> tuple[int, int, list[str]]:
     """Compare the flags with the job. Returns (nnodes, nproc_per_node, notes) or raises
     LaunchError naming what to change."""
     nnodes = slurm_nnodes(env)
@@ -169,8 +182,14 @@ def check_slurm_shape(num_nodes: Optional[int], num_gpu_per_node: Optional[int],
         raise LaunchError("inside a Slurm job but SLURM_JOB_NUM_NODES/SLURM_NNODES is not set")
     gpus = slurm_gpus_per_node(env)
     allow_cpu = _truthy(env.get("MEGAMOE_ALLOW_CPU"))
-    nodes, nproc, found = job_shape(num_nodes, num_gpu_per_node, nnodes, gpus,
-                                    f"#SBATCH --nodes={nnodes}, SLURM_NNODES={nnodes}", allow_cpu)
+    nodes, nproc, found = job_shape(
+        num_nodes,
+        num_gpu_per_node,
+        nnodes,
+        gpus,
+        f"#SBATCH --nodes={nnodes}, SLURM_NNODES={nnodes}",
+        allow_cpu,
+    )
     if found:
         raise LaunchError("refusing to start:\n  - " + "\n  - ".join(f.text() for f in found))
     notes = []
@@ -183,15 +202,21 @@ def check_slurm_shape(num_nodes: Optional[int], num_gpu_per_node: Optional[int],
     return int(nodes), int(nproc), notes
 
 
-def check_local_shape(num_nodes: Optional[int], num_gpu_per_node: Optional[int],
-                      env: Mapping[str, str], cuda_devices: int) -> tuple[int, list[str]]:
+def check_local_shape(
+    num_nodes: int | None,
+    num_gpu_per_node: int | None,
+    env: Mapping[str, str],
+    cuda_devices: int,
+) -> tuple[int, list[str]]:
     """Outside Slurm: one node; num_gpu_per_node GPUs on this machine (or CPU processes with
     MEGAMOE_ALLOW_CPU=1). Returns (nproc_per_node, notes)."""
     notes: list[str] = []
     errors: list[str] = []
     if num_nodes not in (None, 1):
-        errors.append(f"num_nodes={num_nodes} outside Slurm: this machine is one node; submit the "
-                      "script with sbatch, or set num_nodes=1")
+        errors.append(
+            f"num_nodes={num_nodes} outside Slurm: this machine is one node; submit the "
+            "script with sbatch, or set num_nodes=1"
+        )
     allow_cpu = _truthy(env.get("MEGAMOE_ALLOW_CPU"))
     nproc = num_gpu_per_node
     if cuda_devices > 0:
@@ -199,18 +224,24 @@ def check_local_shape(num_nodes: Optional[int], num_gpu_per_node: Optional[int],
             nproc = cuda_devices
             notes.append(f"num_gpu_per_node not given: using this machine's {cuda_devices} GPU(s)")
         elif nproc > cuda_devices:
-            errors.append(f"num_gpu_per_node={nproc} but this machine has {cuda_devices} GPU(s) "
-                          f"visible: set num_gpu_per_node={cuda_devices} (or fewer)")
+            errors.append(
+                f"num_gpu_per_node={nproc} but this machine has {cuda_devices} GPU(s) "
+                f"visible: set num_gpu_per_node={cuda_devices} (or fewer)"
+            )
         elif nproc < cuda_devices:
             notes.append(f"using {nproc} of this machine's {cuda_devices} GPUs")
     else:
         if not allow_cpu:
-            errors.append(f"no CUDA GPU on this machine: set MEGAMOE_ALLOW_CPU=1 to run "
-                          f"num_gpu_per_node={nproc if nproc is not None else 1} process(es) on "
-                          "CPUs, or run on a GPU machine")
+            errors.append(
+                f"no CUDA GPU on this machine: set MEGAMOE_ALLOW_CPU=1 to run "
+                f"num_gpu_per_node={nproc if nproc is not None else 1} process(es) on "
+                "CPUs, or run on a GPU machine"
+            )
         elif nproc is None:
             nproc = 1
-            notes.append("no GPU; MEGAMOE_ALLOW_CPU=1: one CPU process (num_gpu_per_node not given)")
+            notes.append(
+                "no GPU; MEGAMOE_ALLOW_CPU=1: one CPU process (num_gpu_per_node not given)"
+            )
         else:
             notes.append(f"no GPU; MEGAMOE_ALLOW_CPU=1: {nproc} CPU process(es)")
     if nproc is not None and nproc < 1:
@@ -224,7 +255,8 @@ def check_local_shape(num_nodes: Optional[int], num_gpu_per_node: Optional[int],
 # Command lines
 # ------------------------------------------------------------------------------------------------
 
-def default_output_dir(env: Mapping[str, str], now: Optional[datetime.datetime] = None) -> str:
+
+def default_output_dir(env: Mapping[str, str], now: datetime.datetime | None = None) -> str:
     """outputs/<job-name>-<job-id> in Slurm (the guide's layout; a requeued job keeps its id and
     so its directory, and resumes); outputs/<name>-<date-time> outside."""
     if env.get("SLURM_JOB_ID"):
@@ -240,22 +272,53 @@ def with_output_dir(train_argv: Sequence[str], env: Mapping[str, str]) -> list[s
     return set_flag(train_argv, "output_dir", default_output_dir(env))
 
 
-def torchrun_args(nnodes: int, nproc_per_node: int, node_rank: int, master_addr: str,
-                  master_port: int, train_argv: Sequence[str],
-                  module: str = TRAIN_MODULE) -> list[str]:
+def torchrun_args(
+    nnodes: int,
+    nproc_per_node: int,
+    node_rank: int,
+    master_addr: str,
+    master_port: int,
+    train_argv: Sequence[str],
+    module: str = TRAIN_MODULE,
+) -> list[str]:
     """Arguments of torchrun (static rendezvous: node ranks follow the Slurm node order)."""
-    return ["--nnodes", str(nnodes), "--nproc_per_node", str(nproc_per_node),
-            "--node_rank", str(node_rank), "--master_addr", master_addr,
-            "--master_port", str(master_port), "--max_restarts", "0",
-            "-m", module, *train_argv]
+    return [
+        "--nnodes",
+        str(nnodes),
+        "--nproc_per_node",
+        str(nproc_per_node),
+        "--node_rank",
+        str(node_rank),
+        "--master_addr",
+        master_addr,
+        "--master_port",
+        str(master_port),
+        "--max_restarts",
+        "0",
+        "-m",
+        module,
+        *train_argv,
+    ]
 
 
-def srun_args(nnodes: int, env: Mapping[str, str], python: str,
-              train_argv: Sequence[str], gpus_per_node: Optional[int] = None) -> list[str]:
+def srun_args(
+    nnodes: int,
+    env: Mapping[str, str],
+    python: str,
+    train_argv: Sequence[str],
+    gpus_per_node: int | None = None,
+) -> list[str]:
     """srun: one task per node, each `python -m megamoe launch FLAGS` (-> torchrun), with all
     of the job's GPUs, CPUs and memory on its node."""
-    cmd = ["srun", f"--nodes={nnodes}", f"--ntasks={nnodes}", "--ntasks-per-node=1",
-           "--kill-on-bad-exit=1", "--export=ALL", "--mem=0"]
+    cmd = [
+        "srun",
+        f"--nodes={nnodes}",
+        f"--ntasks={nnodes}",
+        "--ntasks-per-node=1",
+        "--kill-on-bad-exit=1",
+        "--export=ALL",
+        "--mem=0",
+    ]
     # Since Slurm 22.05 srun does not inherit --cpus-per-task from sbatch: pass it on, or each
     # node's torchrun would be confined to one CPU.
     cpt = env.get("SLURM_CPUS_PER_TASK")
@@ -270,6 +333,7 @@ def srun_args(nnodes: int, env: Mapping[str, str], python: str,
 # Plans
 # ------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Plan:
     mode: str  # "srun" (batch script) | "node" (srun task) | "local"
@@ -281,11 +345,15 @@ class Plan:
     nproc_per_node: int = 1
 
 
-def plan(train_argv: Sequence[str], env: Mapping[str, str], *,
-         python: str = sys.executable,
-         hostnames: Callable[[str], list[str]] = scontrol_hostnames,
-         is_free: Callable[[int], bool] = port_is_free,
-         cuda_devices: Optional[Callable[[], int]] = None) -> Plan:
+def plan(
+    train_argv: Sequence[str],
+    env: Mapping[str, str],
+    *,
+    python: str = sys.executable,
+    hostnames: Callable[[str], list[str]] = scontrol_hostnames,
+    is_free: Callable[[int], bool] = port_is_free,
+    cuda_devices: Callable[[], int] | None = None,
+) -> Plan:
     """What to run for these trainer flags in this environment (no side effects)."""
     train_argv = list(train_argv)
     pc = trainer_options(train_argv).parallel
@@ -296,21 +364,36 @@ def plan(train_argv: Sequence[str], env: Mapping[str, str], *,
         nnodes, nproc, notes = check_slurm_shape(num_nodes, num_gpu, env)
         step_nodes = env.get("SLURM_STEP_NUM_NODES")
         if step_nodes and int(step_nodes) != nnodes:
-            raise LaunchError(f"the job step has {step_nodes} node(s) but num_nodes={nnodes}: "
-                              "start one task per node (srun --ntasks-per-node=1)")
+            raise LaunchError(
+                f"the job step has {step_nodes} node(s) but num_nodes={nnodes}: "
+                "start one task per node (srun --ntasks-per-node=1)"
+            )
         step_tasks = env.get("SLURM_STEP_NUM_TASKS")
         if step_tasks and int(step_tasks) != nnodes:
-            raise LaunchError(f"the job step has {step_tasks} tasks on {nnodes} node(s): start "
-                              "one task per node (srun --ntasks-per-node=1); torchrun starts "
-                              "num_gpu_per_node processes on each")
-        addr = env.get("MEGAMOE_MASTER_ADDR") or env.get("MASTER_ADDR") or first_host(env, hostnames)
-        port = env.get("MEGAMOE_MASTER_PORT") or env.get("MASTER_PORT") or str(
-            port_from_job_id(env["SLURM_JOB_ID"]))
+            raise LaunchError(
+                f"the job step has {step_tasks} tasks on {nnodes} node(s): start "
+                "one task per node (srun --ntasks-per-node=1); torchrun starts "
+                "num_gpu_per_node processes on each"
+            )
+        addr = (
+            env.get("MEGAMOE_MASTER_ADDR") or env.get("MASTER_ADDR") or first_host(env, hostnames)
+        )
+        port = (
+            env.get("MEGAMOE_MASTER_PORT")
+            or env.get("MASTER_PORT")
+            or str(port_from_job_id(env["SLURM_JOB_ID"]))
+        )
         rank = int(env.get("SLURM_NODEID", env.get("SLURM_PROCID", "0")))
         train_argv = set_flag(train_argv, "num_nodes", str(nnodes))
         train_argv = set_flag(train_argv, "num_gpu_per_node", str(nproc))
-        return Plan("node", torchrun_args(nnodes, nproc, rank, addr, int(port), train_argv),
-                    train_argv, notes=notes, nnodes=nnodes, nproc_per_node=nproc)
+        return Plan(
+            "node",
+            torchrun_args(nnodes, nproc, rank, addr, int(port), train_argv),
+            train_argv,
+            notes=notes,
+            nnodes=nnodes,
+            nproc_per_node=nproc,
+        )
 
     if in_allocation(env):
         # The batch script (or an salloc shell): srun one task per node.
@@ -319,18 +402,30 @@ def plan(train_argv: Sequence[str], env: Mapping[str, str], *,
         addr = first_host(env, hostnames)
         if not resolves(addr):
             if nnodes > 1:
-                raise LaunchError(f"the first node {addr} of the job does not resolve to an "
-                                  "address here: the other nodes could not reach the rendezvous")
+                raise LaunchError(
+                    f"the first node {addr} of the job does not resolve to an "
+                    "address here: the other nodes could not reach the rendezvous"
+                )
             notes.append(f"{addr} does not resolve: rendezvous on 127.0.0.1 (one node)")
             addr = "127.0.0.1"
-        port = int(env["MASTER_PORT"]) if env.get("MASTER_PORT") else pick_port(
-            env["SLURM_JOB_ID"], is_free)
+        port = (
+            int(env["MASTER_PORT"])
+            if env.get("MASTER_PORT")
+            else pick_port(env["SLURM_JOB_ID"], is_free)
+        )
         train_argv = set_flag(train_argv, "num_nodes", str(nnodes))
         train_argv = set_flag(train_argv, "num_gpu_per_node", str(nproc))
         extra = {"MEGAMOE_MASTER_ADDR": addr, "MEGAMOE_MASTER_PORT": str(port)}
         gpus = slurm_gpus_per_node(env)
-        return Plan("srun", srun_args(nnodes, env, python, train_argv, gpus), train_argv, env=extra,
-                    notes=notes, nnodes=nnodes, nproc_per_node=nproc)
+        return Plan(
+            "srun",
+            srun_args(nnodes, env, python, train_argv, gpus),
+            train_argv,
+            env=extra,
+            notes=notes,
+            nnodes=nnodes,
+            nproc_per_node=nproc,
+        )
 
     # Outside Slurm: torchrun alone.
     if cuda_devices is None:
@@ -340,13 +435,20 @@ def plan(train_argv: Sequence[str], env: Mapping[str, str], *,
     port = int(env["MASTER_PORT"]) if env.get("MASTER_PORT") else _free_port()
     train_argv = set_flag(train_argv, "num_nodes", "1")
     train_argv = set_flag(train_argv, "num_gpu_per_node", str(nproc))
-    return Plan("local", torchrun_args(1, nproc, 0, "127.0.0.1", port, train_argv), train_argv,
-                notes=notes, nnodes=1, nproc_per_node=nproc)
+    return Plan(
+        "local",
+        torchrun_args(1, nproc, 0, "127.0.0.1", port, train_argv),
+        train_argv,
+        notes=notes,
+        nnodes=1,
+        nproc_per_node=nproc,
+    )
 
 
 def _cuda_device_count() -> int:
     try:
         import torch
+
         return torch.cuda.device_count() if torch.cuda.is_available() else 0
     except Exception:
         return 0
@@ -362,6 +464,7 @@ def _free_port() -> int:
 # Every node: the same software and the same files as the batch node
 # ------------------------------------------------------------------------------------------------
 
+
 def software_manifest() -> dict:
     """What must be the same on every node: each file of the megamoe package (sha256, 12 hex
     digits), the versions of Python and of the packages training runs on, and this host."""
@@ -374,7 +477,8 @@ def software_manifest() -> dict:
     for f in sorted(pkg.rglob("*")):
         if f.is_file() and "__pycache__" not in f.parts:
             files[f.relative_to(pkg.parent).as_posix()] = hashlib.sha256(
-                f.read_bytes()).hexdigest()[:12]
+                f.read_bytes()
+            ).hexdigest()[:12]
     versions = {"python": platform.python_version()}
     for name in ("torch", "megatron-core", "numpy"):
         try:
@@ -388,12 +492,24 @@ def software_differences(here: dict, batch: dict) -> list[str]:
     """How this node's software_manifest() differs from the batch node's, one phrase each."""
     there = batch.get("host", "the batch node")
     mine, theirs = here["versions"], batch["versions"]
-    out = [f"{k} {mine.get(k) or 'missing'} here, {theirs.get(k) or 'missing'} on {there}"
-           for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
+    out = [
+        f"{k} {mine.get(k) or 'missing'} here, {theirs.get(k) or 'missing'} on {there}"
+        for k in sorted(set(mine) | set(theirs))
+        if mine.get(k) != theirs.get(k)
+    ]
     files = sorted(set(here["files"]) | set(batch["files"]))
-    differ = [f + (" (missing here)" if f not in here["files"] else
-                   f" (not on {there})" if f not in batch["files"] else "")
-              for f in files if here["files"].get(f) != batch["files"].get(f)]
+    differ = [
+        f
+        + (
+            " (missing here)"
+            if f not in here["files"]
+            else f" (not on {there})"
+            if f not in batch["files"]
+            else ""
+        )
+        for f in files
+        if here["files"].get(f) != batch["files"].get(f)
+    ]
     if differ:
         more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
         out.append(f"files not as on {there}: {', '.join(differ[:3])}{more}")
@@ -412,9 +528,12 @@ def node_preflight(train_argv: Sequence[str], env: Mapping[str, str]) -> list[st
     if batch:
         diff = software_differences(software_manifest(), json.loads(batch))
         if diff:
-            problems.append("its software is not the batch node's: " + "; ".join(diff)
-                            + ": install the same megamoe checkout and packages on every node (a "
-                            "shared filesystem, or the same commit and `make setup`)")
+            problems.append(
+                "its software is not the batch node's: "
+                + "; ".join(diff)
+                + ": install the same megamoe checkout and packages on every node (a "
+                "shared filesystem, or the same commit and `make setup`)"
+            )
     report = check_flags(list(train_argv), env=dict(env))
     problems += [f"{item}: {msg}" for item, msg in report.errors]
     return problems
@@ -453,8 +572,9 @@ class NodeWatch:
     (killed, or the node rebooted), or when it never reports (`startup` seconds). After a `bye`,
     or once the job is ending (`ending`), nothing more counts as lost: the step is over."""
 
-    def __init__(self, hosts: Sequence[str], timeout: float, port: int,
-                 startup: Optional[float] = None) -> None:
+    def __init__(
+        self, hosts: Sequence[str], timeout: float, port: int, startup: float | None = None
+    ) -> None:
         self.hosts = list(hosts)
         self.timeout = timeout
         self.startup = startup if startup is not None else max(120.0, 5 * timeout)
@@ -463,7 +583,7 @@ class NodeWatch:
         self.t0 = time.monotonic()
         self.last: dict[int, float] = {}
         self.said_bye: dict[int, int] = {}  # node rank -> exit code of its launcher
-        self.lost: Optional[str] = None
+        self.lost: str | None = None
         self.ending = False
         self.lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
@@ -510,8 +630,9 @@ class NodeWatch:
         finally:
             conn.close()
             if rank is not None and rank not in self.said_bye:
-                self._lose(rank, "its launcher ended without a word (killed, or the node went "
-                                 "down)")
+                self._lose(
+                    rank, "its launcher ended without a word (killed, or the node went down)"
+                )
 
     def _monitor(self) -> None:
         while not (self.lost or self.ending):
@@ -523,12 +644,17 @@ class NodeWatch:
                 if gone:
                     continue
                 if last is None and now - self.t0 > self.startup:
-                    self._lose(rank, f"its launcher did not report within {self.startup:.0f} s "
-                                     "of the start")
+                    self._lose(
+                        rank,
+                        f"its launcher did not report within {self.startup:.0f} s of the start",
+                    )
                 elif last is not None and now - last > self.timeout:
-                    self._lose(rank, f"not heard from for {now - last:.0f} s (the node or its "
-                                     "network is down; MEGAMOE_NODE_TIMEOUT_S="
-                                     f"{self.timeout:g})")
+                    self._lose(
+                        rank,
+                        f"not heard from for {now - last:.0f} s (the node or its "
+                        "network is down; MEGAMOE_NODE_TIMEOUT_S="
+                        f"{self.timeout:g})",
+                    )
 
     def refused(self) -> list[str]:
         """The nodes whose launcher refused to start (exit code 2: its pre-flight check)."""
@@ -561,7 +687,7 @@ class NodeBeat:
         self.timeout = timeout
         self.label = label  # "mmnode2 (node rank 1)"
         self.done = False
-        self.sock: Optional[socket.socket] = None
+        self.sock: socket.socket | None = None
         self.lock = threading.Lock()
         threading.Thread(target=self._loop, daemon=True).start()
 
@@ -601,9 +727,11 @@ class NodeBeat:
             if self.done:
                 return
             if time.monotonic() - last_ok > self.timeout:
-                return self._stop(f"the batch node {self.addr[0]} has not answered for "
-                                  f"{time.monotonic() - last_ok:.0f} s (that node or this node's "
-                                  "network is down)")
+                return self._stop(
+                    f"the batch node {self.addr[0]} has not answered for "
+                    f"{time.monotonic() - last_ok:.0f} s (that node or this node's "
+                    "network is down)"
+                )
             time.sleep(max(0.0, sent + period - time.monotonic()))
 
     def _stop(self, reason: str) -> None:
@@ -611,6 +739,7 @@ class NodeBeat:
             return
         log(f"{self.label}: stopping this node's training processes: {reason}")
         import psutil
+
         procs = []
         for child in psutil.Process().children(recursive=False):
             try:
@@ -643,6 +772,7 @@ class NodeBeat:
 # Running
 # ------------------------------------------------------------------------------------------------
 
+
 def _preflight(train_argv: list[str]) -> None:
     """The checklist of `megamoe check` on these flags: errors refuse, warnings are printed."""
     from .checklist import check_flags
@@ -651,8 +781,10 @@ def _preflight(train_argv: list[str]) -> None:
     for line in report.lines(only_problems=True):
         log(line)
     if report.errors:
-        raise LaunchError("refusing to start: the pre-flight check found errors (above); fix "
-                          "them or set MEGAMOE_SKIP_CHECK=1")
+        raise LaunchError(
+            "refusing to start: the pre-flight check found errors (above); fix "
+            "them or set MEGAMOE_SKIP_CHECK=1"
+        )
 
 
 def default_omp_threads(env: Mapping[str, str], nproc_per_node: int) -> int:
@@ -681,7 +813,7 @@ class _ChildForwarder:
     would die of it). Helper processes further down (data loaders, checkpoint writers) are
     never signalled."""
 
-    def __init__(self, label: Optional[str] = None) -> None:
+    def __init__(self, label: str | None = None) -> None:
         self.pending = threading.Event()
         self.sent: set[int] = set()
         self.label = label  # a node of a multi-node job says so in the log
@@ -693,6 +825,7 @@ class _ChildForwarder:
 
     def _loop(self) -> None:
         import psutil
+
         while True:
             self.pending.wait()
             for child in psutil.Process().children(recursive=False):
@@ -714,7 +847,7 @@ class _ChildForwarder:
 STEP_SIGNAL = signal.SIGURG
 
 
-def _run_torchrun(args: list[str], in_slurm_step: bool, label: Optional[str] = None) -> int:
+def _run_torchrun(args: list[str], in_slurm_step: bool, label: str | None = None) -> int:
     """torchrun in this process (what the `torchrun` command calls).
 
     SIGUSR1 to this process, or (in a Slurm step) SIGURG from the batch launcher, is passed on
@@ -729,6 +862,7 @@ def _run_torchrun(args: list[str], in_slurm_step: bool, label: Optional[str] = N
     else:
         signal.signal(signal.SIGUSR1, forward)
     from torch.distributed import run as torchrun
+
     try:
         torchrun.main(args)
     except SystemExit as e:
@@ -750,8 +884,8 @@ class _BatchSignals:
 
     def __init__(self, repeat: float = 30.0) -> None:
         self.got: list[int] = []
-        self.proc: Optional[subprocess.Popen] = None
-        self.watch: Optional[NodeWatch] = None
+        self.proc: subprocess.Popen | None = None
+        self.watch: NodeWatch | None = None
         self.requeued = False  # then Slurm's SIGTERM to this script is expected
         self.repeat = repeat
         self.last_sent = 0.0
@@ -761,8 +895,10 @@ class _BatchSignals:
     def __call__(self, signum, frame) -> None:
         self.got.append(signum)
         if signum == signal.SIGUSR1:
-            log("SIGUSR1 (preemption or time-limit warning): asking the trainer to checkpoint "
-                "and stop")
+            log(
+                "SIGUSR1 (preemption or time-limit warning): asking the trainer to checkpoint "
+                "and stop"
+            )
             self.forward()
         else:
             if self.watch is not None:  # the step is being ended: nodes going away are not lost
@@ -779,8 +915,9 @@ class _BatchSignals:
             self.last_sent = time.monotonic()
             job = os.environ.get("SLURM_JOB_ID", "")
             try:
-                subprocess.Popen(["scancel", f"--signal={STEP_SIGNAL.name[3:]}", job],
-                                 stdout=subprocess.DEVNULL)
+                subprocess.Popen(
+                    ["scancel", f"--signal={STEP_SIGNAL.name[3:]}", job], stdout=subprocess.DEVNULL
+                )
             except OSError as e:
                 log(f"cannot run scancel ({e}): the trainer is not told to stop")
 
@@ -801,8 +938,11 @@ class _BatchSignals:
                 if self.watch is not None and self.watch.lost:
                     lost_at = lost_at or time.monotonic()
                     # srun waits for the lost node's tasks until Slurm declares that node down
-                    grace = 3.0 if self.watch.others_ended() else (
-                        2 * beat_period(self.watch.timeout) + 10)
+                    grace = (
+                        3.0
+                        if self.watch.others_ended()
+                        else (2 * beat_period(self.watch.timeout) + 10)
+                    )
                     if time.monotonic() - lost_at > grace:
                         log("killing srun: it waits for the lost node")
                         proc.kill()
@@ -819,35 +959,49 @@ def _run_srun(p: Plan, sig: _BatchSignals) -> int:
     if watch is not None and watch.lost:
         job = os.environ.get("SLURM_JOB_ID", "")
         newest = newest_checkpoint(output_dir)
-        log(f"job {job} failed: {watch.lost}; the newest complete checkpoint is "
-            f"{newest or '(none yet)'}")
+        log(
+            f"job {job} failed: {watch.lost}; the newest complete checkpoint is "
+            f"{newest or '(none yet)'}"
+        )
         if _truthy(os.environ.get("MEGAMOE_NO_REQUEUE")):
-            log(f"MEGAMOE_NO_REQUEUE=1: not requeueing job {job}; resubmit the script with "
-                f"output_dir={output_dir} to resume")
+            log(
+                f"MEGAMOE_NO_REQUEUE=1: not requeueing job {job}; resubmit the script with "
+                f"output_dir={output_dir} to resume"
+            )
         else:
-            log(f"requeueing job {job}: it restarts on nodes that answer and resumes from "
-                f"{newest or 'the start'}")
+            log(
+                f"requeueing job {job}: it restarts on nodes that answer and resumes from "
+                f"{newest or 'the start'}"
+            )
             sig.requeued = True
             r = subprocess.run(["scontrol", "requeue", job])
             if r.returncode != 0:
-                log(f"scontrol requeue {job} failed (submit with --requeue); resubmit the script "
-                    f"with output_dir={output_dir} to resume")
+                log(
+                    f"scontrol requeue {job} failed (submit with --requeue); resubmit the script "
+                    f"with output_dir={output_dir} to resume"
+                )
         return rc or 1
     if watch is not None and rc != 0 and watch.refused():
-        log(f"refusing to start: {', '.join(watch.refused())} refused (above); fix that node or "
-            "leave it out (sbatch --exclude=NODE)")
+        log(
+            f"refusing to start: {', '.join(watch.refused())} refused (above); fix that node or "
+            "leave it out (sbatch --exclude=NODE)"
+        )
         return 2
     if sig.usr1 and rc == 0 and not training_finished(output_dir):
         job = os.environ.get("SLURM_JOB_ID", "")
         if _truthy(os.environ.get("MEGAMOE_NO_REQUEUE")):
             log(f"stopped on SIGUSR1; MEGAMOE_NO_REQUEUE=1: not requeueing job {job}")
         else:
-            log(f"stopped on SIGUSR1 with a checkpoint in {output_dir}: requeueing job {job}; it "
-                "resumes from that checkpoint")
+            log(
+                f"stopped on SIGUSR1 with a checkpoint in {output_dir}: requeueing job {job}; it "
+                "resumes from that checkpoint"
+            )
             r = subprocess.run(["scontrol", "requeue", job])
             if r.returncode != 0:
-                log(f"scontrol requeue {job} failed (submit with --requeue); resubmit the script "
-                    f"with output_dir={output_dir} to resume")
+                log(
+                    f"scontrol requeue {job} failed (submit with --requeue); resubmit the script "
+                    f"with output_dir={output_dir} to resume"
+                )
     elif sig.usr1 and rc == 0:
         log("training finished")
     return rc
@@ -861,19 +1015,21 @@ def _start_watch(p: Plan, env: Mapping[str, str]) -> NodeWatch:
     addr, master = p.env["MEGAMOE_MASTER_ADDR"], int(p.env["MEGAMOE_MASTER_PORT"])
     for port in range(master + 1, min(master + 64, 65536)):
         try:
-            watch = NodeWatch(hosts[:p.nnodes], timeout, port)
+            watch = NodeWatch(hosts[: p.nnodes], timeout, port)
             break
         except OSError:
             continue
     else:
-        raise LaunchError(f"no free port in {master + 1}..{master + 63} on {socket.gethostname()} "
-                          "for the node watch; set MASTER_PORT")
+        raise LaunchError(
+            f"no free port in {master + 1}..{master + 63} on {socket.gethostname()} "
+            "for the node watch; set MASTER_PORT"
+        )
     p.env["MEGAMOE_WATCH"] = f"{addr}:{watch.port}"
     p.env["MEGAMOE_SOFTWARE"] = json.dumps(software_manifest(), separators=(",", ":"))
     return watch
 
 
-def main(argv: Optional[Sequence[str]] = None, prog: str = "megamoe launch") -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "megamoe launch") -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "--":
         argv = argv[1:]
@@ -902,8 +1058,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "megamoe launch") -> 
             beat.close(rc)
 
 
-def _launch(argv: list[str], env: dict[str, str], sig: Optional[_BatchSignals],
-            label: str) -> int:
+def _launch(argv: list[str], env: dict[str, str], sig: _BatchSignals | None, label: str) -> int:
     python = env.get("MEGAMOE_PYTHON") or sys.executable
     try:
         p = plan(argv, env, python=python)
@@ -921,15 +1076,19 @@ def _launch(argv: list[str], env: dict[str, str], sig: Optional[_BatchSignals],
             log(n)
     od = trainer_options(p.train_argv).train.output_dir
     if p.mode == "srun":
-        log(f"job {env.get('SLURM_JOB_NAME')} ({env.get('SLURM_JOB_ID')}"
+        log(
+            f"job {env.get('SLURM_JOB_NAME')} ({env.get('SLURM_JOB_ID')}"
             + (f", restart {env['SLURM_RESTART_COUNT']}" if env.get("SLURM_RESTART_COUNT") else "")
             + f"): {p.nnodes} node(s) x {p.nproc_per_node} process(es); rendezvous "
-            f"{p.env['MEGAMOE_MASTER_ADDR']}:{p.env['MEGAMOE_MASTER_PORT']}")
+            f"{p.env['MEGAMOE_MASTER_ADDR']}:{p.env['MEGAMOE_MASTER_PORT']}"
+        )
         assert sig is not None
         if sig.watch is not None:
-            log(f"node watch on {p.env['MEGAMOE_WATCH']}: a node not heard from for "
+            log(
+                f"node watch on {p.env['MEGAMOE_WATCH']}: a node not heard from for "
                 f"{sig.watch.timeout:g} s is lost (MEGAMOE_NODE_TIMEOUT_S); every node checks its "
-                "software and files before it starts")
+                "software and files before it starts"
+            )
         log(f"output_dir: {od}  (tensorboard --logdir {od}/runs)")
         log("$ " + shlex.join(p.argv))
         return _run_srun(p, sig)
@@ -943,8 +1102,9 @@ def _launch(argv: list[str], env: dict[str, str], sig: Optional[_BatchSignals],
         problems = [] if skip else node_preflight(p.train_argv, env)
         if problems:
             for problem in problems:
-                print(f"{PREFIX} {label}: refusing to start: {problem}", file=sys.stderr,
-                      flush=True)
+                print(
+                    f"{PREFIX} {label}: refusing to start: {problem}", file=sys.stderr, flush=True
+                )
             return 2
     for k in ("MEGAMOE_SOFTWARE", "MEGAMOE_WATCH"):  # the launchers' business, not the trainer's
         os.environ.pop(k, None)
@@ -952,8 +1112,11 @@ def _launch(argv: list[str], env: dict[str, str], sig: Optional[_BatchSignals],
         os.environ["OMP_NUM_THREADS"] = str(default_omp_threads(env, p.nproc_per_node))
     if first:
         log(f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} $ torchrun " + shlex.join(p.argv))
-    return _run_torchrun(p.argv, in_slurm_step=p.mode == "node",
-                         label=label if p.mode == "node" and p.nnodes > 1 else None)
+    return _run_torchrun(
+        p.argv,
+        in_slurm_step=p.mode == "node",
+        label=label if p.mode == "node" and p.nnodes > 1 else None,
+    )
 
 
 if __name__ == "__main__":

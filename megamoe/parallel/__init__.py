@@ -3,12 +3,12 @@
 Only this package imports megatron-core (see mcore.py); the rest of megamoe asks here for ranks,
 groups and the model-parallel RNG.
 """
+
 from __future__ import annotations
 
 import os
 
 from .layout import ParallelLayout
-
 
 _current = None  # (tp, pp, ep) of the groups megatron-core holds now
 # Communication overlaps, off by default (benchmarks/RESULTS.md says what they measured):
@@ -58,8 +58,10 @@ def world_of_one(seed: int) -> None:
     import torch.distributed as dist
 
     if dist.is_initialized() and dist.get_world_size() != 1:
-        raise RuntimeError("this runs as one process: start it with python, not torchrun "
-                           "(loading the result at any TP/PP/EP layout reshards it)")
+        raise RuntimeError(
+            "this runs as one process: start it with python, not torchrun "
+            "(loading the result at any TP/PP/EP layout reshards it)"
+        )
     initialize(ParallelLayout(), seed)
 
 
@@ -75,8 +77,11 @@ def initialize(layout: ParallelLayout, seed: int, num_experts: int | None = None
     global _current
     init_distributed()
     raise_errors(layout.check_world(dist.get_world_size(), num_experts), exc=ValueError)
-    key = (layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size,
-           layout.expert_model_parallel_size)
+    key = (
+        layout.tensor_model_parallel_size,
+        layout.pipeline_model_parallel_size,
+        layout.expert_model_parallel_size,
+    )
     if ps.model_parallel_is_initialized() and _current == key:
         # Same groups: just reseed. (megatron-core's destroy does not free process groups, so
         # re-creating them in a long-lived process leaks gloo threads.)
@@ -117,21 +122,64 @@ def _ps():
     return ps
 
 
-def tp_rank() -> int: return _ps().get_tensor_model_parallel_rank()
-def tp_size() -> int: return _ps().get_tensor_model_parallel_world_size()
-def tp_group(): return _ps().get_tensor_model_parallel_group()
-def pp_rank() -> int: return _ps().get_pipeline_model_parallel_rank()
-def pp_size() -> int: return _ps().get_pipeline_model_parallel_world_size()
-def pp_group(): return _ps().get_pipeline_model_parallel_group()
-def is_first_stage() -> bool: return _ps().is_pipeline_first_stage()
-def is_last_stage() -> bool: return _ps().is_pipeline_last_stage()
-def ep_rank() -> int: return _ps().get_expert_model_parallel_rank()
-def ep_size() -> int: return _ps().get_expert_model_parallel_world_size()
-def ep_group(): return _ps().get_expert_model_parallel_group()
-def expert_dp_rank() -> int: return _ps().get_expert_data_parallel_rank()
-def dp_rank() -> int: return _ps().get_data_parallel_rank()
-def dp_size() -> int: return _ps().get_data_parallel_world_size()
-def dp_group(): return _ps().get_data_parallel_group()
+def tp_rank() -> int:
+    return _ps().get_tensor_model_parallel_rank()
+
+
+def tp_size() -> int:
+    return _ps().get_tensor_model_parallel_world_size()
+
+
+def tp_group():
+    return _ps().get_tensor_model_parallel_group()
+
+
+def pp_rank() -> int:
+    return _ps().get_pipeline_model_parallel_rank()
+
+
+def pp_size() -> int:
+    return _ps().get_pipeline_model_parallel_world_size()
+
+
+def pp_group():
+    return _ps().get_pipeline_model_parallel_group()
+
+
+def is_first_stage() -> bool:
+    return _ps().is_pipeline_first_stage()
+
+
+def is_last_stage() -> bool:
+    return _ps().is_pipeline_last_stage()
+
+
+def ep_rank() -> int:
+    return _ps().get_expert_model_parallel_rank()
+
+
+def ep_size() -> int:
+    return _ps().get_expert_model_parallel_world_size()
+
+
+def ep_group():
+    return _ps().get_expert_model_parallel_group()
+
+
+def expert_dp_rank() -> int:
+    return _ps().get_expert_data_parallel_rank()
+
+
+def dp_rank() -> int:
+    return _ps().get_data_parallel_rank()
+
+
+def dp_size() -> int:
+    return _ps().get_data_parallel_world_size()
+
+
+def dp_group():
+    return _ps().get_data_parallel_group()
 
 
 def rng_fork():

@@ -6,11 +6,12 @@ problem. Exit codes: 0 done (or stopped by SIGTERM/SIGUSR1 after saving), 1 the 
 (e.g. a non-finite loss, or a bug: its traceback is in train.log), 2 bad flags or inputs, 130
 Ctrl-C.
 """
+
 from __future__ import annotations
 
 import os
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 PROG = "megamoe.train"
 
@@ -24,8 +25,12 @@ def quiet_library_noise() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.checkpoint.*")
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\.core\.dist_checkpointing.*")
+    warnings.filterwarnings(
+        "ignore", category=FutureWarning, module=r"torch\.distributed\.checkpoint.*"
+    )
+    warnings.filterwarnings(
+        "ignore", category=FutureWarning, module=r"megatron\.core\.dist_checkpointing.*"
+    )
 
     class _Drop(logging.Filter):
         def filter(self, record):
@@ -34,7 +39,7 @@ def quiet_library_noise() -> None:
     logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_Drop())
 
 
-def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     from ..config import parse_run_config
     from ..findings import ConfigError
     from .plan import make_plan

@@ -10,6 +10,7 @@ and srun runs ("$ srun"), every node's launcher is up ("(node rank i): ..."), no
 torchrun, the trainers have built the model and read the data (the log header, "max_steps"),
 the first step is done ("step 1/"). The cluster is started and stopped here.
 """
+
 import statistics
 import sys
 import tempfile
@@ -21,13 +22,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "launch")
 
 import tests.integration.test_multinode as mn  # noqa: E402
 
-MARKS = [("running", None), ("srun", "[megamoe.launch] $ srun"), ("nodes up", None),
-         ("torchrun", "$ torchrun"), ("trainer ready", "max_steps:"), ("step 1", "\nstep 1/")]
+MARKS = [
+    ("running", None),
+    ("srun", "[megamoe.launch] $ srun"),
+    ("nodes up", None),
+    ("torchrun", "$ torchrun"),
+    ("trainer ready", "max_steps:"),
+    ("step 1", "\nstep 1/"),
+]
 
 
 def timeline(c: mn.Cluster, tiny, workdir: Path, nodes: int) -> dict:
-    jid = c.sbatch(workdir, mn.FPT, mn.fpt_vars(tiny, nodes, 1, 4, eval_steps=100, save_steps=100),
-                   [f"--nodes={nodes}", *mn.CPU_JOB])
+    jid = c.sbatch(
+        workdir,
+        mn.FPT,
+        mn.fpt_vars(tiny, nodes, 1, 4, eval_steps=100, save_steps=100),
+        [f"--nodes={nodes}", *mn.CPU_JOB],
+    )
     t0, seen, info = time.monotonic(), {}, {}
     while len(seen) < len(MARKS):
         info = info if "StdOut" in info and info.get("JobState") == "RUNNING" else c.job(jid)
@@ -42,8 +53,9 @@ def timeline(c: mn.Cluster, tiny, workdir: Path, nodes: int) -> dict:
                     mark = "$ torchrun"
                 if name not in seen and text.count(mark) >= need:
                     seen[name] = time.monotonic() - t0
-        assert info.get("JobState") not in ("FAILED", "CANCELLED", "COMPLETED") or \
-            len(seen) == len(MARKS), mn.log_of(info)
+        assert info.get("JobState") not in ("FAILED", "CANCELLED", "COMPLETED") or len(seen) == len(
+            MARKS
+        ), mn.log_of(info)
         assert time.monotonic() - t0 < 300
         time.sleep(0.1)
     c.wait(jid, 120)
@@ -57,8 +69,7 @@ def main(repeats: int) -> None:
         work = Path(d)
         (work / "logs").mkdir()
         root = Path(tiny_setup.ensure(work / "tiny-run", c.env()))
-        rows = {n: [timeline(c, (root, None), work, n) for _ in range(repeats)]
-                for n in (1, 2, 3)}
+        rows = {n: [timeline(c, (root, None), work, n) for _ in range(repeats)] for n in (1, 2, 3)}
     print("| nodes | " + " | ".join(name for name, _ in MARKS) + " |")
     print("|---|" + "---|" * len(MARKS))
     for n, runs in rows.items():

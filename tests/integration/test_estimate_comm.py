@@ -2,6 +2,7 @@
 gradient reduce-scatter and parameter all-gather of megatron-core's distributed optimizer over
 the data-parallel and expert-data-parallel rings, limited by the inter-node link of a group that
 spans nodes, with and without --overlap_grad_reduce. Numbers worked out by hand."""
+
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,13 @@ from megamoe.cli import main
 from megamoe.ops.estimate import DPComm
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT_112 = (ROOT / "scripts" / "cpt" / "dynamic_data_selection"
-              / "baseline_112gpus_sheared_llama_portion_fluency.sh")
+SCRIPT_112 = (
+    ROOT
+    / "scripts"
+    / "cpt"
+    / "dynamic_data_selection"
+    / "baseline_112gpus_sheared_llama_portion_fluency.sh"
+)
 
 
 def test_dense_over_two_nodes():
@@ -28,13 +34,15 @@ def test_dense_over_two_nodes():
     assert c.exposed(1.2, 1, overlap=True) == pytest.approx(rs.seconds / 25 + ag.seconds)
     # a short backward (4 micro-batches of 0.03 s: 0.005 s for the last) hides less
     assert c.exposed(0.03, 4, overlap=True) == pytest.approx(
-        rs.seconds - 0.03 * 2 / 3 / 4 + ag.seconds)
+        rs.seconds - 0.03 * 2 / 3 / 4 + ag.seconds
+    )
 
 
 def test_one_node_is_nvlink_and_no_distributed_optimizer_is_an_all_reduce():
     c = DPComm(1e9, 0, 1, 2, intra_node_bandwidth=200)  # DP=2 on one 2-GPU machine
-    assert [x.seconds for x in c.collectives()] == pytest.approx([0.5 * 4e9 / 200e9,
-                                                                  0.5 * 2e9 / 200e9])
+    assert [x.seconds for x in c.collectives()] == pytest.approx(
+        [0.5 * 4e9 / 200e9, 0.5 * 2e9 / 200e9]
+    )
     plain = DPComm(1e9, 0, 1, 2, intra_node_bandwidth=200, distributed_optimizer=False)
     (ar,) = plain.collectives()
     assert ar.kind == "all-reduce" and ar.seconds == pytest.approx(2 * 0.5 * 4e9 / 200e9)
@@ -58,13 +66,27 @@ def test_spanning_nodes_needs_the_inter_node_bandwidth():
 
 
 def test_cli_for_the_112_gpu_recipe(capsys):
-    rc = main(["estimate", str(SCRIPT_112), "--params", "6.74B", "--expert_params", "4.33B",
-               "--inter_node_bandwidth", "100", "--compute_seconds_per_step", "30"])
+    rc = main(
+        [
+            "estimate",
+            str(SCRIPT_112),
+            "--params",
+            "6.74B",
+            "--expert_params",
+            "4.33B",
+            "--inter_node_bandwidth",
+            "100",
+            "--compute_seconds_per_step",
+            "30",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     dense_rs = 111 / 112 * 4 * 2.41e9 / 100e9
-    assert (f"dense gradients: reduce-scatter over 112 ranks on 14 node(s), 9.64 GB fp32 per GPU "
-            f"at 100 GB/s -> {dense_rs:.3g} s") in out
+    assert (
+        f"dense gradients: reduce-scatter over 112 ranks on 14 node(s), 9.64 GB fp32 per GPU "
+        f"at 100 GB/s -> {dense_rs:.3g} s"
+    ) in out
     c = DPComm(2.41e9, 4.33e9, 14, 8, inter_node_bandwidth=100)
     slow, fast = c.exposed(30, 4, False), c.exposed(30, 4, True)
     assert fast < slow

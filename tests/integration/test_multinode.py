@@ -24,6 +24,7 @@ One cluster serves the module (started fresh, stopped at the end, leftovers of a
 removed first). Skipped only where this machine cannot run it (not Linux, not root, no network
 namespaces, no Slurm and no apt); MEGAMOE_REQUIRE_SLURM=1 turns those skips into failures.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,12 +52,25 @@ FPT = ROOT / "scripts" / "cpt" / "fpt.sh"
 DDS = ROOT / "scripts" / "cpt" / "dynamic_data_selection" / "sheared_llama_112gpus.sh"
 PYTHON = sys.executable
 # Not the names and subnet of a cluster started by hand with the script's defaults.
-MN_ENV = {"MEGAMOE_MN_DIR": os.environ.get("MEGAMOE_MN_TEST_DIR", "/tmp/megamoe-mnslurm-test"),
-          "MEGAMOE_MN_NODES": "3", "MEGAMOE_MN_NET": "10.213.78", "MEGAMOE_MN_PREFIX": "mt"}
+MN_ENV = {
+    "MEGAMOE_MN_DIR": os.environ.get("MEGAMOE_MN_TEST_DIR", "/tmp/megamoe-mnslurm-test"),
+    "MEGAMOE_MN_NODES": "3",
+    "MEGAMOE_MN_NET": "10.213.78",
+    "MEGAMOE_MN_PREFIX": "mt",
+}
 NODE_TIMEOUT = 6.0  # MEGAMOE_NODE_TIMEOUT_S of these jobs
 CPU_JOB = ["--gres=none", "--cpus-per-task=2"]
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-            "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
+TERMINAL = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "PREEMPTED",
+    "BOOT_FAIL",
+    "DEADLINE",
+}
 
 
 def _cannot(reason: str):
@@ -77,16 +91,31 @@ class Cluster:
     def env(self, extra: dict | None = None) -> dict:
         """This process's environment without any outer Slurm job's or torch.distributed's
         variables, pointed at this cluster."""
-        env = {k: v for k, v in os.environ.items() if k not in TORCH_DIST_VARS
-               and not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in TORCH_DIST_VARS and not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))
+        }
         env.update(MN_ENV, SLURM_CONF=str(self.conf))
         env.update({k: str(v) for k, v in (extra or {}).items()})
         return env
 
-    def script(self, *args: str, timeout: float = 60, env: dict | None = None,
-               cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
-        r = subprocess.run(["bash", str(MN), *args], env=env or self.env(), cwd=cwd,
-                           capture_output=True, text=True, timeout=timeout)
+    def script(
+        self,
+        *args: str,
+        timeout: float = 60,
+        env: dict | None = None,
+        cwd: Path | None = None,
+        check: bool = True,
+    ) -> subprocess.CompletedProcess:
+        r = subprocess.run(
+            ["bash", str(MN), *args],
+            env=env or self.env(),
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         assert not check or r.returncode == 0, f"multinode_slurm.sh {args}: {r.stdout}{r.stderr}"
         return r
 
@@ -97,9 +126,16 @@ class Cluster:
         return self.script("on", str(node), *args, **kw).stdout
 
     def sbatch(self, cwd: Path, script: Path, variables: dict, args: list[str]) -> str:
-        env = self.env({"MEGAMOE_ROOT": ROOT, "MEGAMOE_PYTHON": PYTHON, "MEGAMOE_ALLOW_CPU": 1,
-                        "OMP_NUM_THREADS": 1, "MEGAMOE_NODE_TIMEOUT_S": NODE_TIMEOUT,
-                        **variables})
+        env = self.env(
+            {
+                "MEGAMOE_ROOT": ROOT,
+                "MEGAMOE_PYTHON": PYTHON,
+                "MEGAMOE_ALLOW_CPU": 1,
+                "OMP_NUM_THREADS": 1,
+                "MEGAMOE_NODE_TIMEOUT_S": NODE_TIMEOUT,
+                **variables,
+            }
+        )
         out = self.script("login", "sbatch", "--parsable", *args, str(script), env=env, cwd=cwd)
         return out.stdout.strip().split(";")[0]
 
@@ -125,8 +161,7 @@ class Cluster:
         revoked then, and a start in that second is refused ("Job credential revoked")."""
         self.wait(jid, 60, until=lambda i: i.get("JobState") == "PENDING")
         time.sleep(2)
-        r = self.script("login", "scontrol", "update", f"JobId={jid}", "StartTime=now",
-                        check=False)
+        r = self.script("login", "scontrol", "update", f"JobId={jid}", "StartTime=now", check=False)
         assert r.returncode == 0 or "no longer pending" in r.stderr, r.stderr  # started already
 
     def hostnames(self, nodelist: str) -> list[str]:
@@ -171,18 +206,28 @@ def cluster():
     for tool in ("ip", "unshare", "nsenter"):
         if not shutil.which(tool):
             _cannot(f"{tool} not found (iproute2, util-linux)")
-    if subprocess.run(["unshare", "--net", "--uts", "--mount", "true"],
-                      capture_output=True).returncode != 0:
+    if (
+        subprocess.run(
+            ["unshare", "--net", "--uts", "--mount", "true"], capture_output=True
+        ).returncode
+        != 0
+    ):
         _cannot("cannot create network namespaces here (unshare --net failed)")
     installed = all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch", "munged"))
     if not installed and not shutil.which("apt-get"):
         _cannot("Slurm is not installed and apt-get is not available to install it")
     if not installed:
-        r = subprocess.run(["bash", str(ROOT / "scripts/slurm/install_slurm.sh")],
-                           capture_output=True, text=True, timeout=900)
+        r = subprocess.run(
+            ["bash", str(ROOT / "scripts/slurm/install_slurm.sh")],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         if r.returncode != 0:
-            _cannot("could not install slurm-wlm/munge with apt-get: "
-                    + (r.stderr or r.stdout).strip()[-800:])
+            _cannot(
+                "could not install slurm-wlm/munge with apt-get: "
+                + (r.stderr or r.stdout).strip()[-800:]
+            )
     with fresh_cluster() as c:
         yield c
 
@@ -236,13 +281,29 @@ def fpt_vars(tiny, nodes: int, per_node: int, steps: int, **kw) -> dict:
     """fpt.sh's variables for a tiny CPU run: `nodes` x `per_node` processes x 2 sequences of 32
     tokens per step, `steps` steps."""
     root = tiny[0]
-    v = dict(pretrained_model=root / "model", tokenizer_model=root / "tok.model",
-             dataset_dir=root / "train", validation_dir=root / "valid", prob_map="uniform",
-             num_selects=2, scale_factor=2.0, block_size=32, per_device_train_batch_size=2,
-             gradient_accumulation_steps=1, max_tokens=steps * nodes * per_node * 64,
-             warmup_steps=2, eval_steps=6, save_steps=6, save_total_limit=10, logging_steps=1,
-             bf16="false", lr="3e-3", num_nodes=nodes, num_gpu_per_node=per_node,
-             comment="tiny CPU job on the multi-node test cluster")
+    v = dict(
+        pretrained_model=root / "model",
+        tokenizer_model=root / "tok.model",
+        dataset_dir=root / "train",
+        validation_dir=root / "valid",
+        prob_map="uniform",
+        num_selects=2,
+        scale_factor=2.0,
+        block_size=32,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=1,
+        max_tokens=steps * nodes * per_node * 64,
+        warmup_steps=2,
+        eval_steps=6,
+        save_steps=6,
+        save_total_limit=10,
+        logging_steps=1,
+        bf16="false",
+        lr="3e-3",
+        num_nodes=nodes,
+        num_gpu_per_node=per_node,
+        comment="tiny CPU job on the multi-node test cluster",
+    )
     v.update(kw)
     return v
 
@@ -303,8 +364,11 @@ def wait_gone(pids, timeout: float) -> list[int]:
 
 def tree(path: Path) -> dict:
     """{file: sha256} of everything under `path`, to compare before and after."""
-    return {str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest()
-            for f in sorted(path.rglob("*")) if f.is_file()}
+    return {
+        str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in sorted(path.rglob("*"))
+        if f.is_file()
+    }
 
 
 def wait_for(what: str, cond, timeout: float, job=None, cluster=None) -> float:
@@ -327,8 +391,10 @@ def trains(out: Path, step: int = 1):
 def sigusr1_pending(p: psutil.Process) -> bool:
     with open(f"/proc/{p.pid}/status") as f:
         for line in f:
-            if line.startswith(("ShdPnd:", "SigPnd:")) and int(line.split()[1], 16) >> (
-                    signal.SIGUSR1 - 1) & 1:
+            if (
+                line.startswith(("ShdPnd:", "SigPnd:"))
+                and int(line.split()[1], 16) >> (signal.SIGUSR1 - 1) & 1
+            ):
                 return True
     return False
 
@@ -353,17 +419,26 @@ def submit_dir(tmp_path):
 
 # ------------------------------------------------------------------------------------------------
 
+
 def test_cluster_nodes_are_separate_hosts(cluster, submit_dir):
     """One task per node: each has its own hostname and address, and finds the others by name."""
-    jid = cluster.login("sbatch", "--parsable", "--nodes=3", "--output=hosts.txt", "--wrap",
-                        "srun -l bash -c 'echo $(hostname) $(getent hosts mtnode1)'",
-                        cwd=submit_dir).strip()
+    jid = cluster.login(
+        "sbatch",
+        "--parsable",
+        "--nodes=3",
+        "--output=hosts.txt",
+        "--wrap",
+        "srun -l bash -c 'echo $(hostname) $(getent hosts mtnode1)'",
+        cwd=submit_dir,
+    ).strip()
     info = cluster.wait(jid, 60)
     assert info["JobState"] == "COMPLETED", info
     lines = sorted((submit_dir / "hosts.txt").read_text().split("\n"))
     assert [x.split()[:3] for x in lines if x] == [
-        ["0:", "mtnode1", "10.213.78.11"], ["1:", "mtnode2", "10.213.78.11"],
-        ["2:", "mtnode3", "10.213.78.11"]], lines
+        ["0:", "mtnode1", "10.213.78.11"],
+        ["1:", "mtnode2", "10.213.78.11"],
+        ["2:", "mtnode3", "10.213.78.11"],
+    ], lines
 
 
 def test_node_with_other_software_and_no_data_is_refused(cluster, submit_dir, tiny, tmp_path):
@@ -371,8 +446,7 @@ def test_node_with_other_software_and_no_data_is_refused(cluster, submit_dir, ti
     mount point, as when the shared filesystem did not mount there): it refuses before any
     training process starts, naming itself, the file and the flag; the job fails with exit 2."""
     alt = tmp_path / "alt"
-    shutil.copytree(ROOT / "megamoe", alt / "megamoe",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "megamoe", alt / "megamoe", ignore=shutil.ignore_patterns("__pycache__"))
     with open(alt / "megamoe" / "train" / "trainer.py", "a") as f:
         f.write("# a local edit on one node\n")
     data = str(tiny[0] / "train")
@@ -381,8 +455,12 @@ def test_node_with_other_software_and_no_data_is_refused(cluster, submit_dir, ti
     try:
         cluster.on(2, "mount", "-t", "tmpfs", "-o", "size=1m", "megamoe-test-empty", data)
         try:
-            jid = cluster.sbatch(submit_dir, FPT, fpt_vars(tiny, 2, 1, 4),
-                                 ["--nodes=2", "--nodelist=mtnode1,mtnode2", *CPU_JOB])
+            jid = cluster.sbatch(
+                submit_dir,
+                FPT,
+                fpt_vars(tiny, 2, 1, 4),
+                ["--nodes=2", "--nodelist=mtnode1,mtnode2", *CPU_JOB],
+            )
             info = cluster.wait(jid, 120)
         finally:
             cluster.on(2, "umount", data, check=False)
@@ -390,11 +468,15 @@ def test_node_with_other_software_and_no_data_is_refused(cluster, submit_dir, ti
         cluster.on(2, "umount", str(ROOT / "megamoe"), check=False)
     log = log_of(info)
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", (info, log)
-    assert ("[megamoe.launch] mtnode2 (node rank 1): refusing to start: its software is not the "
-            "batch node's: files not as on mtnode1: megamoe/train/trainer.py: install the same "
-            "megamoe checkout and packages on every node") in log, log
-    assert (f"[megamoe.launch] mtnode2 (node rank 1): refusing to start: data path: "
-            f"--dataset_dir: {data} has no domain sub-folders") in log, log
+    assert (
+        "[megamoe.launch] mtnode2 (node rank 1): refusing to start: its software is not the "
+        "batch node's: files not as on mtnode1: megamoe/train/trainer.py: install the same "
+        "megamoe checkout and packages on every node"
+    ) in log, log
+    assert (
+        f"[megamoe.launch] mtnode2 (node rank 1): refusing to start: data path: "
+        f"--dataset_dir: {data} has no domain sub-folders"
+    ) in log, log
     assert "mtnode1 (node rank 0): refusing" not in log
     assert "[megamoe.launch] refusing to start: mtnode2 refused (above)" in log
     out = submit_dir / "outputs" / f"cpt-moe-fpt-bs16-{jid}"
@@ -412,9 +494,12 @@ def test_fpt_on_two_nodes_is_one_node_and_resumes_exactly(cluster, submit_dir, t
     requeues and resumes. Every step's loss equals the one-node run's, exactly."""
     steps = 12
     one = cluster.sbatch(submit_dir, FPT, fpt_vars(tiny, 1, 2, steps), ["--nodes=1", *CPU_JOB])
-    two = cluster.sbatch(submit_dir, FPT, fpt_vars(tiny, 2, 1, steps,
-                                                   MEGAMOE_SIGNAL_REPEAT_S=5),
-                         ["--nodes=2", *CPU_JOB])
+    two = cluster.sbatch(
+        submit_dir,
+        FPT,
+        fpt_vars(tiny, 2, 1, steps, MEGAMOE_SIGNAL_REPEAT_S=5),
+        ["--nodes=2", *CPU_JOB],
+    )
     out1 = submit_dir / "outputs" / f"cpt-moe-fpt-bs16-{one}"
     out2 = submit_dir / "outputs" / f"cpt-moe-fpt-bs16-{two}"
     wait_for("the two-node run trains", trains(out2), 240, two, cluster)
@@ -426,13 +511,17 @@ def test_fpt_on_two_nodes_is_one_node_and_resumes_exactly(cluster, submit_dir, t
         p.suspend()
     try:
         cluster.login("scancel", "--batch", "--signal=USR1", two)
-        wait_for("SIGUSR1 reaches the trainer on every node",
-                 lambda: all(sigusr1_pending(p) for p in ranks), 60)
+        wait_for(
+            "SIGUSR1 reaches the trainer on every node",
+            lambda: all(sigusr1_pending(p) for p in ranks),
+            60,
+        )
     finally:
         for p in ranks:
             p.resume()
-    info = cluster.wait(two, 120, until=lambda i: i.get("Restarts") == "1"
-                        and i.get("JobState") == "PENDING")
+    info = cluster.wait(
+        two, 120, until=lambda i: i.get("Restarts") == "1" and i.get("JobState") == "PENDING"
+    )
     assert info.get("Restarts") == "1", (info, log_of(info))
     saved = {d.name: tree(d) for d in out2.glob("checkpoint-*")}  # the signal's among them
     cluster.release(two)
@@ -441,11 +530,12 @@ def test_fpt_on_two_nodes_is_one_node_and_resumes_exactly(cluster, submit_dir, t
     assert info1["JobState"] == "COMPLETED", log1
     assert info2["JobState"] == "COMPLETED", log2
     # the launch path across nodes: one srun task per node, node ranks in Slurm's order
-    assert (f"torchrun --nnodes 2 --nproc_per_node 1 --node_rank 0 --master_addr {hosts[0]} "
-            in log2)
+    assert f"torchrun --nnodes 2 --nproc_per_node 1 --node_rank 0 --master_addr {hosts[0]} " in log2
     for rank, host in enumerate(hosts):
-        assert f"[megamoe.launch] {host} (node rank {rank}): 1 process(es), rendezvous " \
-               f"{hosts[0]}:" in log2
+        assert (
+            f"[megamoe.launch] {host} (node rank {rank}): 1 process(es), rendezvous "
+            f"{hosts[0]}:" in log2
+        )
         assert f"[megamoe.launch] {host} (node rank {rank}): SIGUSR1 to training process" in log2
     assert "processes: 2 = 2 node(s) x 1 per node; TP 1 PP 1 EP 1 DP 2" in log2
     assert "processes: 2 = 1 node(s) x 2 per node; TP 1 PP 1 EP 1 DP 2" in log1
@@ -459,10 +549,14 @@ def test_fpt_on_two_nodes_is_one_node_and_resumes_exactly(cluster, submit_dir, t
     from megamoe.checkpoint.layout import verify
 
     assert verify(ckpt) == [] and {f.name for f in ckpt.glob("rank_state_*.pt")} == {
-        "rank_state_00000.pt", "rank_state_00001.pt"}
+        "rank_state_00000.pt",
+        "rank_state_00001.pt",
+    }
     assert f"resuming from {ckpt.relative_to(submit_dir)}: step {k}" in log2
-    assert f"stopped on SIGUSR1 with a checkpoint in {out2.relative_to(submit_dir)}: " \
-           f"requeueing job {two}" in log2
+    assert (
+        f"stopped on SIGUSR1 with a checkpoint in {out2.relative_to(submit_dir)}: "
+        f"requeueing job {two}" in log2
+    )
     # the loss curve of two nodes, preempted and resumed, is the one-node run's
     l1, l2 = losses(out1), losses(out2)
     assert sorted(l1) == sorted(l2) == list(range(1, steps + 1))
@@ -478,9 +572,18 @@ def test_dynamic_data_selection_with_ep2_across_nodes(cluster, submit_dir, tiny)
     steps, sp = 12, tiny[1]
 
     def dds_vars(nodes, per_node):
-        return fpt_vars(tiny, nodes, per_node, steps, dataset_dir=sp / "train",
-                        validation_dir=sp / "valid", prob_map="llama", eval_steps=4,
-                        save_steps=12, expert_model_parallel_size=2)
+        return fpt_vars(
+            tiny,
+            nodes,
+            per_node,
+            steps,
+            dataset_dir=sp / "train",
+            validation_dir=sp / "valid",
+            prob_map="llama",
+            eval_steps=4,
+            save_steps=12,
+            expert_model_parallel_size=2,
+        )
 
     one = cluster.sbatch(submit_dir, DDS, dds_vars(1, 2), ["--nodes=1", *CPU_JOB])
     two = cluster.sbatch(submit_dir, DDS, dds_vars(2, 1), ["--nodes=2", *CPU_JOB])
@@ -513,18 +616,27 @@ def test_lost_node_stops_the_job_in_bounded_time_and_it_resumes(cluster, submit_
     clock = Clock("lost node")
     try:
         # no --nodelist: it would hold for the requeued job too
-        jid = cluster.sbatch(submit_dir, FPT, fpt_vars(tiny, 2, 1, 3000, save_steps=5,
-                                                       eval_steps=1000), ["--nodes=2", *CPU_JOB])
+        jid = cluster.sbatch(
+            submit_dir,
+            FPT,
+            fpt_vars(tiny, 2, 1, 3000, save_steps=5, eval_steps=1000),
+            ["--nodes=2", *CPU_JOB],
+        )
         out = submit_dir / "outputs" / f"cpt-moe-fpt-bs16-{jid}"
-        wait_for("a checkpoint", lambda: (out / "checkpoint-5" / "megamoe.json").is_file(), 240,
-                 jid, cluster)
+        wait_for(
+            "a checkpoint",
+            lambda: (out / "checkpoint-5" / "megamoe.json").is_file(),
+            240,
+            jid,
+            cluster,
+        )
         first, lost = cluster.hostnames(cluster.job(jid)["NodeList"])
         (spare,) = set(cluster.names) - {first, lost}
         ranks = {cluster.node_of(p.pid): p.pid for p in trainers(jid)}
         assert sorted(ranks) == sorted([first, lost]), ranks
         clock(f"{out.name}/checkpoint-5 written; cutting {lost}'s cable")
         cut = time.monotonic()
-        cluster.script("cut", lost[len("mtnode"):])
+        cluster.script("cut", lost[len("mtnode") :])
         bound = NODE_TIMEOUT + 2 * max(0.5, NODE_TIMEOUT / 6) + 10
         left = wait_gone([ranks[first]], bound + 30)
         took = time.monotonic() - cut
@@ -544,15 +656,22 @@ def test_lost_node_stops_the_job_in_bounded_time_and_it_resumes(cluster, submit_
         rel = newest.relative_to(submit_dir)
         assert f"[megamoe.launch] job {jid} failed: node {lost} (node rank 1) lost" in log
         assert f"the newest complete checkpoint is {rel}" in log
-        assert f"[megamoe.launch] requeueing job {jid}: it restarts on nodes that answer and " \
-               f"resumes from {rel}" in log
+        assert (
+            f"[megamoe.launch] requeueing job {jid}: it restarts on nodes that answer and "
+            f"resumes from {rel}" in log
+        )
         before = tree(newest)
         # Slurm would mark it down after SlurmdTimeout; an administrator does it now
         cluster.login("scontrol", "update", f"NodeName={lost}", "State=DOWN", "Reason=cable cut")
         cluster.release(jid)
         step = int(newest.name.split("-")[1])
-        wait_for("the requeued job resumes",
-                 lambda: f"resuming from {rel}: step {step}" in log_of(info), 240, jid, cluster)
+        wait_for(
+            "the requeued job resumes",
+            lambda: f"resuming from {rel}: step {step}" in log_of(info),
+            240,
+            jid,
+            cluster,
+        )
         clock(f"resumed from {newest.name}")
         assert tree(newest) == before
         info = cluster.job(jid)
@@ -569,8 +688,10 @@ def test_lost_node_stops_the_job_in_bounded_time_and_it_resumes(cluster, submit_
         clock(f"{first}'s rank gone, {time.monotonic() - killed:.1f} s after the kill")
         info = cluster.wait(jid, 60, until=lambda i: i.get("Restarts") == "2")
         assert info.get("Restarts") == "2", (info, log_of(info))
-        assert (f"[megamoe.launch] node {spare} (node rank 1) lost: its launcher ended without a "
-                "word (killed, or the node went down)") in log_of(info)
+        assert (
+            f"[megamoe.launch] node {spare} (node rank 1) lost: its launcher ended without a "
+            "word (killed, or the node went down)"
+        ) in log_of(info)
         cluster.login("scancel", jid)
         info = cluster.wait(jid, 60)
         assert info["JobState"] == "CANCELLED", info

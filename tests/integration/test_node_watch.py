@@ -2,6 +2,7 @@
 NodeBeat in every node's launcher) over real sockets on loopback, and the software comparison
 of the per-node pre-flight. tests/integration/test_multinode.py runs both on a real multi-node
 Slurm; here each rule is checked on its own, in seconds."""
+
 import os
 import re
 import socket
@@ -74,8 +75,10 @@ def test_a_launcher_that_ends_without_bye_is_lost_at_once():
         b.file.close()
         b.sock.close()  # killed: the kernel closes its connection
         assert wait_until(lambda: w.lost is not None, 5) < 2
-        assert w.lost == ("node n2 (node rank 1) lost: its launcher ended without a word "
-                          "(killed, or the node went down)")
+        assert w.lost == (
+            "node n2 (node rank 1) lost: its launcher ended without a word "
+            "(killed, or the node went down)"
+        )
     finally:
         w.close()
 
@@ -102,8 +105,9 @@ def test_a_node_that_never_reports_is_lost_after_the_startup_allowance():
         assert a.beat() == "ok"
         took = wait_until(lambda: w.lost is not None, 5)
         assert 0.5 < took < 3
-        assert w.lost == ("node n2 (node rank 1) lost: its launcher did not report within 1 s of "
-                          "the start")
+        assert w.lost == (
+            "node n2 (node rank 1) lost: its launcher did not report within 1 s of the start"
+        )
     finally:
         w.close()
 
@@ -119,9 +123,12 @@ time.sleep(60)
 
 
 def _beating_node(port: int, rank: int, timeout: float):
-    p = subprocess.Popen([sys.executable, "-c", BEATING_NODE, str(port), str(rank), str(timeout)],
-                         stdout=subprocess.PIPE, text=True,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    p = subprocess.Popen(
+        [sys.executable, "-c", BEATING_NODE, str(port), str(rank), str(timeout)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     return p, int(p.stdout.readline())
 
 
@@ -135,8 +142,10 @@ def test_a_node_stops_its_training_processes_when_told_or_cut_off():
         w._lose(0, "for the test")
         assert p.wait(timeout=10) == 1
         out = p.stdout.read()
-        assert "[megamoe.launch] n2 (node rank 1): stopping this node's training processes: " \
-               "node n1 (node rank 0) lost: for the test" in out
+        assert (
+            "[megamoe.launch] n2 (node rank 1): stopping this node's training processes: "
+            "node n1 (node rank 0) lost: for the test" in out
+        )
         assert not psutil.pid_exists(child) or psutil.Process(child).status() == "zombie"
         assert w.said_bye == {1: 1}
     finally:
@@ -149,8 +158,11 @@ def test_a_node_stops_its_training_processes_when_told_or_cut_off():
     t0 = time.monotonic()
     assert p.wait(timeout=10) == 1
     assert 1.5 <= time.monotonic() - t0 < 5
-    assert re.search(r"n2 \(node rank 1\): stopping this node's training processes: the batch "
-                     r"node 127.0.0.1 has not answered for \d s", p.stdout.read())
+    assert re.search(
+        r"n2 \(node rank 1\): stopping this node's training processes: the batch "
+        r"node 127.0.0.1 has not answered for \d s",
+        p.stdout.read(),
+    )
     assert not psutil.pid_exists(child) or psutil.Process(child).status() == "zombie"
     server.close()
 
@@ -158,12 +170,16 @@ def test_a_node_stops_its_training_processes_when_told_or_cut_off():
 def test_software_differences_name_the_file_and_the_version():
     here = software_manifest()
     assert software_differences(here, here) == []
-    there = {"host": "node1", "versions": dict(here["versions"], torch="0.0.1"),
-             "files": dict(here["files"])}
+    there = {
+        "host": "node1",
+        "versions": dict(here["versions"], torch="0.0.1"),
+        "files": dict(here["files"]),
+    }
     there["files"]["megamoe/train/trainer.py"] = "0" * 12
     there["files"]["megamoe/extra.py"] = "1" * 12
     del there["files"]["megamoe/cli.py"]
     assert software_differences(here, there) == [
         f"torch {here['versions']['torch']} here, 0.0.1 on node1",
         "files not as on node1: megamoe/cli.py (not on node1), megamoe/extra.py (missing here), "
-        "megamoe/train/trainer.py"]
+        "megamoe/train/trainer.py",
+    ]

@@ -12,6 +12,7 @@ is told so by MEGAMOE_ALLOW_CPU=1). Two processes train on CPU with gloo.
 Skipped only where this machine cannot run Slurm (not Linux, not root, no apt and no Slurm);
 MEGAMOE_REQUIRE_SLURM=1 turns those skips into failures.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,17 @@ ROOT = Path(__file__).resolve().parents[2]
 SLURM_DIR = Path(os.environ.get("MEGAMOE_SLURM_DIR", "/tmp/megamoe-slurm"))
 SCRIPT = ROOT / "scripts" / "cpt" / "fpt.sh"
 PYTHON = sys.executable
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-            "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
+TERMINAL = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "PREEMPTED",
+    "BOOT_FAIL",
+    "DEADLINE",
+}
 
 
 def _cannot(reason: str):
@@ -47,8 +57,11 @@ def _slurm_env(extra: dict | None = None) -> dict:
     """This process's environment without any outer Slurm job's variables, pointed at ours."""
     # the pytest process's own torch.distributed variables (tests/conftest.py's world1) would
     # make the launcher reuse a port that is in use
-    env = {k: v for k, v in os.environ.items() if k not in TORCH_DIST_VARS
-           and not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in TORCH_DIST_VARS and not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))
+    }
     env["SLURM_CONF"] = str(SLURM_DIR / "slurm.conf")
     env.update(extra or {})
     return env
@@ -64,37 +77,65 @@ def slurm():
     if not installed and not shutil.which("apt-get"):
         _cannot("Slurm is not installed and apt-get is not available to install it")
     if not installed:
-        r = subprocess.run(["bash", str(ROOT / "scripts/slurm/install_slurm.sh")],
-                           capture_output=True, text=True, timeout=900)
+        r = subprocess.run(
+            ["bash", str(ROOT / "scripts/slurm/install_slurm.sh")],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         if r.returncode != 0:
-            _cannot("could not install slurm-wlm/munge with apt-get: "
-                    + (r.stderr or r.stdout).strip()[-800:])
+            _cannot(
+                "could not install slurm-wlm/munge with apt-get: "
+                + (r.stderr or r.stdout).strip()[-800:]
+            )
     env = _slurm_env()
-    was_up = subprocess.run(["scontrol", "ping"], env=env, capture_output=True,
-                            text=True).stdout.count("is UP") > 0
-    r = subprocess.run(["bash", str(ROOT / "scripts/slurm/start_local_slurm.sh")], env=env,
-                       capture_output=True, text=True, timeout=180)
+    was_up = (
+        subprocess.run(["scontrol", "ping"], env=env, capture_output=True, text=True).stdout.count(
+            "is UP"
+        )
+        > 0
+    )
+    r = subprocess.run(
+        ["bash", str(ROOT / "scripts/slurm/start_local_slurm.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert r.returncode == 0, f"start_local_slurm.sh failed:\n{r.stdout}\n{r.stderr}"
     # A second start is a no-op (idempotent).
-    r2 = subprocess.run(["bash", str(ROOT / "scripts/slurm/start_local_slurm.sh")], env=env,
-                        capture_output=True, text=True, timeout=60)
+    r2 = subprocess.run(
+        ["bash", str(ROOT / "scripts/slurm/start_local_slurm.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r2.returncode == 0 and "already running" in r2.stdout, r2.stdout + r2.stderr
     yield env
     if not was_up:
-        subprocess.run(["bash", str(ROOT / "scripts/slurm/stop_local_slurm.sh")], env=env,
-                       timeout=120)
+        subprocess.run(
+            ["bash", str(ROOT / "scripts/slurm/stop_local_slurm.sh")], env=env, timeout=120
+        )
 
 
 def sbatch(env: dict, cwd: Path, args: list[str]) -> str:
-    r = subprocess.run(["sbatch", "--parsable", *args], env=env, cwd=cwd, capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        ["sbatch", "--parsable", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, f"sbatch {args} failed: {r.stderr}"
     return r.stdout.strip().split(";")[0]
 
 
 def job_info(env: dict, jid: str) -> dict:
-    r = subprocess.run(["scontrol", "-o", "show", "job", jid], env=env, capture_output=True,
-                       text=True, timeout=30)
+    r = subprocess.run(
+        ["scontrol", "-o", "show", "job", jid], env=env, capture_output=True, text=True, timeout=30
+    )
     info = {}
     for tok in r.stdout.split():
         if "=" in tok:
@@ -134,20 +175,38 @@ def tiny(tmp_path_factory):
     """A tiny pretrained LLaMA-MoE (4 experts, top-2), tokenizer and 3-domain data."""
     sys.path.insert(0, str(ROOT / "tests" / "launch"))
     import tiny_setup
+
     return Path(tiny_setup.ensure(tmp_path_factory.getbasetemp() / "tiny-run", _slurm_env()))
 
 
 def tiny_vars(tiny: Path, **kw) -> dict:
     """The fpt.sh variables for a tiny CPU run: 2 processes x 2 sequences of 32 tokens = 128
     tokens per step; `max_tokens` sets the number of steps."""
-    v = dict(MEGAMOE_ROOT=str(ROOT), MEGAMOE_PYTHON=PYTHON, MEGAMOE_ALLOW_CPU="1",
-             pretrained_model=str(tiny / "model"), tokenizer_model=str(tiny / "tok.model"),
-             dataset_dir=str(tiny / "train"), validation_dir=str(tiny / "valid"),
-             prob_map="uniform", num_selects="2", scale_factor="2.0", block_size="32",
-             per_device_train_batch_size="2", gradient_accumulation_steps="1",
-             max_tokens=str(6 * 128), warmup_steps="2", eval_steps="3", save_steps="3",
-             logging_steps="1", bf16="false", lr="3e-3", num_nodes="1", num_gpu_per_node="2",
-             comment="tiny CPU job on the test cluster")
+    v = dict(
+        MEGAMOE_ROOT=str(ROOT),
+        MEGAMOE_PYTHON=PYTHON,
+        MEGAMOE_ALLOW_CPU="1",
+        pretrained_model=str(tiny / "model"),
+        tokenizer_model=str(tiny / "tok.model"),
+        dataset_dir=str(tiny / "train"),
+        validation_dir=str(tiny / "valid"),
+        prob_map="uniform",
+        num_selects="2",
+        scale_factor="2.0",
+        block_size="32",
+        per_device_train_batch_size="2",
+        gradient_accumulation_steps="1",
+        max_tokens=str(6 * 128),
+        warmup_steps="2",
+        eval_steps="3",
+        save_steps="3",
+        logging_steps="1",
+        bf16="false",
+        lr="3e-3",
+        num_nodes="1",
+        num_gpu_per_node="2",
+        comment="tiny CPU job on the test cluster",
+    )
     v.update({k: str(x) for k, x in kw.items()})
     return v
 
@@ -156,8 +215,11 @@ CPU_JOB = ["--gres=none", "--cpus-per-task=2"]  # the node's CPUs; no GPUs on th
 
 
 def test_sbatch_wrap_hostname(slurm, submit_dir):
-    jid = sbatch(slurm, submit_dir, ["--output=logs/%x-%j.log", "--job-name=hello",
-                                     "--wrap", "hostname; srun hostname"])
+    jid = sbatch(
+        slurm,
+        submit_dir,
+        ["--output=logs/%x-%j.log", "--job-name=hello", "--wrap", "hostname; srun hostname"],
+    )
     info = wait_job(slurm, jid, 60)
     assert info["JobState"] == "COMPLETED", (info, log_of(info))
     host = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
@@ -166,23 +228,31 @@ def test_sbatch_wrap_hostname(slurm, submit_dir):
 
 def test_wrong_num_nodes_is_refused(slurm, submit_dir):
     """#SBATCH --nodes=1 (fpt.sh) with num_nodes=2: the launcher refuses, saying what to change."""
-    env = _slurm_env({"MEGAMOE_ROOT": str(ROOT), "num_nodes": "2", "num_gpu_per_node": "1",
-                      "MEGAMOE_ALLOW_CPU": "1", "MEGAMOE_PYTHON": PYTHON})
+    env = _slurm_env(
+        {
+            "MEGAMOE_ROOT": str(ROOT),
+            "num_nodes": "2",
+            "num_gpu_per_node": "1",
+            "MEGAMOE_ALLOW_CPU": "1",
+            "MEGAMOE_PYTHON": PYTHON,
+        }
+    )
     jid = sbatch(env, submit_dir, ["--gres=none", "--cpus-per-task=1", str(SCRIPT)])
     info = wait_job(slurm, jid, 120)
     err = Path(info["StdErr"]).read_text()
     assert info["JobState"] == "FAILED", (info, err)
     assert info["ExitCode"] == "2:0"
     assert "refusing to start" in err
-    assert ("num_nodes=2 but the job has 1 node(s) (#SBATCH --nodes=1, SLURM_NNODES=1): set "
-            "num_nodes=1 in the script, or #SBATCH --nodes=2") in err
+    assert (
+        "num_nodes=2 but the job has 1 node(s) (#SBATCH --nodes=1, SLURM_NNODES=1): set "
+        "num_nodes=1 in the script, or #SBATCH --nodes=2"
+    ) in err
     assert "srun" not in err  # nothing was started
 
 
 def test_gpus_without_gres_are_refused(slurm, submit_dir):
     """No --gres and no MEGAMOE_ALLOW_CPU: the launcher asks for --gres=gpu:N."""
-    env = _slurm_env({"MEGAMOE_ROOT": str(ROOT), "num_gpu_per_node": "2",
-                      "MEGAMOE_PYTHON": PYTHON})
+    env = _slurm_env({"MEGAMOE_ROOT": str(ROOT), "num_gpu_per_node": "2", "MEGAMOE_PYTHON": PYTHON})
     jid = sbatch(env, submit_dir, ["--gres=none", "--cpus-per-task=1", str(SCRIPT)])
     info = wait_job(slurm, jid, 120)
     err = Path(info["StdErr"]).read_text()
@@ -193,6 +263,7 @@ def test_gpus_without_gres_are_refused(slurm, submit_dir):
 
 def read_scalars(logdir: Path) -> dict:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
@@ -233,8 +304,11 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm, submit_dir, tiny):
     launcher requeues the job, which resumes from that checkpoint in the same
     outputs/<job-name>-<job-id>/ and runs to the end."""
     steps = 300
-    env = _slurm_env(tiny_vars(tiny, max_tokens=steps * 128, eval_steps=100, save_steps=100,
-                               MEGAMOE_SIGNAL_REPEAT_S=5))
+    env = _slurm_env(
+        tiny_vars(
+            tiny, max_tokens=steps * 128, eval_steps=100, save_steps=100, MEGAMOE_SIGNAL_REPEAT_S=5
+        )
+    )
     jid = sbatch(env, submit_dir, [*CPU_JOB, str(SCRIPT)])
     out = submit_dir / "outputs" / f"cpt-moe-fpt-bs16-{jid}"
     deadline = time.monotonic() + 180
@@ -244,12 +318,15 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm, submit_dir, tiny):
         assert time.monotonic() < deadline, "training did not start within 180 s"
         time.sleep(0.5)
     subprocess.run(["scancel", "--batch", "--signal=USR1", jid], env=slurm, check=True)
-    info = wait_job(slurm, jid, 120, until=lambda i: i.get("Restarts", "0") != "0"
-                    and i.get("JobState") == "PENDING")
+    info = wait_job(
+        slurm,
+        jid,
+        120,
+        until=lambda i: i.get("Restarts", "0") != "0" and i.get("JobState") == "PENDING",
+    )
     assert info.get("Restarts") == "1", (info, log_of(info))
     # Slurm holds a requeued job for a while (BeginTime); let it start now.
-    subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], env=slurm,
-                   check=True)
+    subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], env=slurm, check=True)
     info = wait_job(slurm, jid, 240)
     log = log_of(info)
     assert info["JobState"] == "COMPLETED", (info, log)

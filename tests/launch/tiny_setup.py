@@ -9,6 +9,7 @@
 With the script variables of tests/integration/test_slurm.py (block 32, 2 x 1 per process, 2
 processes) a step is 128 tokens.
 """
+
 import os
 import sys
 
@@ -44,11 +45,18 @@ def write_tokenizer(prefix: str) -> None:
     import sentencepiece as spm
 
     rnd = random.Random(0)
-    words = ["".join(rnd.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rnd.randint(2, 7)))
-             for _ in range(200)]
+    words = [
+        "".join(rnd.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rnd.randint(2, 7)))
+        for _ in range(200)
+    ]
     lines = [" ".join(rnd.choice(words) for _ in range(12)) for _ in range(300)]
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=prefix,  # the
-                                   vocab_size=VOCAB, model_type="bpe", minloglevel=2)  # model's
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_prefix=prefix,  # the
+        vocab_size=VOCAB,
+        model_type="bpe",
+        minloglevel=2,
+    )  # model's
 
 
 def write_model(path: str) -> None:
@@ -56,15 +64,24 @@ def write_model(path: str) -> None:
     from megamoe.config import ModelConfig, MoEConfig
     from megamoe.model.llama import build_model
 
-    m = ModelConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    m = ModelConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     e = MoEConfig(num_experts=4, num_selects=2)
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0",
-                      WORLD_SIZE="1", LOCAL_RANK="0")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+    )
     parallel.initialize(parallel.ParallelLayout(), seed=0)
     checkpoint.save(path, build_model(m, e), checkpoint.make_meta(m, e))
 
@@ -83,8 +100,13 @@ def ensure(out, env=None) -> str:
 
     out = str(out)
     if not os.path.exists(os.path.join(out, "done")):
-        r = subprocess.run([sys.executable, os.path.abspath(__file__), out], capture_output=True,
-                           text=True, timeout=300, env=env)
+        r = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), out],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
         if r.returncode != 0:
             raise RuntimeError(f"tiny_setup.py failed:\n{r.stdout}\n{r.stderr}")
     return out
