@@ -37,6 +37,8 @@ CONF=$DIR/slurm.conf
 SOCK=$DIR/munge/munge.socket
 export SLURM_CONF=$CONF
 
+# The CPUs this machine gives us: nproc without OMP_NUM_THREADS, which nproc would report instead
+node_cpus() { env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc; }
 node() { echo "${PFX}node$1"; }
 node_ip() { echo "$NET.$((10 + $1))"; }
 die() { echo "multinode_slurm.sh: $*" >&2; exit 2; }
@@ -206,7 +208,7 @@ InactiveLimit=0
 Waittime=0
 CONF
     for i in $(seq "$N"); do
-      echo "NodeName=$(node "$i") NodeAddr=$(node_ip "$i") CPUs=$(nproc) RealMemory=2000" \
+      echo "NodeName=$(node "$i") NodeAddr=$(node_ip "$i") CPUs=$(node_cpus) RealMemory=2000" \
            "State=UNKNOWN"
     done
     echo "PartitionName=MoE Nodes=$nodes Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO"

@@ -38,6 +38,8 @@ mkdir -p "$DIR"/{ctld,slurmd,log,run}
 chmod 755 "$DIR"
 
 # --- munge -----------------------------------------------------------------------------------
+# The CPUs this machine gives us: nproc without OMP_NUM_THREADS, which nproc would report instead
+node_cpus() { env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc; }
 munge_ok() { munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
 if ! munge_ok; then
   if [ ! -s /etc/munge/munge.key ]; then
@@ -63,7 +65,7 @@ if ! munge_ok; then
 fi
 
 # --- slurm.conf ------------------------------------------------------------------------------
-cpus=$(nproc)
+cpus=$(node_cpus)
 avail_mb=$(awk '/MemAvailable/ {print int($2/1024)}' /proc/meminfo)
 real_mb=$(( avail_mb * 8 / 10 ))
 [ "$real_mb" -lt 1 ] && real_mb=1

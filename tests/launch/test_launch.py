@@ -410,3 +410,18 @@ def test_training_finished_from_checkpoint_meta(tmp_path):
         assert training_finished(str(tmp_path)) == (step == 20)
     (tmp_path / "checkpoint-30.tmp-5").mkdir()  # an unfinished save is not a checkpoint
     assert training_finished(str(tmp_path))
+
+
+@pytest.mark.parametrize("script", ["start_local_slurm.sh", "multinode_slurm.sh"])
+def test_test_clusters_size_nodes_by_cpus_not_omp_threads(script):
+    """The Slurm test clusters give each node the machine's CPUs: with OMP_NUM_THREADS=1 in the
+    caller's environment (plain nproc would then say 1), jobs asking for 2 CPUs must still fit."""
+    path = os.path.join(ROOT, "scripts", "slurm", script)
+    lines = [ln for ln in open(path) if ln.startswith("node_cpus()")]
+    assert len(lines) == 1, f"{script} sizes its nodes with one node_cpus() function"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_THREAD_LIMIT": "1"}
+    out = subprocess.run(
+        ["bash", "-c", lines[0] + "node_cpus"], env=env, capture_output=True, text=True, check=True
+    )
+    assert int(out.stdout) == len(os.sched_getaffinity(0))
+    assert "$(nproc)" not in open(path).read()

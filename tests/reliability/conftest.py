@@ -60,4 +60,10 @@ def run_dir_copy(src: str, dst: str) -> str:
     return dst
 
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+@pytest.fixture(autouse=True)
+def one_omp_thread(monkeypatch):
+    """Training subprocesses of these tests use one thread each (2-core machines); set per test
+    so that it does not leak into other directories' tests (nproc honours OMP_NUM_THREADS, and
+    the Slurm test clusters size their nodes with it)."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
