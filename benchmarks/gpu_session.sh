@@ -37,7 +37,7 @@ for stage in "$@"; do
     profile) $py benchmarks/moe_layer.py --profile --tokens 4096 8192 --topk 4 > "$OUT/profile.log" 2>&1; grep -E "^##|host sync|CPU time|^  " "$OUT/profile.log" | head -20 ;;
     exchange) $py benchmarks/ep_exchange.py > "$OUT/exchange.log" 2>&1; grep -E "^ *[0-9#]|Error" "$OUT/exchange.log" ;;
     dispatch) $py benchmarks/dispatch.py > "$OUT/dispatch.log" 2>&1; grep -E "^ *[a-z#]" "$OUT/dispatch.log" | grep -v -i warn ;;
-    train) $py benchmarks/train_step.py > "$OUT/train.log" 2>&1; grep -E "^ *(#|model|moe|dense)|Error" "$OUT/train.log" | tail -8 ;;
+    train) $py benchmarks/train_step.py > "$OUT/train.log" 2>&1; grep -E "^ *(#|model|moe|dense)|Error" "$OUT/train.log" | tail -12 ;;
     multigpu) $py -m pytest -q -s -p no:cacheprovider --tb=short -m multigpu tests/multigpu > "$OUT/multigpu.log" 2>&1
               grep -E "worst|launch of|passed|failed|^E |  [a-z0-9-]+(/[12])?: [0-9.]+ s" "$OUT/multigpu.log" | tail -70 ;;
     alltoall) n=$($py -c "import torch; print(torch.cuda.device_count())")

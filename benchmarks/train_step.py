@@ -1,6 +1,6 @@
 """Full training steps of a LLaMA-MoE-3.5B-shaped model (and the dense LLaMA of the same shapes).
 
-    python benchmarks/train_step.py                                  # one GPU: top-4, top-2, dense
+    python benchmarks/train_step.py               # one GPU: top-4, top-2, dense, dense of active width
     torchrun --nproc_per_node 4 benchmarks/train_step.py --ep 4 --models moe4   # any layout
 
 What runs is the trainer's own step (megamoe.train.step.forward_backward on megatron-core's
@@ -27,14 +27,22 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-MODELS = {"moe4": ("llama_moe", 4), "moe2": ("llama_moe", 2), "dense": ("llama", None)}
+# name: (model type, selected experts). A dense model with k set is the dense LLaMA of the MoE's
+# active width (FFN = k experts' slices), the step the MoE model should cost no more than.
+MODELS = {
+    "moe4": ("llama_moe", 4),
+    "moe2": ("llama_moe", 2),
+    "dense": ("llama", None),
+    "dense-a4": ("llama", 4),
+    "dense-a2": ("llama", 2),
+}
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--models", nargs="+", default=["moe4", "moe2", "dense"], choices=list(MODELS))
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--heads", type=int, default=32)
@@ -133,7 +141,9 @@ def bench(args, name: str) -> dict:
     m = ModelConfig(
         vocab_size=args.vocab,
         hidden_size=args.hidden,
-        intermediate_size=args.ffn,
+        intermediate_size=args.ffn
+        if kind == "llama_moe" or k is None
+        else k * (args.ffn // args.experts),
         num_hidden_layers=args.layers,
         num_attention_heads=args.heads,
         max_position_embeddings=args.seq,
@@ -228,6 +238,22 @@ def bench(args, name: str) -> dict:
     return row
 
 
+def active_width_ratios(rows: list) -> list:
+    """'moe4 / dense-a4' lines: the MoE step's tokens/s against the dense model of its active
+    width, measured in the same variant (the target is >= 95%)."""
+    by = {(r["variant"], r["model"]): r for r in rows}
+    out = []
+    for (variant, name), r in by.items():
+        dense = by.get((variant, name.replace("moe", "dense-a")))
+        if name.startswith("moe") and dense:
+            ratio = r["tokens_per_s_per_gpu"] / dense["tokens_per_s_per_gpu"]
+            out.append(
+                f"# {variant or 'default'}: {name} at {100 * ratio:.1f}% of the tokens/s of "
+                f"{dense['model']} (the dense LLaMA of its active width)"
+            )
+    return out
+
+
 def main(argv=None) -> list:
     args = parse_args(argv)
     if not torch.cuda.is_available():
@@ -245,7 +271,7 @@ def main(argv=None) -> list:
             f"{args.grad_accum}, bf16, median of {args.steps} steps after {args.warmup}"
         )
         print(
-            f"{'variant':>12} {'model':>6} {'TP':>2} {'PP':>2} {'EP':>2} {'DP':>2} {'mb':>2} {'step ms':>8} "
+            f"{'variant':>12} {'model':>8} {'TP':>2} {'PP':>2} {'EP':>2} {'DP':>2} {'mb':>2} {'step ms':>8} "
             f"{'tok/s/GPU':>10} {'MFU':>6} {'GiB':>6} {'loss':>7} {'grad GB':>7}",
             flush=True,
         )
@@ -257,12 +283,15 @@ def main(argv=None) -> list:
             rows.append(r)
             if rank0:
                 print(
-                    f"{label:>12} {r['model']:>6} {r['tp']:>2} {r['pp']:>2} {r['ep']:>2} {r['dp']:>2} "
+                    f"{label:>12} {r['model']:>8} {r['tp']:>2} {r['pp']:>2} {r['ep']:>2} {r['dp']:>2} "
                     f"{r['micro_batch']:>2} {r['step_ms']:>8.1f} {r['tokens_per_s_per_gpu']:>10,.0f} "
                     f"{100 * r['mfu']:>5.1f}% {r['mem_gib']:>6.1f} {r['loss']:>7.3f} "
                     f"{r['grad_bytes'] / 1e9:>7.2f}",
                     flush=True,
                 )
+    if rank0:
+        for line in active_width_ratios(rows):
+            print(line)
     if rank0 and args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
