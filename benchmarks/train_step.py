@@ -65,6 +65,12 @@ def parse_args(argv=None):
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--ep", type=int, default=1)
     ap.add_argument("--recompute", action="store_true", help="full activation recomputation")
+    ap.add_argument(
+        "--attention-backend",
+        default="auto",
+        choices=("auto", "cudnn", "flash", "efficient", "math"),
+        help="core attention's SDPA kernel (the trainer's --attention_backend)",
+    )
     ap.add_argument("--no-distributed-optimizer", action="store_true")
     ap.add_argument(
         "--overlap-grad-reduce",
@@ -94,7 +100,8 @@ def parse_args(argv=None):
         default=None,
         metavar="NAME:key=value,...",
         help="several layouts in this one launch (keys: tp, pp, ep, micro_batch, grad_accum, "
-        "overlap_grad_reduce, overlap_param_gather, bucket_size, ep_overlap, tp_overlap); "
+        "overlap_grad_reduce, overlap_param_gather, bucket_size, ep_overlap, tp_overlap, "
+        "attention_backend); "
         "the other flags are the defaults",
     )
     ap.add_argument("--json", help="write the result rows to this file (rank 0)")
@@ -156,7 +163,12 @@ def bench(args, name: str) -> dict:
     parallel.set_overlap(ep_chunks=args.ep_overlap, tp_comm=args.tp_overlap)
     cuda = torch.cuda.is_available()
     model = build_model(
-        m, moe, layout, dtype=torch.bfloat16 if cuda else torch.float32, recompute=args.recompute
+        m,
+        moe,
+        layout,
+        dtype=torch.bfloat16 if cuda else torch.float32,
+        recompute=args.recompute,
+        attention_backend=args.attention_backend,
     )
     dist_opt = cuda and not args.no_distributed_optimizer
     ddp = wrap_model(
@@ -209,6 +221,7 @@ def bench(args, name: str) -> dict:
     )
     row = dict(
         model=name,
+        attention_backend=args.attention_backend,
         layers=args.layers,
         tp=args.tp,
         pp=args.pp,

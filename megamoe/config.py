@@ -272,6 +272,9 @@ def from_dict(cls, data: dict):
 
 
 # ---------------------------------------------------------------------------------------------
+# core attention's kernels (torch.nn.attention.SDPBackend), "auto" leaving the choice to torch
+ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
+
 # The training run: one dataclass per concern; `build_parser` turns their fields into flags.
 #
 # Every field becomes `--<flag>`, the field's name unless metadata["flag"] gives the guide's
@@ -452,6 +455,14 @@ class TrainConfig:
     )
     gradient_checkpointing: bool = field(
         default=False, metadata=_h("activation recomputation (full, every layer)")
+    )
+    attention_backend: str = field(
+        default="auto",
+        metadata=_h(
+            "torch SDPA kernel for core attention: auto (torch's own choice), cudnn, flash, "
+            "efficient (GPUs) or math (the plain reference); all exact up to rounding",
+            choices=ATTENTION_BACKENDS,
+        ),
     )
     peak_tflops: float | None = field(
         default=None,

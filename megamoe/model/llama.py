@@ -3,7 +3,8 @@
 LLaMA: RMSNorm (eps from the config, computed in fp32 as HF does), SwiGLU FFN, RoPE (HF's
 rotate-half convention, which is megatron-core's non-interleaved RoPE), no biases, untied
 embeddings, grouped-query attention when num_key_value_heads < num_attention_heads.
-Core attention is torch's scaled_dot_product_attention (flash/cuDNN kernels on GPUs).
+Core attention is torch's scaled_dot_product_attention (flash/cuDNN kernels on GPUs); the kernel
+is torch's choice unless `attention_backend` names one.
 LLaMA-MoE: the same, with every layer's mlp our LlamaMoEMLP (moe/layer.py).
 """
 
@@ -15,6 +16,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import parallel
 from ..config import ModelConfig, MoEConfig
@@ -61,8 +63,19 @@ class RMSNorm(nn.Module):
         return self.weight * y.to(x.dtype)
 
 
+SDPA_BACKENDS = {
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+
+
 class SDPAttention(MegatronModule):
-    """Causal core attention on torch.nn.functional.scaled_dot_product_attention."""
+    """Causal core attention on torch.nn.functional.scaled_dot_product_attention.
+
+    `backend` ("auto" or a key of SDPA_BACKENDS) pins the kernel for the forward, recomputed
+    forwards included; autograd runs the matching backward kernel."""
 
     def __init__(
         self,
@@ -72,9 +85,15 @@ class SDPAttention(MegatronModule):
         attention_type: str = "self",
         attention_dropout: float | None = None,
         softmax_scale: float | None = None,
+        backend: str = "auto",
         **unused,
     ):
         super().__init__(config=config)
+        if backend != "auto" and backend not in SDPA_BACKENDS:
+            raise ValueError(
+                f"attention backend {backend!r}: one of auto, {', '.join(SDPA_BACKENDS)}"
+            )
+        self.backend = backend
         self.softmax_scale = softmax_scale
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
 
@@ -93,7 +112,13 @@ class SDPAttention(MegatronModule):
         sq, b = query.shape[0], query.shape[1]
         # [s, b, heads, dim] -> [b, heads, s, dim]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        out = F.scaled_dot_product_attention(
+        pinned = sdpa_kernel(SDPA_BACKENDS[self.backend]) if self.backend != "auto" else None
+        with pinned or contextlib.nullcontext():
+            out = self._sdpa(q, k, v)
+        return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
+
+    def _sdpa(self, q, k, v):
+        return F.scaled_dot_product_attention(
             q,
             k,
             v,
@@ -102,7 +127,6 @@ class SDPAttention(MegatronModule):
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=k.shape[1] != q.shape[1],
         )
-        return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
 
 
 def transformer_config(
@@ -147,13 +171,13 @@ def transformer_config(
     )
 
 
-def _layer_spec(mlp: ModuleSpec) -> ModuleSpec:
+def _layer_spec(mlp: ModuleSpec, attention_backend: str) -> ModuleSpec:
     attention = ModuleSpec(
         module=SelfAttention,
         params={"attn_mask_type": AttnMaskType.causal},
         submodules=SelfAttentionSubmodules(
             linear_qkv=ColumnParallelLinear,
-            core_attention=SDPAttention,
+            core_attention=ModuleSpec(module=SDPAttention, params={"backend": attention_backend}),
             linear_proj=RowParallelLinear,
             q_layernorm=IdentityOp,
             k_layernorm=IdentityOp,
@@ -173,7 +197,10 @@ def _layer_spec(mlp: ModuleSpec) -> ModuleSpec:
 
 
 def block_spec(
-    config: TransformerConfig, model: ModelConfig, moe: MoEConfig | None
+    config: TransformerConfig,
+    model: ModelConfig,
+    moe: MoEConfig | None,
+    attention_backend: str = "auto",
 ) -> TransformerBlockSubmodules:
     """The layer specs of this pipeline stage (each MoE layer knows its global index)."""
     offset = get_transformer_layer_offset(config)
@@ -191,7 +218,7 @@ def block_spec(
                 module=moe_layer.LlamaMoEMLP,
                 params={"moe": moe, "layer_index": i, "intermediate_size": model.intermediate_size},
             )
-        specs.append(_layer_spec(mlp))
+        specs.append(_layer_spec(mlp, attention_backend))
     return TransformerBlockSubmodules(layer_specs=specs, layer_norm=RMSNorm)
 
 
@@ -202,11 +229,12 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     recompute: bool = False,
     meta: bool = False,
+    attention_backend: str = "auto",
 ) -> GPTModel:
     """This rank's part of a LLaMA (moe=None) or LLaMA-MoE model. parallel.initialize() first.
 
     ``meta=True``: on the meta device, uninitialised (shapes and checkpoint layout only; the
-    streaming converter uses it)."""
+    streaming converter uses it). ``attention_backend``: see SDPAttention."""
     layout = layout or parallel.ParallelLayout()
     raise_errors(
         (moe.check(model) if moe is not None else [])
@@ -219,7 +247,7 @@ def build_model(
             config, use_cpu_initialization=True, perform_initialization=False
         )
     with torch.device("meta") if meta else contextlib.nullcontext():
-        gpt = _gpt(config, model, moe)
+        gpt = _gpt(config, model, moe, attention_backend)
     if torch.cuda.is_available() and not meta:
         gpt.cuda()
     gpt.megamoe_model_config = model
@@ -227,10 +255,15 @@ def build_model(
     return gpt
 
 
-def _gpt(config: TransformerConfig, model: ModelConfig, moe: MoEConfig | None) -> GPTModel:
+def _gpt(
+    config: TransformerConfig,
+    model: ModelConfig,
+    moe: MoEConfig | None,
+    attention_backend: str = "auto",
+) -> GPTModel:
     return GPTModel(
         config=config,
-        transformer_layer_spec=block_spec(config, model, moe),
+        transformer_layer_spec=block_spec(config, model, moe, attention_backend),
         vocab_size=model.vocab_size,
         max_sequence_length=model.max_position_embeddings,
         pre_process=parallel.is_first_stage(),

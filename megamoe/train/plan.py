@@ -532,6 +532,14 @@ def make_plan(
                 "for the forward and backward",
             )
         )
+    if t.attention_backend not in ("auto", "math") and not cuda:
+        out.append(
+            error(
+                "attention_backend",
+                f"{{flag}} {t.attention_backend} is a GPU kernel",
+                "use auto or math on CPU",
+            )
+        )
     use_dist = o.use_distributed_optimizer if o.use_distributed_optimizer is not None else cuda
     if use_dist and not cuda:
         out.append(

@@ -219,6 +219,7 @@ class Trainer:
             self.layout,
             dtype=self.param_dtype,
             recompute=t.gradient_checkpointing,
+            attention_backend=t.attention_backend,
         )
         if self.resume_from:
             if self.lora_spec:

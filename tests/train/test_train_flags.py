@@ -54,6 +54,12 @@ def test_overlap_flags_that_do_nothing_warn(tiny, tmp_path):
     )
 
 
+def test_gpu_attention_kernel_refused_on_cpu(tiny, tmp_path):
+    assert _plan(tiny, tmp_path, attention_backend="math").run.train.attention_backend == "math"
+    err = _error(tiny, tmp_path, attention_backend="cudnn")
+    assert "--attention_backend cudnn is a GPU kernel" in err and "auto or math" in err, err
+
+
 def test_groups_across_nodes_warn():
     from megamoe.config import RunConfig
 

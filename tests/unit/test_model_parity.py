@@ -78,3 +78,34 @@ def test_split_identity(world1, num_experts):
     err = rel_err(moe_logits, dense)
     print(f"split identity E={num_experts}: rel err {err:.2e}")
     assert err < 1e-5
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_pinned_attention_kernel_equals_torchs_choice(world1, kv_heads):
+    """--attention_backend math (the plain kernel) gives torch's own choice's logits and
+    gradients on fresh random weights and tokens; a GPU kernel's name or an unknown one is
+    refused where it cannot run."""
+    m = tiny_model_config(num_key_value_heads=kv_heads)
+    models = {}
+    for backend in ("auto", "math"):
+        torch.manual_seed(kv_heads)
+        models[backend] = build_model(
+            m, MoEConfig(num_experts=4, num_selects=2), attention_backend=backend
+        ).eval()  # no dropout, no gate noise: the two runs see the same randomness
+    models["math"].load_state_dict(models["auto"].state_dict())
+    tokens = torch.randint(0, m.vocab_size, (2, 24))
+    pos = torch.arange(tokens.shape[1]).expand_as(tokens)
+    outs, grads = {}, {}
+    for backend, model in models.items():
+        out = model(tokens, pos, None)
+        (out.float().square().mean()).backward()
+        outs[backend] = out.detach()
+        grads[backend] = torch.cat(
+            [p.grad.flatten() for p in model.parameters() if p.grad is not None]
+        )
+    assert outs["auto"].abs().max() > 0 and grads["auto"].abs().max() > 0
+    fwd, bwd = rel_err(outs["math"], outs["auto"]), rel_err(grads["math"], grads["auto"])
+    print(f"math vs auto attention: logits rel err {fwd:.2e}, gradients {bwd:.2e}")
+    assert fwd < 1e-5 and bwd < 1e-5
+    with pytest.raises(ValueError, match="attention backend 'fast'"):
+        build_model(m, attention_backend="fast")
