@@ -964,10 +964,7 @@ def _run_srun(p: Plan, sig: _BatchSignals) -> int:
             f"{newest or '(none yet)'}"
         )
         if _truthy(os.environ.get("MEGAMOE_NO_REQUEUE")):
-            log(
-                f"MEGAMOE_NO_REQUEUE=1: not requeueing job {job}; resubmit the script with "
-                f"output_dir={output_dir} to resume"
-            )
+            log(f"MEGAMOE_NO_REQUEUE=1: not requeueing job {job}; {_resubmit(output_dir)}")
         else:
             log(
                 f"requeueing job {job}: it restarts on nodes that answer and resumes from "
@@ -977,8 +974,7 @@ def _run_srun(p: Plan, sig: _BatchSignals) -> int:
             r = subprocess.run(["scontrol", "requeue", job])
             if r.returncode != 0:
                 log(
-                    f"scontrol requeue {job} failed (submit with --requeue); resubmit the script "
-                    f"with output_dir={output_dir} to resume"
+                    f"scontrol requeue {job} failed (submit with --requeue); {_resubmit(output_dir)}"
                 )
         return rc or 1
     if watch is not None and rc != 0 and watch.refused():
@@ -990,7 +986,10 @@ def _run_srun(p: Plan, sig: _BatchSignals) -> int:
     if sig.usr1 and rc == 0 and not training_finished(output_dir):
         job = os.environ.get("SLURM_JOB_ID", "")
         if _truthy(os.environ.get("MEGAMOE_NO_REQUEUE")):
-            log(f"stopped on SIGUSR1; MEGAMOE_NO_REQUEUE=1: not requeueing job {job}")
+            log(
+                f"stopped on SIGUSR1; MEGAMOE_NO_REQUEUE=1: not requeueing job {job}; "
+                f"{_resubmit(output_dir)}"
+            )
         else:
             log(
                 f"stopped on SIGUSR1 with a checkpoint in {output_dir}: requeueing job {job}; it "
@@ -999,12 +998,16 @@ def _run_srun(p: Plan, sig: _BatchSignals) -> int:
             r = subprocess.run(["scontrol", "requeue", job])
             if r.returncode != 0:
                 log(
-                    f"scontrol requeue {job} failed (submit with --requeue); resubmit the script "
-                    f"with output_dir={output_dir} to resume"
+                    f"scontrol requeue {job} failed (submit with --requeue); {_resubmit(output_dir)}"
                 )
     elif sig.usr1 and rc == 0:
         log("training finished")
     return rc
+
+
+def _resubmit(output_dir: str) -> str:
+    """How to go on when the job is not requeued: the same script into the same directory."""
+    return f"resubmit the script with output_dir={output_dir} to resume"
 
 
 def _start_watch(p: Plan, env: Mapping[str, str]) -> NodeWatch:

@@ -159,6 +159,25 @@ def wait_job(env: dict, jid: str, timeout: float, until=None) -> dict:
     raise AssertionError(f"job {jid} did not finish in {timeout:.0f}s: {info}")
 
 
+def job_processes(jid: str, grace_s: float = 10) -> list[str]:
+    """Command lines of live processes that belong to Slurm job `jid` (SLURM_JOB_ID in their
+    environment), after waiting up to `grace_s` for them to go."""
+    import psutil
+
+    deadline = time.monotonic() + grace_s
+    while True:
+        left = []
+        for proc in psutil.process_iter(["cmdline"]):
+            try:
+                if proc.environ().get("SLURM_JOB_ID") == jid:
+                    left.append(" ".join(proc.info["cmdline"] or []))
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                pass
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.5)
+
+
 def log_of(info: dict) -> str:
     p = Path(info.get("StdOut", ""))
     return p.read_text(errors="replace") if p.is_file() else f"<no log at {p}>"
@@ -341,3 +360,45 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm, submit_dir, tiny):
     assert records[-1]["kind"] == "end" and records[-1]["step"] == steps
     meta = json.loads((out / f"checkpoint-{steps}" / "megamoe.json").read_text())
     assert meta["step"] == meta["max_steps"] == steps
+
+
+@pytest.mark.parametrize("requeue_off", ["sbatch --no-requeue", "MEGAMOE_NO_REQUEUE=1"])
+def test_preemption_without_requeue_says_how_to_resume(slurm, submit_dir, tiny, requeue_off):
+    """A job that may not be requeued (submitted with --no-requeue, or MEGAMOE_NO_REQUEUE=1)
+    still checkpoints on SIGUSR1 and ends cleanly, and its log says how to go on; the
+    resubmission it names resumes from that checkpoint, whose files it leaves as they were,
+    and runs to the end."""
+    steps = 300
+    extra = {"MEGAMOE_NO_REQUEUE": "1"} if requeue_off.startswith("MEGAMOE") else {}
+    v = tiny_vars(tiny, max_tokens=steps * 128, eval_steps=0, save_steps=1000, **extra)
+    flags = ["--no-requeue"] if requeue_off.startswith("sbatch") else []
+    jid = sbatch(_slurm_env(v), submit_dir, [*CPU_JOB, *flags, str(SCRIPT)])
+    out = submit_dir / "outputs" / f"cpt-moe-fpt-bs16-{jid}"
+    deadline = time.monotonic() + 180
+    while not (out / "train.log").is_file() or "\nstep 1/" not in (out / "train.log").read_text():
+        info = job_info(slurm, jid)
+        assert info.get("JobState") not in TERMINAL, (info, log_of(info))
+        assert time.monotonic() < deadline, "training did not start within 180 s"
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", jid], env=slurm, check=True)
+    info = wait_job(slurm, jid, 120)
+    log = log_of(info)
+    assert info["JobState"] == "COMPLETED" and info.get("Restarts") == "0", (info, log)
+    rel = out.relative_to(submit_dir)
+    assert f"resubmit the script with output_dir={rel} to resume" in log, log
+    k = json.loads(
+        [x for x in (out / "train_log.jsonl").read_text().splitlines() if '"stopped"' in x][0]
+    )["step"]
+    assert 0 < k < steps and f"saved {rel}/checkpoint-{k}" in log
+    assert not job_processes(jid), f"processes of job {jid} are left: {job_processes(jid)}"
+    if extra:
+        return
+    ckpt = out / f"checkpoint-{k}"
+    before = {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()}
+    jid2 = sbatch(_slurm_env({**v, "output_dir": str(rel)}), submit_dir, [*CPU_JOB, str(SCRIPT)])
+    info = wait_job(slurm, jid2, 240)
+    log2 = log_of(info)
+    assert info["JobState"] == "COMPLETED", (info, log2)
+    assert f"resuming from {rel}/checkpoint-{k}: step {k}" in log2, log2
+    assert json.loads((out / f"checkpoint-{steps}" / "megamoe.json").read_text())["step"] == steps
+    assert {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()} == before
