@@ -8,7 +8,7 @@ demo: setup
 	.venv/bin/python -m megamoe.demo
 
 test: setup lint
-	.venv/bin/python -m pytest -q tests
+	.venv/bin/python -m pytest -q --durations=15 tests
 
 lint: setup
 	.venv/bin/ruff check .
