@@ -118,10 +118,11 @@ def spec(
 
 
 def launch_all(runs, root, cpu=False, timeout=900):
-    """Each world size's runs in one torchrun launch (world 1 last: it may resume or replay the
-    others' runs). Returns ({name: status}, {world: (exit code, seconds, output tail)})."""
+    """Each world size's runs in one torchrun launch, the largest world first: a run resumes or
+    replays only runs of its own or a larger world. Returns ({name: status}, {world: (exit
+    code, seconds, output tail)})."""
     log = {}
-    for world in sorted({r["world"] for r in runs}, key=lambda w: (w == 1, w)):
+    for world in sorted({r["world"] for r in runs}, reverse=True):
         mine = [r for r in runs if r["world"] == world]
         path = os.path.join(root, f"plan{world}.json")
         json.dump(mine, open(path, "w"))

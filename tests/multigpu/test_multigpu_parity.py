@@ -18,10 +18,12 @@ is exact wherever routing is the same. bf16: the whole curve within bf16 roundin
 optimizer's checkpoint, saved at one layout, resumes at another and continues the single-GPU curve.
 
 The suite starts its processes once per world size (tests/multigpu/driver.py runs every trainer
-run of that size in the same processes): one launch of 2 processes (and one of 4 with 4 GPUs),
-then one of 1; on the 2-GPU H200 the whole suite takes ~4 minutes (each trainer run 3-20 s).
-Skipped without GPUs (CI has none); `MEGAMOE_MULTIGPU_ON_CPU=2` runs the 1- and 2-process part on
-the CPU with gloo instead (a slow smoke test of the suite itself).
+run of that size in the same processes): one launch of 4 processes with 4 GPUs, then one of 2,
+then one of 1 (a resume goes from a larger or equal world to a smaller one); on the 2-GPU H200
+the whole suite takes ~4 minutes (each trainer run 3-20 s).
+Skipped without GPUs (CI has none); `MEGAMOE_MULTIGPU_ON_CPU=2` (or 4) runs the part of up to 2
+(4) processes on the CPU with gloo instead, fp32 only and without the distributed optimizer
+(a smoke test of the suite and of the layouts' parallel code; 4: about 3 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -60,7 +62,16 @@ LAYOUTS = [
 OVERLAP = {"ep2ov": {"ep_chunks": 2}, "tp2ov": {"tp_comm": True}}
 SINGLE = ("single", 1, 1, 1, 1)
 BY_NAME = {lay[0]: lay for lay in LAYOUTS + [SINGLE]}
-RESUMES = [("single", "single"), ("ep2", "tp2"), ("tp2", "single"), ("dp2", "pp2")]
+RESUMES = [
+    ("single", "single"),
+    ("ep2", "tp2"),
+    ("tp2", "single"),
+    ("dp2", "pp2"),
+    # 4 processes: down to 1 and 2, and between 4-process layouts
+    ("ep4", "single"),
+    ("tp2ep2", "ep2"),
+    ("ep2dp2", "tp2pp2"),
+]
 
 
 def _needs(n, *names):
@@ -98,6 +109,8 @@ def plan(root, data, pre, gpus) -> list:
     half = STEPS // 2
     dist_opt = "false" if ON_CPU else "true"  # megatron-core's distributed optimizer needs CUDA
     for first, second in RESUMES:
+        # runs.launch_all starts the largest world first
+        assert BY_NAME[second][-1] <= BY_NAME[first][-1], (first, second)
         if max(BY_NAME[first][-1], BY_NAME[second][-1]) > gpus or not _wanted(first, second):
             continue
         out = os.path.join(root, f"resume-{first}-{second}")
