@@ -23,6 +23,9 @@ def _start_train(argv):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # as from a terminal: a test run started in the background (`make test &`) would pass
+        # on an ignored SIGINT, which the trainer then rightly keeps ignoring (as under nohup)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
