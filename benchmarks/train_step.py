@@ -26,6 +26,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megamoe.config import ATTENTION_BACKENDS  # noqa: E402  (after the path is set)
 
 # name: (model type, selected experts). A dense model with k set is the dense LLaMA of the MoE's
 # active width (FFN = k experts' slices), the step the MoE model should cost no more than.
@@ -68,7 +69,7 @@ def parse_args(argv=None):
     ap.add_argument(
         "--attention-backend",
         default="auto",
-        choices=("auto", "cudnn", "flash", "efficient", "math"),
+        choices=ATTENTION_BACKENDS,
         help="core attention's SDPA kernel (the trainer's --attention_backend)",
     )
     ap.add_argument("--no-distributed-optimizer", action="store_true")

@@ -107,5 +107,9 @@ def test_pinned_attention_kernel_equals_torchs_choice(world1, kv_heads):
     fwd, bwd = rel_err(outs["math"], outs["auto"]), rel_err(grads["math"], grads["auto"])
     print(f"math vs auto attention: logits rel err {fwd:.2e}, gradients {bwd:.2e}")
     assert fwd < 1e-5 and bwd < 1e-5
+    from megamoe.config import ATTENTION_BACKENDS
+    from megamoe.model.llama import SDPA_BACKENDS
+
+    assert set(ATTENTION_BACKENDS) == {"auto", *SDPA_BACKENDS}  # the flag's choices all work
     with pytest.raises(ValueError, match="attention backend 'fast'"):
         build_model(m, attention_backend="fast")
