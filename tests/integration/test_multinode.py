@@ -42,7 +42,15 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import TORCH_DIST_VARS
+from tests.integration.slurm_common import (
+    CPU_JOB,
+    TERMINAL,
+    cannot,
+    clean_env,
+    job_processes,
+    log_of,
+    wait_gone,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -59,24 +67,6 @@ MN_ENV = {
     "MEGAMOE_MN_PREFIX": "mt",
 }
 NODE_TIMEOUT = 6.0  # MEGAMOE_NODE_TIMEOUT_S of these jobs
-CPU_JOB = ["--gres=none", "--cpus-per-task=2"]
-TERMINAL = {
-    "COMPLETED",
-    "FAILED",
-    "CANCELLED",
-    "TIMEOUT",
-    "NODE_FAIL",
-    "OUT_OF_MEMORY",
-    "PREEMPTED",
-    "BOOT_FAIL",
-    "DEADLINE",
-}
-
-
-def _cannot(reason: str):
-    if os.environ.get("MEGAMOE_REQUIRE_SLURM") == "1":
-        pytest.fail(f"MEGAMOE_REQUIRE_SLURM=1 but {reason}")
-    pytest.skip(reason)
 
 
 class Cluster:
@@ -91,11 +81,7 @@ class Cluster:
     def env(self, extra: dict | None = None) -> dict:
         """This process's environment without any outer Slurm job's or torch.distributed's
         variables, pointed at this cluster."""
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if k not in TORCH_DIST_VARS and not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))
-        }
+        env = clean_env()
         env.update(MN_ENV, SLURM_CONF=str(self.conf))
         env.update({k: str(v) for k, v in (extra or {}).items()})
         return env
@@ -200,22 +186,22 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster():
     if not sys.platform.startswith("linux"):
-        _cannot("Slurm and network namespaces need Linux")
+        cannot("Slurm and network namespaces need Linux")
     if os.geteuid() != 0:
-        _cannot("network namespaces and slurmd need root")
+        cannot("network namespaces and slurmd need root")
     for tool in ("ip", "unshare", "nsenter"):
         if not shutil.which(tool):
-            _cannot(f"{tool} not found (iproute2, util-linux)")
+            cannot(f"{tool} not found (iproute2, util-linux)")
     if (
         subprocess.run(
             ["unshare", "--net", "--uts", "--mount", "true"], capture_output=True
         ).returncode
         != 0
     ):
-        _cannot("cannot create network namespaces here (unshare --net failed)")
+        cannot("cannot create network namespaces here (unshare --net failed)")
     installed = all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch", "munged"))
     if not installed and not shutil.which("apt-get"):
-        _cannot("Slurm is not installed and apt-get is not available to install it")
+        cannot("Slurm is not installed and apt-get is not available to install it")
     if not installed:
         r = subprocess.run(
             ["bash", str(ROOT / "scripts/slurm/install_slurm.sh")],
@@ -224,7 +210,7 @@ def cluster():
             timeout=900,
         )
         if r.returncode != 0:
-            _cannot(
+            cannot(
                 "could not install slurm-wlm/munge with apt-get: "
                 + (r.stderr or r.stdout).strip()[-800:]
             )
@@ -308,29 +294,12 @@ def fpt_vars(tiny, nodes: int, per_node: int, steps: int, **kw) -> dict:
     return v
 
 
-def log_of(info: dict) -> str:
-    p = Path(info.get("StdOut", ""))
-    return p.read_text(errors="replace") if p.is_file() else f"<no log at {p}>"
-
-
 def records(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
 
 
 def losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records(out) if r["kind"] == "train"}
-
-
-def job_processes(jid: str) -> list[int]:
-    """Every process of a job on any node (they carry its SLURM_JOB_ID)."""
-    out = []
-    for p in psutil.process_iter():
-        try:
-            if p.environ().get("SLURM_JOB_ID") == jid:
-                out.append(p.pid)
-        except psutil.Error:
-            pass
-    return out
 
 
 def trainers(jid: str) -> list[psutil.Process]:
@@ -344,22 +313,6 @@ def trainers(jid: str) -> list[psutil.Process]:
         except psutil.Error:
             pass
     return out
-
-
-def wait_gone(pids, timeout: float) -> list[int]:
-    """The processes among `pids` still running (zombies count as gone) after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        alive = []
-        for pid in pids:
-            try:
-                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                    alive.append(pid)
-            except psutil.NoSuchProcess:
-                pass
-        if not alive or time.monotonic() > deadline:
-            return alive
-        time.sleep(0.2)
 
 
 def tree(path: Path) -> dict:

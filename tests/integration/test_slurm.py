@@ -26,7 +26,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TORCH_DIST_VARS
+from tests.integration.slurm_common import (
+    CPU_JOB,
+    TERMINAL,
+    cannot,
+    clean_env,
+    job_processes,
+    log_of,
+    wait_gone,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -34,34 +42,11 @@ ROOT = Path(__file__).resolve().parents[2]
 SLURM_DIR = Path(os.environ.get("MEGAMOE_SLURM_DIR", "/tmp/megamoe-slurm"))
 SCRIPT = ROOT / "scripts" / "cpt" / "fpt.sh"
 PYTHON = sys.executable
-TERMINAL = {
-    "COMPLETED",
-    "FAILED",
-    "CANCELLED",
-    "TIMEOUT",
-    "NODE_FAIL",
-    "OUT_OF_MEMORY",
-    "PREEMPTED",
-    "BOOT_FAIL",
-    "DEADLINE",
-}
-
-
-def _cannot(reason: str):
-    if os.environ.get("MEGAMOE_REQUIRE_SLURM") == "1":
-        pytest.fail(f"MEGAMOE_REQUIRE_SLURM=1 but {reason}")
-    pytest.skip(reason)
 
 
 def _slurm_env(extra: dict | None = None) -> dict:
     """This process's environment without any outer Slurm job's variables, pointed at ours."""
-    # the pytest process's own torch.distributed variables (tests/conftest.py's world1) would
-    # make the launcher reuse a port that is in use
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in TORCH_DIST_VARS and not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))
-    }
+    env = clean_env()
     env["SLURM_CONF"] = str(SLURM_DIR / "slurm.conf")
     env.update(extra or {})
     return env
@@ -70,12 +55,12 @@ def _slurm_env(extra: dict | None = None) -> dict:
 @pytest.fixture(scope="module")
 def slurm():
     if not sys.platform.startswith("linux"):
-        _cannot("Slurm needs Linux")
+        cannot("Slurm needs Linux")
     if os.geteuid() != 0:
-        _cannot("starting slurmd needs root (jobs run as their users)")
+        cannot("starting slurmd needs root (jobs run as their users)")
     installed = all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch", "munged"))
     if not installed and not shutil.which("apt-get"):
-        _cannot("Slurm is not installed and apt-get is not available to install it")
+        cannot("Slurm is not installed and apt-get is not available to install it")
     if not installed:
         r = subprocess.run(
             ["bash", str(ROOT / "scripts/slurm/install_slurm.sh")],
@@ -84,7 +69,7 @@ def slurm():
             timeout=900,
         )
         if r.returncode != 0:
-            _cannot(
+            cannot(
                 "could not install slurm-wlm/munge with apt-get: "
                 + (r.stderr or r.stdout).strip()[-800:]
             )
@@ -159,30 +144,6 @@ def wait_job(env: dict, jid: str, timeout: float, until=None) -> dict:
     raise AssertionError(f"job {jid} did not finish in {timeout:.0f}s: {info}")
 
 
-def job_processes(jid: str, grace_s: float = 10) -> list[str]:
-    """Command lines of live processes that belong to Slurm job `jid` (SLURM_JOB_ID in their
-    environment), after waiting up to `grace_s` for them to go."""
-    import psutil
-
-    deadline = time.monotonic() + grace_s
-    while True:
-        left = []
-        for proc in psutil.process_iter(["cmdline"]):
-            try:
-                if proc.environ().get("SLURM_JOB_ID") == jid:
-                    left.append(" ".join(proc.info["cmdline"] or []))
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                pass
-        if not left or time.monotonic() > deadline:
-            return left
-        time.sleep(0.5)
-
-
-def log_of(info: dict) -> str:
-    p = Path(info.get("StdOut", ""))
-    return p.read_text(errors="replace") if p.is_file() else f"<no log at {p}>"
-
-
 @pytest.fixture
 def submit_dir(tmp_path):
     (tmp_path / "logs").mkdir()  # the scripts' #SBATCH --output=logs/%x-%j.log
@@ -228,9 +189,6 @@ def tiny_vars(tiny: Path, **kw) -> dict:
     )
     v.update({k: str(x) for k, x in kw.items()})
     return v
-
-
-CPU_JOB = ["--gres=none", "--cpus-per-task=2"]  # the node's CPUs; no GPUs on this cluster
 
 
 def test_sbatch_wrap_hostname(slurm, submit_dir):
@@ -390,7 +348,7 @@ def test_preemption_without_requeue_says_how_to_resume(slurm, submit_dir, tiny, 
         [x for x in (out / "train_log.jsonl").read_text().splitlines() if '"stopped"' in x][0]
     )["step"]
     assert 0 < k < steps and f"saved {rel}/checkpoint-{k}" in log
-    assert not job_processes(jid), f"processes of job {jid} are left: {job_processes(jid)}"
+    assert not wait_gone(job_processes(jid), 10), f"processes of job {jid} are left"
     if extra:
         return
     ckpt = out / f"checkpoint-{k}"
