@@ -32,6 +32,7 @@ from megatron.core.distributed import (  # noqa: E402,F401
     finalize_model_grads,  # noqa: E402,F401
 )
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add  # noqa: E402,F401
+from megatron.core.models.common.embeddings import rope_utils as _rope_utils  # noqa: E402
 from megatron.core.models.gpt import GPTModel  # noqa: E402,F401
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: E402,F401
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402,F401
@@ -93,6 +94,22 @@ def fix_fully_reshardable_load(optimizers) -> None:
                 dst.copy_(tensors[key])
 
         opt._set_main_param_and_optimizer_states = set_states
+
+
+# The rotary embedding's plain maths (megamoe/model/fusion.py compiles them).
+unfused_rotary = _rope_utils._apply_rotary_pos_emb_bshd
+rotate_half = _rope_utils._rotate_half
+
+
+def provide_rotary_kernel(kernel) -> None:
+    """Serve megatron-core's fused-rotary hook with `kernel(t, freqs, interleaved=...)`.
+
+    With config.apply_rope_fusion, megatron-core applies RoPE through the module-level
+    `fused_apply_rotary_pos_emb` of rope_utils, which is Transformer Engine's kernel when TE is
+    installed and None otherwise (the config then refuses apply_rope_fusion). Without TE, as on
+    our machines, `kernel` fills that slot; TE's kernel, where present, stays."""
+    if _rope_utils.fused_apply_rotary_pos_emb is None:
+        _rope_utils.fused_apply_rotary_pos_emb = kernel
 
 
 from . import cpu_compat  # noqa: E402

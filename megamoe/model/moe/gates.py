@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config import MoEConfig
-from .fusion import maybe_compile
+from ..fusion import maybe_compile
 
 
 @dataclass

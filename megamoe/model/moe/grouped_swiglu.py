@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .fusion import maybe_compile
+from ..fusion import maybe_compile
 
 _gmm = torch._grouped_mm if hasattr(torch, "_grouped_mm") else None
 
