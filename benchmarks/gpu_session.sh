@@ -2,7 +2,8 @@
 # Everything GPU-side in one command, for a lent GPU machine with a bare image (the device tool)
 # or any CUDA host:   bash benchmarks/gpu_session.sh STAGE...
 # Stages: setup (wheels from .whl/ if present, build megamoe._C with CUDA), tests (GPU tests),
-# dispatch, exchange, layer, profile, train (benchmarks), multigpu (pytest -m multigpu: every layout and
+# dispatch, exchange, layer, profile, train (benchmarks; TRAIN_ARGS), train4 (issue 16's 4-layer,
+# one-micro-batch harness; TRAIN4_ARGS), hf (the Hugging Face baselines; HF_ARGS), multigpu (pytest -m multigpu: every layout and
 # resume that fits the GPUs, one process start per world size), alltoall (NCCL bandwidth and
 # topology), scaling (weak scaling of EP/TP/DP with and without the overlaps; SCALING_ARGS).
 # Logs go to $OUT (default ./gpu_out). NVLink multicast stays off.
@@ -37,7 +38,10 @@ for stage in "$@"; do
     profile) $py benchmarks/moe_layer.py --profile --tokens 4096 8192 --topk 4 > "$OUT/profile.log" 2>&1; grep -E "^##|host sync|CPU time|^  " "$OUT/profile.log" | head -20 ;;
     exchange) $py benchmarks/ep_exchange.py > "$OUT/exchange.log" 2>&1; grep -E "^ *[0-9#]|Error" "$OUT/exchange.log" ;;
     dispatch) $py benchmarks/dispatch.py > "$OUT/dispatch.log" 2>&1; grep -E "^ *[a-z#]" "$OUT/dispatch.log" | grep -v -i warn ;;
-    train) $py benchmarks/train_step.py > "$OUT/train.log" 2>&1; grep -E "^ *(#|model|moe|dense)|Error" "$OUT/train.log" | tail -12 ;;
+    train) $py benchmarks/train_step.py ${TRAIN_ARGS:-} > "$OUT/train.log" 2>&1; grep -E "^ *(#|variant|([a-z0-9-]+ +)?(moe|dense))|Error" "$OUT/train.log" | tail -40 ;;
+    train4) $py benchmarks/train_step.py --layers 4 --grad-accum 1 ${TRAIN4_ARGS:-} > "$OUT/train4.log" 2>&1
+            grep -E "^ *(#|variant|([a-z0-9-]+ +)?(moe|dense))|Error" "$OUT/train4.log" | tail -40 ;;
+    hf) $py benchmarks/hf_step.py ${HF_ARGS:-} > "$OUT/hf.log" 2>&1; grep -E "^ *(#|model|hf-)|Error" "$OUT/hf.log" | tail -12 ;;
     multigpu) $py -m pytest -q -s -p no:cacheprovider --tb=short -m multigpu tests/multigpu > "$OUT/multigpu.log" 2>&1
               grep -E "worst|launch of|passed|failed|^E |  [a-z0-9-]+(/[12])?: [0-9.]+ s" "$OUT/multigpu.log" | tail -70 ;;
     alltoall) n=$($py -c "import torch; print(torch.cuda.device_count())")

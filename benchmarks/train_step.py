@@ -1,15 +1,17 @@
 """Full training steps of a LLaMA-MoE-3.5B-shaped model (and the dense LLaMA of the same shapes).
 
     python benchmarks/train_step.py               # one GPU: top-4, top-2, dense, dense of active width
+    python benchmarks/train_step.py --layers 4 --grad-accum 1   # issue 16's 4-layer harness
     torchrun --nproc_per_node 4 benchmarks/train_step.py --ep 4 --models moe4   # any layout
 
 What runs is the trainer's own step (megamoe.train.step.forward_backward on megatron-core's
 schedule, DDP with fp32 gradient buffers, the distributed optimizer, bf16 parameters) on random
 tokens: hidden 4096, 32 heads, 16 experts x 688 (top-4 / top-2), sequence 4096, with fewer layers
 than the real 32 so that weights, gradients and Adam state fit one GPU. Attention is torch SDPA
-(flash on Hopper). Throughput is tokens per second per GPU over the timed steps; MFU counts the
-FLOPs of the activated parameters (megamoe.train.flops, the same number the trainer logs)
-against 989 TFLOP/s (H100/H200 bf16 dense peak).
+(the trainer's "auto": cuDNN's kernel on Hopper), and RMSNorm, rotary, SwiGLU, cross-entropy and
+the gate run fused (megamoe/model/fusion.py) unless --no-fusions. Throughput is tokens per second
+per GPU over the timed steps; MFU counts the FLOPs of the activated parameters (megamoe.train.flops,
+the same number the trainer logs) against 989 TFLOP/s (H100/H200 bf16 dense peak).
 
 Prints a table; with --json FILE also writes the rows (benchmarks/scaling.py reads them).
 """
@@ -72,6 +74,12 @@ def parse_args(argv=None):
         choices=ATTENTION_BACKENDS,
         help="core attention's SDPA kernel (the trainer's --attention_backend)",
     )
+    ap.add_argument(
+        "--no-fusions",
+        action="store_true",
+        help="the plain PyTorch path (MEGAMOE_COMPILE=0: no compiled RMSNorm, rotary, SwiGLU, "
+        "cross-entropy, gate)",
+    )
     ap.add_argument("--no-distributed-optimizer", action="store_true")
     ap.add_argument(
         "--overlap-grad-reduce",
@@ -102,8 +110,13 @@ def parse_args(argv=None):
         metavar="NAME:key=value,...",
         help="several layouts in this one launch (keys: tp, pp, ep, micro_batch, grad_accum, "
         "overlap_grad_reduce, overlap_param_gather, bucket_size, ep_overlap, tp_overlap, "
-        "attention_backend); "
+        "attention_backend, no_fusions); "
         "the other flags are the defaults",
+    )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the timed steps, one more under torch.profiler: its 25 costliest GPU kernels",
     )
     ap.add_argument("--json", help="write the result rows to this file (rank 0)")
     return ap.parse_args(argv)
@@ -136,14 +149,37 @@ def _sync():
         torch.cuda.synchronize()
 
 
+def _step(ddp, opt, micro_batches) -> dict:
+    from megamoe.train.step import forward_backward
+
+    ddp.zero_grad_buffer()
+    opt.zero_grad()
+    out = forward_backward(ddp, micro_batches, len(micro_batches))
+    opt.step()
+    return out
+
+
 def bench(args, name: str) -> dict:
+    saved = os.environ.get("MEGAMOE_COMPILE")
+    if args.no_fusions:  # read when the model is built and when each fused piece runs
+        os.environ["MEGAMOE_COMPILE"] = "0"
+    try:
+        return _bench(args, name)
+    finally:
+        if saved is None:
+            os.environ.pop("MEGAMOE_COMPILE", None)
+        else:
+            os.environ["MEGAMOE_COMPILE"] = saved
+
+
+def _bench(args, name: str) -> dict:
     from megamoe import parallel
     from megamoe.config import ModelConfig, MoEConfig, OptimConfig
     from megamoe.model.llama import build_model
     from megamoe.model.moe import routing_stats as moe_stats
     from megamoe.train.flops import flops_per_token, peak_flops
     from megamoe.train.optim import TrainOptimizer
-    from megamoe.train.step import forward_backward, wrap_model
+    from megamoe.train.step import wrap_model
 
     kind, k = MODELS[name]
     m = ModelConfig(
@@ -198,14 +234,21 @@ def bench(args, name: str) -> dict:
         _sync()
         torch.distributed.barrier()
         t0 = time.perf_counter()
-        ddp.zero_grad_buffer()
-        opt.zero_grad()
-        out = forward_backward(ddp, mbs, args.grad_accum)
-        opt.step()
+        out = _step(ddp, opt, mbs)
         _sync()
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
             losses.append(out["lm_loss"])
+    if args.profile and cuda and torch.distributed.get_rank() == 0:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            _step(ddp, opt, mbs)
+            _sync()
+        print(f"## {name}: one step's GPU kernels")
+        print(
+            prof.key_averages().table(
+                sort_by="cuda_time_total", row_limit=25, max_name_column_width=70
+            )
+        )
     step_s = sorted(times)[len(times) // 2]
     tokens = args.micro_batch * args.seq * args.grad_accum * dp  # global tokens per step
     tps_gpu = tokens / step_s / world
@@ -223,6 +266,7 @@ def bench(args, name: str) -> dict:
     row = dict(
         model=name,
         attention_backend=args.attention_backend,
+        fusions=not args.no_fusions,
         layers=args.layers,
         tp=args.tp,
         pp=args.pp,
