@@ -459,8 +459,9 @@ class TrainConfig:
     attention_backend: str = field(
         default="auto",
         metadata=_h(
-            "torch SDPA kernel for core attention: auto (torch's own choice), cudnn, flash, "
-            "efficient (GPUs) or math (the plain reference); all exact up to rounding",
+            "torch SDPA kernel for core attention: auto (the fastest for the GPU: cuDNN's first "
+            "on Hopper, else torch's order), cudnn, flash, efficient (GPUs) or math (the plain "
+            "reference); all exact up to rounding",
             choices=ATTENTION_BACKENDS,
         ),
     )
