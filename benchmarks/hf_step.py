@@ -46,7 +46,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from megamoe.config import ModelConfig, MoEConfig  # noqa: E402  (after the path is set)
+from benchmarks.train_step import add_shape_args, model_config  # noqa: E402  (after the path)
+from megamoe.config import MoEConfig  # noqa: E402
 from megamoe.train.flops import flops_per_token, peak_flops  # noqa: E402
 
 MODELS = {"hf-dense": None, "hf-moe4": 4, "hf-moe2": 2}  # name: selected experts (None: dense)
@@ -76,13 +77,7 @@ def parse_args(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--hidden", type=int, default=4096)
-    ap.add_argument("--heads", type=int, default=32)
-    ap.add_argument("--ffn", type=int, default=11008)
-    ap.add_argument("--experts", type=int, default=16)
-    ap.add_argument("--seq", type=int, default=4096)
-    ap.add_argument("--vocab", type=int, default=32000)
+    add_shape_args(ap, layers=4)
     ap.add_argument("--micro-batch", type=int, default=2, help="sequences per micro-batch")
     ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
     ap.add_argument("--steps", type=int, default=8, help="timed steps")
@@ -164,13 +159,14 @@ def build(args, name: str, published, dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     k = MODELS[name]
+    m = model_config(args)
     shapes = dict(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.ffn,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        max_position_embeddings=args.seq,
+        vocab_size=m.vocab_size,
+        hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_hidden_layers,
+        num_attention_heads=m.num_attention_heads,
+        max_position_embeddings=m.max_position_embeddings,
         use_cache=False,  # training: no KV cache kept
     )
     if k is None:
@@ -224,14 +220,7 @@ def bench(args, name: str, published) -> dict:
     step_s = sorted(times)[len(times) // 2]
     tokens = args.micro_batch * args.seq * args.grad_accum
     k = MODELS[name]
-    m = ModelConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.ffn,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        max_position_embeddings=args.seq,
-    )
+    m = model_config(args)
     moe = None if k is None else MoEConfig(num_experts=args.experts, num_selects=k)
     row = dict(
         model=name,

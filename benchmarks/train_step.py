@@ -28,7 +28,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from megamoe.config import ATTENTION_BACKENDS  # noqa: E402  (after the path is set)
+from megamoe.config import ATTENTION_BACKENDS, ModelConfig  # noqa: E402  (after the path is set)
 
 # name: (model type, selected experts). A dense model with k set is the dense LLaMA of the MoE's
 # active width (FFN = k experts' slices), the step the MoE model should cost no more than.
@@ -41,18 +41,35 @@ MODELS = {
 }
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    ap.add_argument("--layers", type=int, default=12)
+def add_shape_args(ap: argparse.ArgumentParser, layers: int) -> None:
+    """The model's shape flags (LLaMA-MoE-3.5B's layers by default); hf_step.py takes them too."""
+    ap.add_argument("--layers", type=int, default=layers)
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--ffn", type=int, default=11008)
     ap.add_argument("--experts", type=int, default=16)
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--vocab", type=int, default=32000)
+
+
+def model_config(args, ffn: int | None = None) -> ModelConfig:
+    """The model of those flags, with FFN width `ffn` (default --ffn)."""
+    return ModelConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=ffn or args.ffn,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        max_position_embeddings=args.seq,
+    )
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    add_shape_args(ap, layers=12)
     ap.add_argument(
         "--micro-batch",
         type=int,
@@ -174,7 +191,7 @@ def bench(args, name: str) -> dict:
 
 def _bench(args, name: str) -> dict:
     from megamoe import parallel
-    from megamoe.config import ModelConfig, MoEConfig, OptimConfig
+    from megamoe.config import MoEConfig, OptimConfig
     from megamoe.model.llama import build_model
     from megamoe.model.moe import routing_stats as moe_stats
     from megamoe.train.flops import flops_per_token, peak_flops
@@ -182,15 +199,9 @@ def _bench(args, name: str) -> dict:
     from megamoe.train.step import wrap_model
 
     kind, k = MODELS[name]
-    m = ModelConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.ffn
-        if kind == "llama_moe" or k is None
-        else k * (args.ffn // args.experts),
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        max_position_embeddings=args.seq,
+    # a dense model with k set has the MoE's active width: k experts' slices
+    m = model_config(
+        args, None if kind == "llama_moe" or k is None else k * (args.ffn // args.experts)
     )
     moe = MoEConfig(num_experts=args.experts, num_selects=k) if kind == "llama_moe" else None
     layout = parallel.ParallelLayout(
