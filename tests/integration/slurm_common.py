@@ -5,7 +5,6 @@ processes a job leaves."""
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import psutil
@@ -60,19 +59,3 @@ def job_processes(jid: str) -> list[int]:
         except psutil.Error:
             pass
     return out
-
-
-def wait_gone(pids, timeout: float) -> list[int]:
-    """The processes among `pids` still running (zombies count as gone) after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        alive = []
-        for pid in pids:
-            try:
-                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                    alive.append(pid)
-            except psutil.NoSuchProcess:
-                pass
-        if not alive or time.monotonic() > deadline:
-            return alive
-        time.sleep(0.2)

@@ -42,6 +42,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.helpers import wait_gone
 from tests.integration.slurm_common import (
     CPU_JOB,
     TERMINAL,
@@ -49,7 +50,6 @@ from tests.integration.slurm_common import (
     clean_env,
     job_processes,
     log_of,
-    wait_gone,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]

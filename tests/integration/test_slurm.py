@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import wait_gone
 from tests.integration.slurm_common import (
     CPU_JOB,
     TERMINAL,
@@ -33,7 +34,6 @@ from tests.integration.slurm_common import (
     clean_env,
     job_processes,
     log_of,
-    wait_gone,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -142,6 +142,16 @@ def wait_job(env: dict, jid: str, timeout: float, until=None) -> dict:
         time.sleep(1)
     subprocess.run(["scancel", jid], env=env)
     raise AssertionError(f"job {jid} did not finish in {timeout:.0f}s: {info}")
+
+
+def wait_first_step(env: dict, jid: str, out: Path, timeout: float = 180) -> None:
+    """Until job `jid`'s train.log in `out` shows its first step (fails if the job ends first)."""
+    deadline = time.monotonic() + timeout
+    while not (out / "train.log").is_file() or "\nstep 1/" not in (out / "train.log").read_text():
+        info = job_info(env, jid)
+        assert info.get("JobState") not in TERMINAL, (info, log_of(info))
+        assert time.monotonic() < deadline, f"training did not start within {timeout:.0f} s"
+        time.sleep(0.5)
 
 
 @pytest.fixture
@@ -288,12 +298,7 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm, submit_dir, tiny):
     )
     jid = sbatch(env, submit_dir, [*CPU_JOB, str(SCRIPT)])
     out = submit_dir / "outputs" / f"cpt-moe-fpt-bs16-{jid}"
-    deadline = time.monotonic() + 180
-    while not (out / "train.log").is_file() or "\nstep 1/" not in (out / "train.log").read_text():
-        info = job_info(slurm, jid)
-        assert info.get("JobState") not in TERMINAL, (info, log_of(info))
-        assert time.monotonic() < deadline, "training did not start within 180 s"
-        time.sleep(0.5)
+    wait_first_step(slurm, jid, out)
     subprocess.run(["scancel", "--batch", "--signal=USR1", jid], env=slurm, check=True)
     info = wait_job(
         slurm,
@@ -332,12 +337,7 @@ def test_preemption_without_requeue_says_how_to_resume(slurm, submit_dir, tiny, 
     flags = ["--no-requeue"] if requeue_off.startswith("sbatch") else []
     jid = sbatch(_slurm_env(v), submit_dir, [*CPU_JOB, *flags, str(SCRIPT)])
     out = submit_dir / "outputs" / f"cpt-moe-fpt-bs16-{jid}"
-    deadline = time.monotonic() + 180
-    while not (out / "train.log").is_file() or "\nstep 1/" not in (out / "train.log").read_text():
-        info = job_info(slurm, jid)
-        assert info.get("JobState") not in TERMINAL, (info, log_of(info))
-        assert time.monotonic() < deadline, "training did not start within 180 s"
-        time.sleep(0.5)
+    wait_first_step(slurm, jid, out)
     subprocess.run(["scancel", "--batch", "--signal=USR1", jid], env=slurm, check=True)
     info = wait_job(slurm, jid, 120)
     log = log_of(info)

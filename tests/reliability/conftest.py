@@ -2,13 +2,13 @@
 
 import hashlib
 import os
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 
 from tests.data.conftest import helpers, sp_model  # noqa: F401  (the data tests' fixtures)
+from tests.helpers import wait_gone
 
 
 def tree(*paths) -> dict:
@@ -19,22 +19,6 @@ def tree(*paths) -> dict:
         for f in files:
             out[str(f)] = hashlib.sha256(f.read_bytes()).hexdigest()
     return out
-
-
-def wait_gone(pids, timeout: float = 20.0) -> list:
-    """The processes among `pids` still running (zombies count as gone) after `timeout`."""
-    t0 = time.time()
-    while True:
-        alive = []
-        for pid in pids:
-            try:
-                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                    alive.append(pid)
-            except psutil.NoSuchProcess:
-                pass
-        if not alive or time.time() - t0 > timeout:
-            return alive
-        time.sleep(0.2)
 
 
 @pytest.fixture

@@ -11,7 +11,8 @@ import time
 import psutil
 import pytest
 
-from tests.reliability.conftest import descendants, tree, wait_gone
+from tests.helpers import wait_gone
+from tests.reliability.conftest import descendants, tree
 from tests.train import fixtures as F
 
 
