@@ -48,28 +48,23 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.train_step import add_shape_args, model_config  # noqa: E402  (after the path)
 from megamoe.config import MoEConfig  # noqa: E402
+from megamoe.formats.hf_config import llama_config_dict, llama_moe_config_dict  # noqa: E402
 from megamoe.train.flops import flops_per_token, peak_flops  # noqa: E402
 
 MODELS = {"hf-dense": None, "hf-moe4": 4, "hf-moe2": 2}  # name: selected experts (None: dense)
 
-# The MoE settings of the released LLaMA-MoE-3.5B (4/16) and its 2/16 run: the gate and calculator
-# that scripts/cpt/*/baseline_112gpus_sheared_llama_portion_fluency*.sh pass to cpt_fpt.py
-# (--gate_type TopKBalancedNoisyGate --calculator_type UniversalCalculator), the rest the defaults
-# of smoe/utils/config.py's ModelArguments (gate_network_type mlp, gate_balance_loss_weight 1e-2)
-# and of LlamaMoEConfig. score_scale_factor is num_experts / num_selects: 4.0 for 4/16 (the
-# ModelArguments default), 8.0 for 2/16 (the _sf8 script); docs/continual_pretraining says so.
-PUBLISHED_MOE = dict(
-    gate_type="TopKBalancedNoisyGate",
-    gate_network="mlp",
-    gate_use_softmax=True,
-    gate_use_balance=True,
-    gate_balance_loss_weight=1e-2,
-    gate_add_noise=True,
-    gate_noise_epsilon=1e-2,
-    calculator_type="UniversalCalculator",
-    multiply_gate_scores=True,
-    add_weight_norm=False,
-)
+# The published model's MoE settings are megamoe's MoEConfig defaults (config.py): the released
+# LLaMA-MoE-3.5B's TopKBalancedNoisyGate with an mlp gate network, softmax scores, balance loss
+# weight 1e-2, noise epsilon 1e-2, and score_scale_factor num_experts / num_selects (4.0 for 4/16,
+# 8.0 for the 2/16 run). formats/hf_config.py writes them as the released config.json does.
+
+
+def configs(args, name: str):
+    """(ModelConfig, MoEConfig or None) of model `name` at the flags' shapes."""
+    k = MODELS[name]
+    return model_config(args), None if k is None else MoEConfig(
+        num_experts=args.experts, num_selects=k
+    )
 
 
 def parse_args(argv=None):
@@ -158,28 +153,13 @@ def published_attention(model, published) -> None:
 def build(args, name: str, published, dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    k = MODELS[name]
-    m = model_config(args)
-    shapes = dict(
-        vocab_size=m.vocab_size,
-        hidden_size=m.hidden_size,
-        intermediate_size=m.intermediate_size,
-        num_hidden_layers=m.num_hidden_layers,
-        num_attention_heads=m.num_attention_heads,
-        max_position_embeddings=m.max_position_embeddings,
-        use_cache=False,  # training: no KV cache kept
-    )
-    if k is None:
-        cls, cfg = LlamaForCausalLM, LlamaConfig(**shapes)
+    m, moe = configs(args, name)
+    no_cache = {"use_cache": False}  # training: no KV cache kept
+    if moe is None:
+        cls, cfg = LlamaForCausalLM, LlamaConfig(**llama_config_dict(m, extra=no_cache))
     else:
         cls = published.modeling.LlamaMoEForCausalLM
-        cfg = published.config.LlamaMoEConfig(
-            **shapes,
-            num_experts=args.experts,
-            num_selects=k,
-            score_scale_factor=args.experts / k,
-            **PUBLISHED_MOE,
-        )
+        cfg = published.config.LlamaMoEConfig(**llama_moe_config_dict(m, moe, extra=no_cache))
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(dev):  # built in place, in `dtype` (as from_pretrained(torch_dtype=) does)
         model = cls._from_config(cfg, torch_dtype=dtype)
@@ -219,9 +199,7 @@ def bench(args, name: str, published) -> dict:
 
     step_s = sorted(times)[len(times) // 2]
     tokens = args.micro_batch * args.seq * args.grad_accum
-    k = MODELS[name]
-    m = model_config(args)
-    moe = None if k is None else MoEConfig(num_experts=args.experts, num_selects=k)
+    m, moe = configs(args, name)
     row = dict(
         model=name,
         layers=args.layers,
